@@ -1,0 +1,100 @@
+"""Role-pruned safetensors reading: each role opens the checkpoint and reads only the tensors it owns.
+
+Reads go through `safe_open`, which memory-maps the files, so a tensor that is never asked for is never
+paged in. Every read is recorded in `tensors_read`, which is how tests prove the pruning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from afd.errors import CheckpointError, MissingTensorError, ShapeMismatchError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Reads named tensors (whole, or a row/column slice) from a single or sharded safetensors checkpoint."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.dtype = dtype
+        self.tensors_read: set[str] = set()
+        self._handles: dict[Path, Any] = {}
+        self._file_of = self._index()
+
+    def _index(self) -> dict[str, Path]:
+        index = self.model_dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index} is not a safetensors index: {exc}") from exc
+            return {name: self.model_dir / file for name, file in weight_map.items()}
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {self.model_dir}")
+        file_of: dict[str, Path] = {}
+        for file in files:
+            for name in self._open(file).keys():  # noqa: SIM118 - safe_open has no __iter__
+                file_of[name] = file
+        return file_of
+
+    def _open(self, file: Path) -> Any:
+        if file not in self._handles:
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint shard {file} is missing")
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def has(self, name: str) -> bool:
+        return name in self._file_of
+
+    def _locate(self, name: str) -> Any:
+        if name not in self._file_of:
+            raise MissingTensorError(f"tensor {name!r} is missing from checkpoint {self.model_dir}")
+        return self._open(self._file_of[name])
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole tensor, cast to the reader's dtype; `shape` is checked when given."""
+        tensor = self._locate(name).get_tensor(name)
+        return self._finish(name, tensor, shape)
+
+    def get_slice(
+        self, name: str, dim: int, start: int, end: int, full_shape: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, end) of a 2-D tensor, reading only that part.
+
+        `full_shape`, when given, is checked against the whole tensor before slicing.
+        """
+        handle = self._locate(name)
+        part = handle.get_slice(name)
+        full = tuple(part.get_shape())
+        if full_shape is not None and full != tuple(full_shape):
+            raise ShapeMismatchError(f"tensor {name!r} has shape {full}, config implies {tuple(full_shape)}")
+        if len(full) != 2 or not 0 <= start <= end <= full[dim]:
+            raise ShapeMismatchError(f"cannot slice {name!r} {full} along dim {dim} at [{start}, {end})")
+        tensor = part[start:end] if dim == 0 else part[:, start:end]
+        return self._finish(name, tensor, None)
+
+    def _finish(self, name: str, tensor: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(shape)}")
+        self.tensors_read.add(name)
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        return tensor.contiguous()
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

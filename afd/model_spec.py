@@ -1,0 +1,433 @@
+"""The model spec: everything both halves need to know about a checkpoint, parsed from HF `config.json`.
+
+One frozen dataclass describes every supported architecture. Attention nodes read the attention,
+rope and gate fields; FFN nodes read the per-layer FFN fields; the router reads sizes. Checkpoint
+tensor names live in `afd.tensor_names`, keyed by `ModelSpec.family`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from afd.errors import ConfigError, UnsupportedArchitectureError
+
+Family = Literal["llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3"]
+
+#: HF `architectures[0]` -> family. The single source of the supported list.
+SUPPORTED_ARCHITECTURES: dict[str, Family] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "MixtralForCausalLM": "mixtral",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+}
+
+RopeType = Literal["default", "linear", "llama3", "yarn"]
+GateScoring = Literal["softmax", "sigmoid"]
+GroupLimit = Literal["none", "group_max", "group_top2_sum"]
+
+
+@dataclass(frozen=True, slots=True)
+class RopeSpec:
+    """Rotary embedding parameters (HF `rope_scaling` / `rope_parameters`)."""
+
+    theta: float
+    """Base wavelength."""
+    rotary_dim: int
+    """Number of leading head dimensions that rotate."""
+    rope_type: RopeType = "default"
+    """Frequency scaling scheme."""
+    factor: float = 1.0
+    """Context extension factor (linear, llama3, yarn)."""
+    original_max_position: int = 0
+    """Pre-training context length (llama3, yarn)."""
+    low_freq_factor: float = 1.0
+    """llama3 only."""
+    high_freq_factor: float = 4.0
+    """llama3 only."""
+    beta_fast: float = 32.0
+    """yarn only: extrapolation boundary."""
+    beta_slow: float = 1.0
+    """yarn only: interpolation boundary."""
+    mscale: float = 0.0
+    """yarn only: numerator of the cos/sin magnitude correction (0 = not given)."""
+    mscale_all_dim: float = 0.0
+    """yarn only: denominator of the magnitude correction; also rescales the softmax (DeepSeek)."""
+    attention_factor: float | None = None
+    """yarn only: explicit cos/sin magnitude; derived from mscale when None."""
+    truncate: bool = True
+    """yarn only: round the correction range to whole dimensions."""
+    interleaved: bool = False
+    """Rotate adjacent pairs (x0, x1) instead of halves (x_i, x_{i+d/2}) — DeepSeek's layout."""
+
+    def __post_init__(self) -> None:
+        if self.theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.theta}")
+        if self.rotary_dim <= 0 or self.rotary_dim % 2:
+            raise ConfigError(f"rotary dimension must be a positive even number, got {self.rotary_dim}")
+        if self.rope_type != "default" and self.factor <= 0:
+            raise ConfigError(f"rope scaling factor must be positive, got {self.factor}")
+
+
+@dataclass(frozen=True, slots=True)
+class MlaSpec:
+    """Multi-head latent attention (DeepSeek-V2/V3): the cache holds the compressed latent."""
+
+    q_lora_rank: int | None
+    """Rank of the query compression; None means a plain q_proj."""
+    kv_lora_rank: int
+    """Width of the cached latent c_kv."""
+    qk_nope_head_dim: int
+    """Per-head query/key dimensions without rotary embedding."""
+    qk_rope_head_dim: int
+    """Per-head query/key dimensions with rotary embedding (the key part is shared by all heads)."""
+    v_head_dim: int
+    """Per-head value dimension."""
+
+
+@dataclass(frozen=True, slots=True)
+class MoeSpec:
+    """Routed experts of one MoE layer, and how the gate picks them."""
+
+    num_experts: int
+    """Routed experts per layer."""
+    top_k: int
+    """Experts chosen per token."""
+    intermediate_size: int
+    """Intermediate width of one routed expert."""
+    scoring: GateScoring = "softmax"
+    """Gate non-linearity applied to the router logits."""
+    norm_topk_prob: bool = False
+    """Renormalise the chosen weights to sum to one."""
+    routed_scaling_factor: float = 1.0
+    """Multiplier on the routed weights (DeepSeek)."""
+    group_limit: GroupLimit = "none"
+    """Group-limited top-k: restrict choice to `topk_group` of `n_group` expert groups."""
+    n_group: int = 1
+    """Expert groups for group-limited routing."""
+    topk_group: int = 1
+    """Groups kept per token."""
+    correction_bias: bool = False
+    """DeepSeek-V3 `e_score_correction_bias` added to scores for choosing (not for weighting)."""
+    shared_intermediate_size: int = 0
+    """Total intermediate width of the shared expert(s); 0 when there are none."""
+    shared_gate: bool = False
+    """Qwen2-MoE: the shared expert output is scaled by sigmoid(shared_expert_gate(x))."""
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"need 1 <= top_k ({self.top_k}) <= num_experts ({self.num_experts})")
+        if self.group_limit != "none":
+            if self.num_experts % self.n_group:
+                raise ConfigError(f"num_experts {self.num_experts} not divisible by n_group {self.n_group}")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ConfigError(f"need 1 <= topk_group ({self.topk_group}) <= n_group ({self.n_group})")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFfnSpec:
+    """What the FFN pool computes for one layer: a dense MLP or routed experts (+ shared)."""
+
+    kind: Literal["dense", "moe"]
+    """Dense SwiGLU MLP or mixture of experts."""
+    dense_intermediate_size: int = 0
+    """Width of the dense MLP (kind == "dense")."""
+    moe: MoeSpec | None = None
+    """Routed expert description (kind == "moe")."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A decoder-only transformer, as both halves of AFD see it."""
+
+    architecture: str
+    """HF class name from config.json `architectures`."""
+    family: Family
+    """Naming and routing conventions (see SUPPORTED_ARCHITECTURES)."""
+    vocab_size: int
+    """Rows of the embedding and the LM head."""
+    hidden_size: int
+    """Residual stream width."""
+    num_layers: int
+    """Decoder layers."""
+    num_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """Key/value heads (GQA); equals num_heads for MLA."""
+    head_dim: int
+    """Per-head width of q/k/v for GQA attention."""
+    rms_norm_eps: float
+    """Epsilon of every RMSNorm."""
+    max_position_embeddings: int
+    """Longest context the checkpoint supports."""
+    rope: RopeSpec
+    """Rotary embedding."""
+    layers: tuple[LayerFfnSpec, ...]
+    """FFN description per layer."""
+    hidden_act: str = "silu"
+    """Activation of the gated MLPs."""
+    tie_word_embeddings: bool = False
+    """LM head shares the embedding matrix."""
+    qkv_bias: bool = False
+    """q/k/v projections carry a bias."""
+    o_bias: bool = False
+    """Output projection carries a bias."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k before rope (Qwen3)."""
+    mla: MlaSpec | None = None
+    """Set for DeepSeek multi-head latent attention."""
+    softmax_scale: float = 0.0
+    """Attention logit scale; derived from the head size when 0."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation unless ignored."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence id, if the model uses one."""
+    dtype: str = "float32"
+    """Checkpoint dtype from config.json (`torch_dtype` / `dtype`)."""
+    extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """Unparsed config.json keys, kept for diagnostics."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        if len(self.layers) != self.num_layers:
+            raise ConfigError(f"{len(self.layers)} layer specs for {self.num_layers} layers")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.softmax_scale == 0.0:
+            object.__setattr__(self, "softmax_scale", self._default_softmax_scale())
+
+    def _default_softmax_scale(self) -> float:
+        if self.mla is None:
+            return self.head_dim**-0.5
+        scale = (self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim) ** -0.5
+        if self.rope.rope_type == "yarn" and self.rope.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @property
+    def is_moe(self) -> bool:
+        return any(layer.kind == "moe" for layer in self.layers)
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0 for dense models)."""
+        return max((layer.moe.num_experts for layer in self.layers if layer.moe), default=0)
+
+    def moe(self, layer: int) -> MoeSpec | None:
+        return self.layers[layer].moe
+
+    @property
+    def kv_entry_width(self) -> int:
+        """Elements cached per token per layer (K and V together for GQA; latent + rope key for MLA)."""
+        if self.mla is not None:
+            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelSpec:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {model_dir}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelSpec:
+        architectures = config.get("architectures") or []
+        arch = architectures[0] if architectures else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitectureError(arch, sorted(SUPPORTED_ARCHITECTURES))
+        return _parse(arch, SUPPORTED_ARCHITECTURES[arch], _Config(config))
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN magnitude correction for a context extension `scale`."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class _Config:
+    """config.json with typed accessors that name the missing key in their error."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+
+    def get(self, *keys: str, default: Any = None) -> Any:
+        for key in keys:
+            if self.raw.get(key) is not None:
+                return self.raw[key]
+        return default
+
+    def int(self, *keys: str, default: int | None = None) -> int:
+        value = self.get(*keys, default=default)
+        if value is None:
+            raise ConfigError(f"config.json lacks {' / '.join(keys)}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config.json {keys[0]} must be an integer, got {value!r}")
+        return value
+
+    def float(self, *keys: str, default: float | None = None) -> float:
+        value = self.get(*keys, default=default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config.json {keys[0]} must be a number, got {value!r}")
+        return float(value)
+
+
+def _parse(arch: str, family: Family, c: _Config) -> ModelSpec:
+    hidden = c.int("hidden_size")
+    num_heads = c.int("num_attention_heads")
+    num_layers = c.int("num_hidden_layers")
+    mla = _parse_mla(c) if family.startswith("deepseek") else None
+    head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim if mla else c.int("head_dim", default=hidden // num_heads)
+    rotary_dim = mla.qk_rope_head_dim if mla else int(head_dim * c.float("partial_rotary_factor", default=1.0))
+    eos = c.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    return ModelSpec(
+        architecture=arch,
+        family=family,
+        vocab_size=c.int("vocab_size"),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_heads if mla else c.int("num_key_value_heads", default=num_heads),
+        head_dim=head_dim,
+        rms_norm_eps=c.float("rms_norm_eps", default=1e-6),
+        max_position_embeddings=c.int("max_position_embeddings", default=4096),
+        rope=_parse_rope(c, rotary_dim, interleaved=family == "deepseek_v2" or _v3_interleave(family, c)),
+        layers=tuple(_parse_layer(family, c, i) for i in range(num_layers)),
+        hidden_act=str(c.get("hidden_act", default="silu")),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", default=False)),
+        qkv_bias=_qkv_bias(family, c),
+        o_bias=bool(c.get("attention_bias", default=False)) and family in ("llama", "qwen3", "qwen3_moe"),
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        mla=mla,
+        eos_token_ids=eos_ids,
+        bos_token_id=c.get("bos_token_id"),
+        dtype=str(c.get("torch_dtype", "dtype", default="float32")),
+        extras=dict(c.raw),
+    )
+
+
+def _v3_interleave(family: Family, c: _Config) -> bool:
+    return family == "deepseek_v3" and bool(c.get("rope_interleave", default=True))
+
+
+def _qkv_bias(family: Family, c: _Config) -> bool:
+    if family == "qwen2_moe":
+        return bool(c.get("qkv_bias", default=True))
+    if family in ("llama", "qwen3", "qwen3_moe"):
+        return bool(c.get("attention_bias", default=False))
+    return False
+
+
+def _parse_mla(c: _Config) -> MlaSpec:
+    return MlaSpec(
+        q_lora_rank=c.get("q_lora_rank"),
+        kv_lora_rank=c.int("kv_lora_rank"),
+        qk_nope_head_dim=c.int("qk_nope_head_dim"),
+        qk_rope_head_dim=c.int("qk_rope_head_dim"),
+        v_head_dim=c.int("v_head_dim"),
+    )
+
+
+def _parse_rope(c: _Config, rotary_dim: int, interleaved: bool) -> RopeSpec:
+    # transformers>=5 writes `rope_parameters`; checkpoints on the Hub carry `rope_theta` + `rope_scaling`.
+    params = dict(c.get("rope_parameters", default=None) or {})
+    params.update(c.get("rope_scaling", default=None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise ConfigError(f"rope scaling type {rope_type!r} is not supported; supported: default, linear, llama3, yarn")
+    theta = params.get("rope_theta", c.get("rope_theta", default=10000.0))
+    factor = params.get("factor")
+    original = params.get("original_max_position_embeddings") or c.get(
+        "original_max_position_embeddings", "max_position_embeddings", default=4096
+    )
+    if factor is None:
+        factor = c.int("max_position_embeddings") / original if rope_type == "yarn" else 1.0
+    return RopeSpec(
+        theta=float(theta),
+        rotary_dim=rotary_dim,
+        rope_type=rope_type,
+        factor=float(factor),
+        original_max_position=int(original),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+        interleaved=interleaved,
+    )
+
+
+def _parse_layer(family: Family, c: _Config, layer: int) -> LayerFfnSpec:
+    dense = LayerFfnSpec(kind="dense", dense_intermediate_size=c.int("intermediate_size"))
+    if family in ("llama", "qwen3"):
+        return dense
+    if family in ("qwen3_moe", "qwen2_moe"):
+        experts = c.int("num_experts", "num_local_experts")
+        step = c.int("decoder_sparse_step", default=1)
+        if layer in (c.get("mlp_only_layers", default=[]) or []) or experts == 0 or (layer + 1) % step:
+            return dense
+        shared = c.int("shared_expert_intermediate_size", default=0) if family == "qwen2_moe" else 0
+        moe = MoeSpec(
+            num_experts=experts,
+            top_k=c.int("num_experts_per_tok"),
+            intermediate_size=c.int("moe_intermediate_size"),
+            norm_topk_prob=bool(c.get("norm_topk_prob", default=False)),
+            shared_intermediate_size=shared,
+            shared_gate=shared > 0,
+        )
+        return LayerFfnSpec(kind="moe", moe=moe)
+    if family == "mixtral":
+        moe = MoeSpec(
+            num_experts=c.int("num_local_experts"),
+            top_k=c.int("num_experts_per_tok"),
+            intermediate_size=c.int("intermediate_size"),
+            norm_topk_prob=True,
+        )
+        return LayerFfnSpec(kind="moe", moe=moe)
+    # DeepSeek-V2 / V3
+    experts = c.int("n_routed_experts")
+    freq = c.int("moe_layer_freq", default=1)
+    if layer < c.int("first_k_dense_replace", default=0) or layer % freq:
+        return dense
+    moe_inter = c.int("moe_intermediate_size")
+    is_v3 = family == "deepseek_v3"
+    topk_method = c.get("topk_method", default="noaux_tc" if is_v3 else "greedy")
+    group_limit: GroupLimit = {
+        "greedy": "none",
+        "group_limited_greedy": "group_max",
+        "noaux_tc": "group_top2_sum",
+    }.get(topk_method, "invalid")  # type: ignore[assignment]
+    if group_limit == "invalid" or (is_v3 and topk_method != "noaux_tc"):
+        raise ConfigError(f"topk_method {topk_method!r} is not supported for {family}")
+    moe = MoeSpec(
+        num_experts=experts,
+        top_k=c.int("num_experts_per_tok"),
+        intermediate_size=moe_inter,
+        scoring="sigmoid" if is_v3 else "softmax",
+        norm_topk_prob=bool(c.get("norm_topk_prob", default=is_v3)),
+        routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
+        group_limit=group_limit,
+        n_group=c.int("n_group", default=1),
+        topk_group=c.int("topk_group", default=1),
+        correction_bias=is_v3,
+        shared_intermediate_size=moe_inter * c.int("n_shared_experts", default=0),
+    )
+    return LayerFfnSpec(kind="moe", moe=moe)

@@ -1,0 +1,112 @@
+"""Checkpoint tensor names per architecture family, as they appear in Hub safetensors files.
+
+Kept apart from the model spec so that the role-pruned loaders on both sides ask one place which
+tensors they own, and a test can assert exactly that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from afd.model_spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class GatedMlpNames:
+    """The three matrices of a SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    gate: str
+    up: str
+    down: str
+
+
+class TensorNames:
+    """Names of every tensor a role may read, for one model spec."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._moe_block = "block_sparse_moe" if spec.family == "mixtral" else "mlp"
+
+    embed = "model.embed_tokens.weight"
+    final_norm = "model.norm.weight"
+
+    @property
+    def lm_head(self) -> str:
+        return self.embed if self.spec.tie_word_embeddings else "lm_head.weight"
+
+    def layer(self, layer: int) -> str:
+        return f"model.layers.{layer}."
+
+    def attention(self, layer: int) -> dict[str, str]:
+        """Attention-side tensors of one layer (norms, projections) keyed by role-local name."""
+        p = self.layer(layer)
+        names = {
+            "input_norm": p + "input_layernorm.weight",
+            "post_norm": p + "post_attention_layernorm.weight",
+            "o_proj": p + "self_attn.o_proj.weight",
+        }
+        if self.spec.o_bias:
+            names["o_bias"] = p + "self_attn.o_proj.bias"
+        mla = self.spec.mla
+        if mla is not None:
+            a = p + "self_attn."
+            if mla.q_lora_rank is None:
+                names["q_proj"] = a + "q_proj.weight"
+            else:
+                names |= {
+                    "q_a_proj": a + "q_a_proj.weight",
+                    "q_a_norm": a + "q_a_layernorm.weight",
+                    "q_b_proj": a + "q_b_proj.weight",
+                }
+            names |= {
+                "kv_a_proj": a + "kv_a_proj_with_mqa.weight",
+                "kv_a_norm": a + "kv_a_layernorm.weight",
+                "kv_b_proj": a + "kv_b_proj.weight",
+            }
+            return names
+        for proj in ("q", "k", "v"):
+            names[f"{proj}_proj"] = p + f"self_attn.{proj}_proj.weight"
+            if self.spec.qkv_bias:
+                names[f"{proj}_bias"] = p + f"self_attn.{proj}_proj.bias"
+        if self.spec.qk_norm:
+            names["q_norm"] = p + "self_attn.q_norm.weight"
+            names["k_norm"] = p + "self_attn.k_norm.weight"
+        return names
+
+    def router(self, layer: int) -> dict[str, str]:
+        """Gate tensors of an MoE layer; they live on the attention side (top-k happens there)."""
+        moe = self.spec.moe(layer)
+        if moe is None:
+            return {}
+        p = self.layer(layer) + self._moe_block + "."
+        names = {"gate": p + "gate.weight"}
+        if moe.correction_bias:
+            names["correction_bias"] = p + "gate.e_score_correction_bias"
+        if moe.shared_gate:
+            names["shared_gate"] = p + "shared_expert_gate.weight"
+        return names
+
+    def expert(self, layer: int, expert: int) -> GatedMlpNames:
+        p = f"{self.layer(layer)}{self._moe_block}.experts.{expert}."
+        if self.spec.family == "mixtral":
+            return GatedMlpNames(p + "w1.weight", p + "w3.weight", p + "w2.weight")
+        return _gated(p)
+
+    def shared_expert(self, layer: int) -> GatedMlpNames:
+        block = "shared_expert" if self.spec.family == "qwen2_moe" else "shared_experts"
+        return _gated(f"{self.layer(layer)}mlp.{block}.")
+
+    def dense_mlp(self, layer: int) -> GatedMlpNames:
+        return _gated(self.layer(layer) + "mlp.")
+
+    def attention_role(self) -> list[str]:
+        """Every tensor the attention role reads."""
+        names = [self.embed, self.final_norm, self.lm_head]
+        for layer in range(self.spec.num_layers):
+            names += self.attention(layer).values()
+            names += self.router(layer).values()
+        return list(dict.fromkeys(names))
+
+
+def _gated(prefix: str) -> GatedMlpNames:
+    return GatedMlpNames(prefix + "gate_proj.weight", prefix + "up_proj.weight", prefix + "down_proj.weight")

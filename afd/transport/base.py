@@ -1,0 +1,46 @@
+"""The transport interface between the attention and FFN halves.
+
+`dispatch` hands one FfnRequest per FFN node to the transport and returns at once; `combine` waits for
+the partial sums. Splitting the two is what lets an attention node compute microbatch i+1 while
+microbatch i is on the FFN nodes (ping-pong). Backends: in-process (here), gRPC, gloo, NCCL, shm.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from afd.ffn_messages import FfnRequest
+
+
+class FfnComputer(Protocol):
+    """Anything that turns an FfnRequest into a partial sum: an FFN shard, or a proxy to one."""
+
+    def compute(self, request: FfnRequest) -> torch.Tensor:
+        """Partial sum `[request.num_tokens, hidden_size]` in the hidden dtype."""
+        ...
+
+
+class PendingCombine:
+    """Handle for the partial sums of one dispatch; transports subclass it to carry their own state."""
+
+    def __init__(self, nodes: tuple[str, ...]) -> None:
+        self.nodes = nodes
+
+
+class FfnTransport(ABC):
+    """Moves requests to named FFN nodes and their partial sums back."""
+
+    @abstractmethod
+    def dispatch(self, requests: Mapping[str, FfnRequest]) -> PendingCombine:
+        """Start sending `requests` (FFN node id -> request); must not wait for the replies."""
+
+    @abstractmethod
+    def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
+        """Wait for every partial sum of `pending`; raises PeerError naming a node that failed."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing to release
+        """Release connections; idempotent."""

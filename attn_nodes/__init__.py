@@ -1,0 +1,1 @@
+"""Attention nodes: the half of every layer that owns the KV cache, plus embeddings, LM head and sampling."""

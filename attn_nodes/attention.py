@@ -1,0 +1,147 @@
+"""Attention of one layer over the paged KV cache: grouped-query attention and DeepSeek's MLA.
+
+Each layer's cache is one tensor `[num_slots, entry_width]`: K and V side by side for GQA, the
+compressed latent and the rope key for MLA (the naive form up-projects the gathered latent).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from afd.model_spec import ModelSpec
+from attn_nodes.attention_metadata import AttentionMetadata
+from attn_nodes.rope import RotaryEmbedding
+
+# DeepSeek's q_a / kv_a layernorms use the RMSNorm default epsilon, not config.rms_norm_eps.
+MLA_LATENT_NORM_EPS = 1e-6
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and rounded back, as the reference models do."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    gqa: bool,
+) -> torch.Tensor:
+    """Padded batched attention.
+
+    query: `[num_tokens, heads, qk_dim]`; key: `[num_seqs, ctx, kv_heads, qk_dim]`;
+    value: `[num_seqs, ctx, kv_heads, v_dim]`. Returns `[num_tokens, heads * v_dim]`.
+    """
+    _, heads, qk_dim = query.shape
+    if meta.query_index is None:
+        q = query.view(meta.num_seqs, 1, heads, qk_dim)
+        mask = meta.key_padding
+    else:
+        q = query.new_zeros(meta.num_seqs * meta.max_query_len, heads, qk_dim)
+        q[meta.query_index] = query
+        q = q.view(meta.num_seqs, meta.max_query_len, heads, qk_dim)
+        mask = meta.mask
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=gqa,
+    )  # [num_seqs, heads, max_query_len, v_dim]
+    out = out.transpose(1, 2).reshape(meta.num_seqs * meta.max_query_len, -1)
+    return out if meta.query_index is None else out[meta.query_index]
+
+
+class GqaAttention:
+    """Multi-head / grouped-query attention with optional qkv bias and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], rope: RotaryEmbedding) -> None:
+        self.spec = spec
+        self.rope = rope
+        self.q_width = spec.num_heads * spec.head_dim
+        self.kv_width = spec.num_kv_heads * spec.head_dim
+        self.qkv = torch.cat((w["q_proj"], w["k_proj"], w["v_proj"]))
+        self.qkv_bias = torch.cat((w["q_bias"], w["k_bias"], w["v_bias"])) if spec.qkv_bias else None
+        self.q_norm, self.k_norm = w.get("q_norm"), w.get("k_norm")
+        self.o_proj, self.o_bias = w["o_proj"], w.get("o_bias")
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """`h: [num_tokens, hidden]` -> `[num_tokens, hidden]`; writes this step's K/V into `cache`."""
+        spec = self.spec
+        n = h.shape[0]
+        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        q = qkv[:, : self.q_width].view(n, spec.num_heads, spec.head_dim)
+        k = qkv[:, self.q_width : self.q_width + self.kv_width].view(n, spec.num_kv_heads, spec.head_dim)
+        v = qkv[:, self.q_width + self.kv_width :]
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, spec.rms_norm_eps)  # type: ignore[arg-type]
+        q = self.rope.apply(q, cos, sin)
+        k = self.rope.apply(k, cos, sin)
+        cache.index_copy_(0, meta.slot_mapping, torch.cat((k.reshape(n, -1), v), dim=1))
+        context = cache[meta.context_slots]  # [num_seqs, ctx, 2 * kv_width]
+        shape = (*context.shape[:2], spec.num_kv_heads, spec.head_dim)
+        keys = context[..., : self.kv_width].view(shape)
+        values = context[..., self.kv_width :].view(shape)
+        out = _attend(q, keys, values, meta, spec.softmax_scale, gqa=spec.num_kv_heads != spec.num_heads)
+        return F.linear(out, self.o_proj, self.o_bias)
+
+
+class MlaAttention:
+    """DeepSeek multi-head latent attention; caches `[kv_lora_rank + qk_rope_head_dim]` per token."""
+
+    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], rope: RotaryEmbedding) -> None:
+        assert spec.mla is not None
+        self.spec = spec
+        self.mla = spec.mla
+        self.rope = rope
+        self.q_proj = w.get("q_proj")
+        self.q_a_proj, self.q_a_norm, self.q_b_proj = w.get("q_a_proj"), w.get("q_a_norm"), w.get("q_b_proj")
+        self.kv_a_proj, self.kv_a_norm, self.kv_b_proj = w["kv_a_proj"], w["kv_a_norm"], w["kv_b_proj"]
+        self.o_proj = w["o_proj"]
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """`h: [num_tokens, hidden]` -> `[num_tokens, hidden]`; writes this step's latents into `cache`."""
+        mla, heads, n = self.mla, self.spec.num_heads, h.shape[0]
+        if self.q_proj is not None:
+            q = F.linear(h, self.q_proj)
+        else:
+            q = F.linear(rms_norm(F.linear(h, self.q_a_proj), self.q_a_norm, MLA_LATENT_NORM_EPS), self.q_b_proj)
+        q = q.view(n, heads, mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+        q_nope, q_rope = q[..., : mla.qk_nope_head_dim], q[..., mla.qk_nope_head_dim :]
+        compressed = F.linear(h, self.kv_a_proj)
+        latent = rms_norm(compressed[:, : mla.kv_lora_rank], self.kv_a_norm, MLA_LATENT_NORM_EPS)
+        k_rope = self.rope.apply(compressed[:, None, mla.kv_lora_rank :], cos, sin)
+        cache.index_copy_(0, meta.slot_mapping, torch.cat((latent, k_rope.squeeze(1)), dim=1))
+        query = torch.cat((q_nope, self.rope.apply(q_rope, cos, sin)), dim=-1)
+
+        context = cache[meta.context_slots]  # [num_seqs, ctx, kv_lora_rank + rope]
+        seqs, ctx = context.shape[:2]
+        kv = F.linear(context[..., : mla.kv_lora_rank], self.kv_b_proj).view(
+            seqs, ctx, heads, mla.qk_nope_head_dim + mla.v_head_dim
+        )
+        k_nope, values = kv[..., : mla.qk_nope_head_dim], kv[..., mla.qk_nope_head_dim :]
+        k_rope_ctx = context[..., None, mla.kv_lora_rank :].expand(seqs, ctx, heads, mla.qk_rope_head_dim)
+        keys = torch.cat((k_nope, k_rope_ctx), dim=-1)
+        out = _attend(query, keys, values, meta, self.spec.softmax_scale, gqa=False)
+        return F.linear(out, self.o_proj)

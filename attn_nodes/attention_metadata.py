@@ -1,0 +1,88 @@
+"""Per-step layout of a varlen batch for paged attention, built once and shared by every layer.
+
+A step processes a flat list of tokens from several sequences (prefill chunks and decode tokens
+together). Attention pads them to `[num_seqs, max_query_len]` queries against
+`[num_seqs, max_context_len]` keys gathered from the paged cache through the block tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SequenceChunk:
+    """One sequence's part of a step: tokens [start, start + num_tokens) of its context."""
+
+    block_ids: Sequence[int]
+    """KV cache blocks of the sequence, in order."""
+    start: int
+    """Tokens already in the cache before this step."""
+    num_tokens: int
+    """Tokens computed this step."""
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Index tensors for one (micro)batch."""
+
+    positions: torch.Tensor
+    """`[num_tokens] int64` position of each token in its sequence."""
+    slot_mapping: torch.Tensor
+    """`[num_tokens] int64` cache slot each token's K/V is written to."""
+    context_slots: torch.Tensor
+    """`[num_seqs, max_context_len] int64` cache slots to read per sequence (padding repeats a valid slot)."""
+    mask: torch.Tensor | None
+    """`[num_seqs, 1, max_query_len, max_context_len] bool`, True = may attend; None when every
+    sequence decodes one token and attends to all its context."""
+    key_padding: torch.Tensor | None
+    """`[num_seqs, 1, 1, max_context_len] bool` valid keys for the decode-only case (None if no padding)."""
+    query_index: torch.Tensor | None
+    """`[num_tokens] int64` row of each token in the padded `[num_seqs * max_query_len]` query layout;
+    None in the decode-only case, where the flat tokens already are that layout."""
+    num_seqs: int
+    max_query_len: int
+    last_token_index: torch.Tensor
+    """`[num_seqs] int64` flat index of each sequence's last token this step (for logits)."""
+
+    @classmethod
+    def build(cls, chunks: Sequence[SequenceChunk], block_size: int) -> AttentionMetadata:
+        num_seqs = len(chunks)
+        query_lens = [c.num_tokens for c in chunks]
+        context_lens = [c.start + c.num_tokens for c in chunks]
+        max_q, max_ctx = max(query_lens), max(context_lens)
+        positions = torch.cat([torch.arange(c.start, c.start + c.num_tokens) for c in chunks])
+        max_blocks = -(-max_ctx // block_size)
+        table = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)
+        for row, chunk in enumerate(chunks):
+            needed = -(-(chunk.start + chunk.num_tokens) // block_size)
+            table[row, :needed] = torch.tensor(chunk.block_ids[:needed], dtype=torch.int64)
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(query_lens))
+        slot_mapping = table[seq_of_token, positions // block_size] * block_size + positions % block_size
+        key_pos = torch.arange(max_ctx)
+        context_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size
+        ctx = torch.tensor(context_lens)
+        last = torch.tensor(query_lens).cumsum(0) - 1
+        if max_q == 1:
+            padding = None if min(context_lens) == max_ctx else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
+            return cls(positions, slot_mapping, context_slots, None, padding, None, num_seqs, 1, last)
+        offsets = torch.cat([torch.arange(n) for n in query_lens])
+        query_index = seq_of_token * max_q + offsets
+        # Padded query rows get position 0 so that their mask row is never empty (no NaN from softmax).
+        padded_pos = torch.zeros(num_seqs * max_q, dtype=torch.int64)
+        padded_pos[query_index] = positions
+        mask = key_pos[None, None, :] <= padded_pos.view(num_seqs, max_q, 1)
+        return cls(
+            positions,
+            slot_mapping,
+            context_slots,
+            mask.unsqueeze(1),
+            None,
+            query_index,
+            num_seqs,
+            max_q,
+            last,
+        )

@@ -1,0 +1,58 @@
+"""Engine configuration of an attention node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from afd.errors import ConfigError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Batching, KV cache and numeric options of one attention node's engine."""
+
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks plus decodes)."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    num_kv_blocks: int | None = None
+    """KV cache blocks; derived from kv_cache_gib when None."""
+    kv_cache_gib: float = 1.0
+    """Memory for the KV cache when num_kv_blocks is not given."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); the model's max_position_embeddings when None."""
+    dtype: DType = "auto"
+    """Compute dtype; auto takes the checkpoint's."""
+    microbatches: int = 1
+    """Microbatches per step; with m >= 2 one computes attention while another is on the FFN nodes."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps to respect the token budget."""
+    seed: int = 0
+    """Seed of the sampler for requests without their own seed."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "microbatches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_gib <= 0:
+            raise ConfigError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str) -> torch.dtype:
+    """The torch dtype for a config value ("auto" follows the checkpoint)."""
+    chosen = checkpoint_dtype if name == "auto" else name
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if chosen not in table:
+        raise ConfigError(f"dtype {chosen!r} is not supported; choose one of {sorted(table)}")
+    return table[chosen]

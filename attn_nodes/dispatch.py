@@ -1,0 +1,111 @@
+"""Turns one layer's hidden states and gate choice into one FfnRequest per FFN node, and adds the replies.
+
+Each token's hidden state goes once to every node that holds one of its experts (or a slice of the
+shared expert / dense MLP, in which case every token goes there), carrying local expert ids and weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from afd.ffn_messages import FfnRequest
+from afd.model_spec import ModelSpec
+from afd.placement import ExpertPlacement
+from attn_nodes.routing import Routing
+
+
+@dataclass(slots=True)
+class Dispatch:
+    """Requests of one layer and microbatch, with the rows each one covers."""
+
+    requests: dict[str, FfnRequest]
+    rows: dict[str, torch.Tensor | None]
+    """Token rows per node (`[n] int64`), None when the node got every token."""
+
+
+class FfnDispatcher:
+    """Addresses tokens to FFN nodes according to the current expert placement."""
+
+    def __init__(self, spec: ModelSpec, placement: ExpertPlacement) -> None:
+        self.spec = spec
+        self.set_placement(placement)
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Switch to a new placement (applied between steps, never inside one)."""
+        self.placement = placement
+        self.owner, self.local = placement.owner_tables()
+        nodes = range(len(placement.nodes))
+        self._dense_nodes = {}
+        self._shared_nodes = {}
+        for layer in self.spec.layers:
+            size = layer.dense_intermediate_size
+            if size and size not in self._dense_nodes:
+                self._dense_nodes[size] = [i for i in nodes if _nonempty(placement.slice_bounds(i, size))]
+            shared = layer.moe.shared_intermediate_size if layer.moe else 0
+            if shared and shared not in self._shared_nodes:
+                self._shared_nodes[shared] = {i for i in nodes if _nonempty(placement.slice_bounds(i, shared))}
+
+    def build(self, layer: int, hidden: torch.Tensor, routing: Routing | None, microbatch: int = 0) -> Dispatch:
+        """hidden: `[num_tokens, hidden]` post-attention-norm states of `layer` for one microbatch."""
+        nodes = self.placement.nodes
+        requests: dict[str, FfnRequest] = {}
+        rows: dict[str, torch.Tensor | None] = {}
+        moe = self.spec.moe(layer)
+        if moe is None or routing is None:
+            for i in self._dense_nodes[self.spec.layers[layer].dense_intermediate_size]:
+                requests[nodes[i]] = FfnRequest(layer, hidden, microbatch=microbatch)
+                rows[nodes[i]] = None
+            return Dispatch(requests, rows)
+        shared_nodes = self._shared_nodes.get(moe.shared_intermediate_size, set())
+        owner = self.owner[routing.expert_ids]  # [num_tokens, top_k]
+        local = self.local[routing.expert_ids]
+        for i, node in enumerate(nodes):
+            mine = owner == i
+            if i in shared_nodes:
+                token_rows = None
+            else:
+                token_rows = mine.any(dim=1).nonzero().squeeze(1)
+                if token_rows.numel() == 0:
+                    continue
+            ids = torch.where(mine, local, -1).to(torch.int32)
+            weights = torch.where(mine, routing.weights, 0.0)
+            shared = routing.shared_scale
+            if token_rows is not None:
+                ids, weights = ids[token_rows], weights[token_rows]
+                shared = shared[token_rows] if shared is not None else None
+            requests[node] = FfnRequest(
+                layer,
+                hidden if token_rows is None else hidden[token_rows],
+                expert_ids=ids,
+                expert_weights=weights,
+                shared_scale=shared,
+                microbatch=microbatch,
+            )
+            rows[node] = token_rows
+        return Dispatch(requests, rows)
+
+    @staticmethod
+    def accumulate(residual: torch.Tensor, dispatch: Dispatch, partials: dict[str, torch.Tensor]) -> None:
+        """Add every node's partial sum into `residual: [num_tokens, hidden]` (summed in float32 first)."""
+        if len(partials) == 1:
+            ((node, partial),) = partials.items()
+            token_rows = dispatch.rows[node]
+            if token_rows is None:
+                residual += partial
+            else:
+                residual.index_add_(0, token_rows, partial)
+            return
+        total = torch.zeros(residual.shape, dtype=torch.float32, device=residual.device)
+        for node, partial in partials.items():
+            token_rows = dispatch.rows[node]
+            if token_rows is None:
+                total += partial.float()
+            else:
+                total.index_add_(0, token_rows, partial.float())
+        residual += total.to(residual.dtype)
+
+
+def _nonempty(bounds: tuple[int, int]) -> bool:
+    return bounds[1] > bounds[0]

@@ -1,0 +1,203 @@
+"""The attention node's engine: requests in, tokens out, one `step()` at a time.
+
+Each step schedules (continuous batching over the paged KV cache), runs the model with the FFN pool
+behind the transport, samples, and reports new tokens. `generate` is the offline convenience loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+from afd.checkpoint import CheckpointReader
+from afd.errors import RequestError
+from afd.model_spec import ModelSpec
+from afd.placement import ExpertPlacement
+from afd.sampling_params import SamplingParams
+from afd.transport.base import FfnTransport
+from attn_nodes.attention_metadata import SequenceChunk
+from attn_nodes.config import EngineConfig, resolve_dtype
+from attn_nodes.dispatch import FfnDispatcher
+from attn_nodes.kv_cache import KVCacheManager, allocate_cache_tensors, blocks_for_budget
+from attn_nodes.model import AttentionHalfModel
+from attn_nodes.request import Request, RequestOutput
+from attn_nodes.runner import Microbatch, ModelRunner
+from attn_nodes.sampler import Sampler
+from attn_nodes.scheduler import ScheduledChunk, Scheduler
+
+
+class AttentionEngine:
+    def __init__(
+        self,
+        model: AttentionHalfModel,
+        transport: FfnTransport,
+        placement: ExpertPlacement,
+        config: EngineConfig | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        self.spec = model.spec
+        self.max_model_len = max_model_len or model.rope.max_positions
+        width = self.spec.kv_entry_width
+        cfg = self.config
+        num_blocks = cfg.num_kv_blocks or blocks_for_budget(
+            cfg.kv_cache_gib, self.spec.num_layers, cfg.block_size, width, model.dtype
+        )
+        self.kv = KVCacheManager(num_blocks, cfg.block_size)
+        cache = allocate_cache_tensors(self.spec.num_layers, num_blocks, cfg.block_size, width, model.dtype)
+        self.dispatcher = FfnDispatcher(self.spec, placement)
+        self.runner = ModelRunner(model, cache, cfg.block_size, transport, self.dispatcher)
+        self.scheduler = Scheduler(cfg, self.kv)
+        self.sampler = Sampler(cfg.seed)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        transport: FfnTransport,
+        placement: ExpertPlacement,
+        config: EngineConfig | None = None,
+        reader: CheckpointReader | None = None,
+    ) -> AttentionEngine:
+        config = config or EngineConfig()
+        spec = ModelSpec.from_pretrained(model_dir)
+        max_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        dtype = resolve_dtype(config.dtype, spec.dtype)
+        model = AttentionHalfModel.load(model_dir, max_len, dtype=dtype, spec=spec, reader=reader)
+        return cls(model, transport, placement, config, max_len)
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; raises RequestError for input that can never be served."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise RequestError("prompt must contain at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        longest = min(len(prompt) + params.max_tokens, self.max_model_len)
+        if self.kv.blocks_for(longest) > self.kv.num_blocks:
+            raise RequestError(
+                f"request needs {self.kv.blocks_for(longest)} KV blocks, the cache has {self.kv.num_blocks}"
+            )
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, prompt, params)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.finished:
+            self.scheduler.finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        groups = _split(scheduled, self.config.microbatches)
+        microbatches = [self._prepare(group) for group in groups]
+        logits = self.runner.forward(microbatches)
+        outputs = []
+        for group, group_logits in zip(groups, logits, strict=True):
+            sampling = [chunk for chunk in group if chunk.completes_sequence]
+            tokens = (
+                self.sampler.sample(
+                    group_logits,
+                    [c.request.params for c in sampling],
+                    [c.request.generator for c in sampling],
+                )
+                if sampling
+                else []
+            )
+            sampled = dict(zip((id(c) for c in sampling), tokens, strict=True))
+            for chunk in group:
+                chunk.request.num_computed_tokens += chunk.num_tokens
+                if id(chunk) in sampled:
+                    outputs.append(self._append(chunk.request, sampled[id(chunk)]))
+        return outputs
+
+    def _prepare(self, group: list[ScheduledChunk]) -> Microbatch:
+        chunks, tokens, wants = [], [], []
+        for c in group:
+            r = c.request
+            chunks.append(SequenceChunk(self.kv.block_ids(r.request_id), r.num_computed_tokens, c.num_tokens))
+            tokens.append(r.token_ids(r.num_computed_tokens, r.num_computed_tokens + c.num_tokens))
+            wants.append(c.completes_sequence)
+        return self.runner.prepare(chunks, tokens, wants)
+
+    def _append(self, request: Request, token: int) -> RequestOutput:
+        request.output_token_ids.append(token)
+        params = request.params
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.spec.eos_token_ids):
+            reason = "stop"
+        elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+            del self.requests[request.request_id]
+        return RequestOutput(
+            request.request_id,
+            [token],
+            reason is not None,
+            reason,
+            len(request.prompt_token_ids),
+            len(request.output_token_ids),
+        )
+
+    # ---- offline convenience --------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[list[int]]:
+        """Run prompts to completion; returns the generated token ids per prompt, in order."""
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise RequestError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        return [results[i] for i in ids]
+
+
+def _split(scheduled: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
+    """Split into at most `parts` groups of consecutive requests with similar token counts."""
+    parts = max(1, min(parts, len(scheduled)))
+    if parts == 1:
+        return [scheduled]
+    total = sum(c.num_tokens for c in scheduled)
+    groups: list[list[ScheduledChunk]] = [[]]
+    acc = 0
+    for index, chunk in enumerate(scheduled):
+        remaining_items = len(scheduled) - index
+        remaining_groups = parts - len(groups)
+        if groups[-1] and (acc >= total * len(groups) / parts or remaining_items <= remaining_groups):
+            groups.append([])
+        groups[-1].append(chunk)
+        acc += chunk.num_tokens
+    return groups

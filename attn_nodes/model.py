@@ -1,0 +1,151 @@
+"""The attention half of the model: embeddings, per-layer attention + norms + MoE gate, final norm, LM head.
+
+Loaded from the checkpoint with only the tensors this role owns. The per-layer method does the
+attention side of DESIGN.md's split: input norm, attention (KV cache here), residual add,
+post-attention norm and gate top-k; the FFN nodes' partial sums are added by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from afd.checkpoint import CheckpointReader
+from afd.model_spec import ModelSpec, MoeSpec
+from afd.tensor_names import TensorNames
+from attn_nodes.attention import GqaAttention, MlaAttention, rms_norm
+from attn_nodes.attention_metadata import AttentionMetadata
+from attn_nodes.rope import RotaryEmbedding
+from attn_nodes.routing import GateWeights, Routing, route
+
+
+@dataclass(slots=True)
+class AttentionLayer:
+    """One decoder layer's attention-side weights."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    attention: GqaAttention | MlaAttention
+    gate: GateWeights | None
+    moe: MoeSpec | None
+
+
+class AttentionHalfModel:
+    """Everything of the model except the MLPs/experts."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        embed: torch.Tensor,
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        layers: list[AttentionLayer],
+        rope: RotaryEmbedding,
+    ) -> None:
+        self.spec = spec
+        self.embed_tokens = embed
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.layers = layers
+        self.rope = rope
+        self.dtype = embed.dtype
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        max_positions: int,
+        dtype: torch.dtype | None = None,
+        spec: ModelSpec | None = None,
+        reader: CheckpointReader | None = None,
+    ) -> AttentionHalfModel:
+        spec = spec or ModelSpec.from_pretrained(model_dir)
+        reader = reader or CheckpointReader(model_dir, dtype=dtype)
+        names = TensorNames(spec)
+        shapes = _attention_shapes(spec)
+        embed = reader.get(names.embed, (spec.vocab_size, spec.hidden_size))
+        rope = RotaryEmbedding(spec.rope, max_positions, embed.dtype)
+        layers = []
+        for layer in range(spec.num_layers):
+            w = {key: reader.get(name, shapes.get(key)) for key, name in names.attention(layer).items()}
+            attention = (MlaAttention if spec.mla else GqaAttention)(spec, w, rope)
+            moe = spec.moe(layer)
+            gate = None
+            if moe is not None:
+                r = names.router(layer)
+                gate = GateWeights(
+                    weight=reader.get(r["gate"], (moe.num_experts, spec.hidden_size)),
+                    correction_bias=reader.get(r["correction_bias"], (moe.num_experts,)).float()
+                    if "correction_bias" in r
+                    else None,
+                    shared_gate=reader.get(r["shared_gate"], (1, spec.hidden_size)) if "shared_gate" in r else None,
+                )
+            layers.append(AttentionLayer(w["input_norm"], w["post_norm"], attention, gate, moe))
+        final_norm = reader.get(names.final_norm, (spec.hidden_size,))
+        lm_head = embed if spec.tie_word_embeddings else reader.get(names.lm_head, (spec.vocab_size, spec.hidden_size))
+        return cls(spec, embed, final_norm, lm_head, layers, rope)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`token_ids: [num_tokens] int64` -> residual stream `[num_tokens, hidden]` (model dtype)."""
+        return F.embedding(token_ids, self.embed_tokens)
+
+    def attention_half(
+        self,
+        layer: int,
+        residual: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: torch.Tensor,
+        rope_tables: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, Routing | None]:
+        """Attention side of `layer`; adds the attention output into `residual` in place.
+
+        residual: `[num_tokens, hidden]` model dtype. Returns the post-attention-norm hidden states
+        `[num_tokens, hidden]` to send to the FFN nodes and, for MoE layers, the gate's choice.
+        """
+        weights = self.layers[layer]
+        x = rms_norm(residual, weights.input_norm, self.spec.rms_norm_eps)
+        residual += weights.attention.forward(x, meta, cache, *rope_tables)
+        h = rms_norm(residual, weights.post_norm, self.spec.rms_norm_eps)
+        if weights.gate is None or weights.moe is None:
+            return h, None
+        return h, route(h, weights.gate, weights.moe)
+
+    def logits(self, residual: torch.Tensor) -> torch.Tensor:
+        """`[num_rows, hidden]` final residual rows -> `[num_rows, vocab] float32` logits."""
+        return F.linear(rms_norm(residual, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
+
+
+def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every attention-side tensor, so a mismatched checkpoint fails at load."""
+    hidden = spec.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"input_norm": (hidden,), "post_norm": (hidden,)}
+    if spec.mla is not None:
+        m, heads = spec.mla, spec.num_heads
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        shapes |= {
+            "q_proj": (heads * qk, hidden),
+            "q_b_proj": (heads * qk, m.q_lora_rank or 0),
+            "q_a_proj": (m.q_lora_rank or 0, hidden),
+            "q_a_norm": (m.q_lora_rank or 0,),
+            "kv_a_proj": (m.kv_lora_rank + m.qk_rope_head_dim, hidden),
+            "kv_a_norm": (m.kv_lora_rank,),
+            "kv_b_proj": (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+            "o_proj": (hidden, heads * m.v_head_dim),
+        }
+        return shapes
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    return shapes | {
+        "q_proj": (q, hidden),
+        "k_proj": (kv, hidden),
+        "v_proj": (kv, hidden),
+        "q_bias": (q,),
+        "k_bias": (kv,),
+        "v_bias": (kv,),
+        "o_proj": (hidden, q),
+        "o_bias": (hidden,),
+        "q_norm": (spec.head_dim,),
+        "k_norm": (spec.head_dim,),
+    }

@@ -1,0 +1,138 @@
+"""One FFN node's share of every layer: its routed experts and its slices of dense / shared MLPs.
+
+The shard reads only those tensors from the checkpoint (dense and shared slices are read as row/column
+slices, never whole), and answers FfnRequests with partial sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from afd.checkpoint import CheckpointReader
+from afd.errors import ConfigError
+from afd.ffn_messages import FfnRequest
+from afd.model_spec import ModelSpec
+from afd.placement import ExpertPlacement
+from afd.tensor_names import GatedMlpNames, TensorNames
+from ffn_nodes.experts import MlpSlice, StackedExperts
+
+
+@dataclass(slots=True)
+class LayerShard:
+    """What this node computes for one layer."""
+
+    experts: StackedExperts | None = None
+    """Routed experts held here (MoE layers)."""
+    shared: MlpSlice | None = None
+    """Slice of the shared expert(s) (MoE layers that have them)."""
+    dense: MlpSlice | None = None
+    """Slice of the dense MLP (dense layers)."""
+
+
+class FfnShard:
+    """Computes partial sums for the experts and MLP slices that the placement gives node `node_id`."""
+
+    def __init__(self, spec: ModelSpec, placement: ExpertPlacement, node_id: str, layers: list[LayerShard]):
+        self.spec = spec
+        self.placement = placement
+        self.node_id = node_id
+        self.layers = layers
+        self.dtype = next(
+            (
+                t.dtype
+                for layer in layers
+                for part in (layer.experts, layer.shared, layer.dense)
+                if part
+                for t in (part.gate_up,)
+            ),
+            torch.float32,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        placement: ExpertPlacement,
+        node_id: str,
+        dtype: torch.dtype | None = None,
+        spec: ModelSpec | None = None,
+        reader: CheckpointReader | None = None,
+    ) -> FfnShard:
+        spec = spec or ModelSpec.from_pretrained(model_dir)
+        if spec.num_experts != placement.num_experts:
+            raise ConfigError(f"placement covers {placement.num_experts} experts, the model has {spec.num_experts}")
+        reader = reader or CheckpointReader(model_dir, dtype=dtype)
+        node = placement.index(node_id)
+        names = TensorNames(spec)
+        layers = []
+        for layer, layer_spec in enumerate(spec.layers):
+            shard = LayerShard()
+            if layer_spec.moe is not None:
+                moe = layer_spec.moe
+                local = placement.experts[node]
+                if local:
+                    shard.experts = _load_experts(reader, names, spec, layer, local, moe.intermediate_size)
+                if moe.shared_intermediate_size:
+                    bounds = placement.slice_bounds(node, moe.shared_intermediate_size)
+                    shard.shared = _load_slice(
+                        reader, names.shared_expert(layer), spec, bounds, moe.shared_intermediate_size
+                    )
+            else:
+                size = layer_spec.dense_intermediate_size
+                shard.dense = _load_slice(
+                    reader, names.dense_mlp(layer), spec, placement.slice_bounds(node, size), size
+                )
+            layers.append(shard)
+        return cls(spec, placement, node_id, layers)
+
+    def compute(self, request: FfnRequest) -> torch.Tensor:
+        """Partial sum `[num_tokens, hidden_size]` (hidden dtype) of this node's share of `request.layer`."""
+        if not 0 <= request.layer < len(self.layers):
+            raise ValueError(f"layer {request.layer} out of range [0, {len(self.layers)})")
+        shard = self.layers[request.layer]
+        hidden = request.hidden
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        if shard.experts is not None and request.expert_ids is not None:
+            assert request.expert_weights is not None, "expert_ids without expert_weights"
+            shard.experts.forward(hidden, request.expert_ids, request.expert_weights, out)
+        if shard.shared is not None:
+            shared = shard.shared.forward(hidden).float()
+            if request.shared_scale is not None:
+                shared = shared * request.shared_scale.unsqueeze(1)
+            out += shared
+        if shard.dense is not None:
+            out += shard.dense.forward(hidden).float()
+        return out.to(hidden.dtype)
+
+
+def _load_experts(
+    reader: CheckpointReader,
+    names: TensorNames,
+    spec: ModelSpec,
+    layer: int,
+    ids: tuple[int, ...],
+    inter: int,
+) -> StackedExperts:
+    hidden = spec.hidden_size
+    gate_up, down = [], []
+    for expert in ids:
+        n = names.expert(layer, expert)
+        gate_up.append(torch.cat((reader.get(n.gate, (inter, hidden)), reader.get(n.up, (inter, hidden)))))
+        down.append(reader.get(n.down, (hidden, inter)))
+    return StackedExperts(torch.stack(gate_up), torch.stack(down))
+
+
+def _load_slice(
+    reader: CheckpointReader, n: GatedMlpNames, spec: ModelSpec, bounds: tuple[int, int], size: int
+) -> MlpSlice | None:
+    start, end = bounds
+    if end <= start:
+        return None
+    hidden = spec.hidden_size
+    gate = reader.get_slice(n.gate, 0, start, end, full_shape=(size, hidden))
+    up = reader.get_slice(n.up, 0, start, end, full_shape=(size, hidden))
+    down = reader.get_slice(n.down, 1, start, end, full_shape=(hidden, size))
+    return MlpSlice(torch.cat((gate, up)), down)

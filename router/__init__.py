@@ -1,0 +1,1 @@
+"""The router: OpenAI API, admission, placement and membership (the control plane)."""
