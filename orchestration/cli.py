@@ -1,8 +1,13 @@
-"""The `afd` command line."""
+"""The `afd` command line: one typer app composed from the launchers, node commands and benchmarks."""
+
+from __future__ import annotations
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from orchestration.bench_commands import bench_app
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Attention-FFN disaggregated MoE serving.")
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:
