@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from afd.errors import ConfigError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -47,12 +45,3 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
-
-
-def resolve_dtype(name: str, checkpoint_dtype: str) -> torch.dtype:
-    """The torch dtype for a config value ("auto" follows the checkpoint)."""
-    chosen = checkpoint_dtype if name == "auto" else name
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if chosen not in table:
-        raise ConfigError(f"dtype {chosen!r} is not supported; choose one of {sorted(table)}")
-    return table[chosen]

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from afd.checkpoint import CheckpointReader
+from afd.dtypes import resolve_dtype
 from afd.errors import RequestError
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
 from afd.transport.base import FfnTransport
 from attn_nodes.attention_metadata import SequenceChunk
-from attn_nodes.config import EngineConfig, resolve_dtype
+from attn_nodes.config import EngineConfig
 from attn_nodes.dispatch import FfnDispatcher
 from attn_nodes.kv_cache import KVCacheManager, allocate_cache_tensors, blocks_for_budget
 from attn_nodes.model import AttentionHalfModel

@@ -1,0 +1,152 @@
+"""The built-in demo checkpoint: a small Qwen3-MoE with a word-level tokenizer, made on first use.
+
+It lets `afd generate` / `afd up` run on any machine with no download. The weights are random but
+deterministic (a seeded generator), written in the HF layout (config.json + model.safetensors +
+tokenizer.json), so transformers can load it too. It is cached under the user cache directory, keyed by
+a fingerprint of everything that determines its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HfTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+SEED = 20260101
+SPECIAL_TOKENS = ["<|endoftext|>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _words() -> list[str]:
+    text = resources.files("afd").joinpath("builtin_words.txt").read_text()
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def _config(vocab_size: int) -> dict:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "bos_token_id": None,
+        "eos_token_id": 0,
+        "torch_dtype": "float32",
+    }
+
+
+def _weights(config: dict) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(SEED)
+    hidden, heads, kv_heads, head_dim = (
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+    )
+    experts, inter, vocab = config["num_experts"], config["moe_intermediate_size"], config["vocab_size"]
+
+    def normal(*shape: int, std: float = 0.05) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    tensors = {"model.embed_tokens.weight": normal(vocab, hidden, std=0.5), "model.norm.weight": torch.ones(hidden)}
+    tensors["lm_head.weight"] = normal(vocab, hidden, std=0.1)
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        tensors |= {
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
+            p + "self_attn.q_norm.weight": torch.ones(head_dim),
+            p + "self_attn.k_norm.weight": torch.ones(head_dim),
+            p + "mlp.gate.weight": normal(experts, hidden, std=0.2),
+        }
+        for e in range(experts):
+            q = f"{p}mlp.experts.{e}."
+            tensors |= {
+                q + "gate_proj.weight": normal(inter, hidden),
+                q + "up_proj.weight": normal(inter, hidden),
+                q + "down_proj.weight": normal(hidden, inter),
+            }
+    return tensors
+
+
+def _tokenizer(words: list[str]) -> HfTokenizer:
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
+    tokenizer = HfTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return tokenizer
+
+
+def fingerprint() -> str:
+    words = _words()
+    blob = json.dumps([SEED, _config(len(SPECIAL_TOKENS) + len(words)), words, torch.__version__.split("+")[0]])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "afd"
+
+
+def builtin_model_dir(root: Path | None = None) -> Path:
+    """Directory of the built-in checkpoint, writing it first if it is not cached yet."""
+    target = (root or cache_root()) / f"builtin-qwen3-moe-{fingerprint()}"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    words = _words()
+    config = _config(len(SPECIAL_TOKENS) + len(words))
+    # Write into a temp dir and rename, so a concurrent or interrupted first use never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=".builtin-", dir=target.parent))
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(_weights(config), str(staging / "model.safetensors"), metadata={"format": "pt"})
+    _tokenizer(words).save(str(staging / "tokenizer.json"))
+    tokenizer_config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>", "add_bos_token": False}
+    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    try:
+        staging.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        for child in staging.iterdir():
+            child.unlink()
+        staging.rmdir()
+    return target
+
+
+DEMO_PROMPTS = [
+    "the file object is used to read",
+    "return a new list of values",
+    "if the default encoding is not given",
+    "this module provides a class",
+]
