@@ -34,6 +34,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions_total = 0
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -77,6 +78,7 @@ class Scheduler:
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions_total += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 

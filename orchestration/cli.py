@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from orchestration.bench_commands import bench_app
+from orchestration.generate_command import generate
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Attention-FFN disaggregated MoE serving.")
 app.add_typer(bench_app, name="bench")
+app.command()(generate)
 
 
 def main() -> None:
