@@ -62,8 +62,9 @@ def _config(vocab_size: int) -> dict:
     }
 
 
-def _weights(config: dict) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(SEED)
+def random_qwen3_moe_weights(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded random weights for a Qwen3-MoE `config` dict (HF config.json keys), in Hub tensor names."""
+    g = torch.Generator().manual_seed(seed)
     hidden, heads, kv_heads, head_dim = (
         config["hidden_size"],
         config["num_attention_heads"],
@@ -73,21 +74,24 @@ def _weights(config: dict) -> dict[str, torch.Tensor]:
     experts, inter, vocab = config["num_experts"], config["moe_intermediate_size"], config["vocab_size"]
 
     def normal(*shape: int, std: float = 0.05) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
 
-    tensors = {"model.embed_tokens.weight": normal(vocab, hidden, std=0.5), "model.norm.weight": torch.ones(hidden)}
+    def ones(size: int) -> torch.Tensor:
+        return torch.ones(size, dtype=dtype)
+
+    tensors = {"model.embed_tokens.weight": normal(vocab, hidden, std=0.5), "model.norm.weight": ones(hidden)}
     tensors["lm_head.weight"] = normal(vocab, hidden, std=0.1)
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors |= {
-            p + "input_layernorm.weight": torch.ones(hidden),
-            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "input_layernorm.weight": ones(hidden),
+            p + "post_attention_layernorm.weight": ones(hidden),
             p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden),
             p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
             p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
             p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
-            p + "self_attn.q_norm.weight": torch.ones(head_dim),
-            p + "self_attn.k_norm.weight": torch.ones(head_dim),
+            p + "self_attn.q_norm.weight": ones(head_dim),
+            p + "self_attn.k_norm.weight": ones(head_dim),
             p + "mlp.gate.weight": normal(experts, hidden, std=0.2),
         }
         for e in range(experts):
@@ -131,7 +135,7 @@ def builtin_model_dir(root: Path | None = None) -> Path:
     # Write into a temp dir and rename, so a concurrent or interrupted first use never leaves half a model.
     staging = Path(tempfile.mkdtemp(prefix=".builtin-", dir=target.parent))
     (staging / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(_weights(config), str(staging / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_qwen3_moe_weights(config, SEED), str(staging / "model.safetensors"), metadata={"format": "pt"})
     _tokenizer(words).save(str(staging / "tokenizer.json"))
     tokenizer_config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>", "add_bos_token": False}
     (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

@@ -35,7 +35,9 @@ class FfnDispatcher:
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Switch to a new placement (applied between steps, never inside one)."""
         self.placement = placement
-        self.owner, self.local = placement.owner_tables()
+        owner, local = placement.owner_tables()
+        # local_on[i][e]: expert e's id on node i, or -1 when node i does not serve it (one gather per node).
+        self.local_on = [torch.where(owner == i, local, -1).to(torch.int32) for i in range(len(placement.nodes))]
         nodes = range(len(placement.nodes))
         self._dense_nodes = {}
         self._shared_nodes = {}
@@ -59,22 +61,23 @@ class FfnDispatcher:
                 rows[nodes[i]] = None
             return Dispatch(requests, rows)
         shared_nodes = self._shared_nodes.get(moe.shared_intermediate_size, set())
-        owner = self.owner[routing.expert_ids]  # [num_tokens, top_k]
-        local = self.local[routing.expert_ids]
+        num_tokens = hidden.shape[0]
         for i, node in enumerate(nodes):
-            mine = owner == i
-            if i in shared_nodes:
-                token_rows = None
-            else:
-                token_rows = mine.any(dim=1).nonzero().squeeze(1)
-                if token_rows.numel() == 0:
-                    continue
-            ids = torch.where(mine, local, -1).to(torch.int32)
-            weights = torch.where(mine, routing.weights, 0.0)
+            ids = self.local_on[i][routing.expert_ids]  # [num_tokens, top_k]
+            elsewhere = ids < 0
+            weights = routing.weights.masked_fill(elsewhere, 0.0)
             shared = routing.shared_scale
-            if token_rows is not None:
-                ids, weights = ids[token_rows], weights[token_rows]
-                shared = shared[token_rows] if shared is not None else None
+            token_rows = None
+            if i not in shared_nodes:
+                token_rows = (~elsewhere).any(dim=1).nonzero().squeeze(1)
+                kept = token_rows.numel()
+                if kept == 0:
+                    continue
+                if kept == num_tokens:
+                    token_rows = None
+                else:
+                    ids, weights = ids[token_rows], weights[token_rows]
+                    shared = shared[token_rows] if shared is not None else None
             requests[node] = FfnRequest(
                 layer,
                 hidden if token_rows is None else hidden[token_rows],

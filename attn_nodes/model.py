@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from afd.checkpoint import CheckpointReader
+from afd.kernels import linear
 from afd.model_spec import ModelSpec, MoeSpec
 from afd.tensor_names import TensorNames
 from attn_nodes.attention import GqaAttention, MlaAttention, rms_norm
@@ -115,7 +116,7 @@ class AttentionHalfModel:
 
     def logits(self, residual: torch.Tensor) -> torch.Tensor:
         """`[num_rows, hidden]` final residual rows -> `[num_rows, vocab] float32` logits."""
-        return F.linear(rms_norm(residual, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(residual, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
 
 
 def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

@@ -70,14 +70,18 @@ class RotaryEmbedding:
     def __init__(self, rope: RopeSpec, max_positions: int, dtype: torch.dtype) -> None:
         inv_freq, magnitude = inverse_frequencies(rope)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.cos = (freqs.cos() * magnitude).to(dtype)  # [max_positions, rotary_dim // 2]
-        self.sin = (freqs.sin() * magnitude).to(dtype)
+        cos = (freqs.cos() * magnitude).to(dtype)
+        sin = (freqs.sin() * magnitude).to(dtype)
+        # Full-width tables with the rotation's sign folded into sin: out = x * cos + swap_halves(x) * sin,
+        # the reference's `x * cos + rotate_half(x) * sin` with the same roundings, in fewer kernels.
+        self.cos = torch.cat((cos, cos), dim=-1)  # [max_positions, rotary_dim]
+        self.sin = torch.cat((-sin, sin), dim=-1)
         self.rotary_dim = rope.rotary_dim
         self.interleaved = rope.interleaved
         self.max_positions = max_positions
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[num_tokens, 1, rotary_dim // 2]` for the given positions (computed once per step)."""
+        """cos, sin `[num_tokens, 1, rotary_dim]` for the given positions (computed once per step)."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,8 +93,9 @@ class RotaryEmbedding:
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rot = torch.cat((x1, x2), dim=-1)
         else:
             half = self.rotary_dim // 2
             x1, x2 = rot[..., :half], rot[..., half:]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        out = rot * cos + torch.cat((x2, x1), dim=-1) * sin
         return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)

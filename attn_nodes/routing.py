@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from afd.kernels import linear
 from afd.model_spec import MoeSpec
 
 
@@ -38,9 +38,9 @@ def route(hidden: torch.Tensor, gate: GateWeights, moe: MoeSpec) -> Routing:
     """Top-k choice for `hidden: [num_tokens, hidden_size]` (model dtype), as the reference models do it."""
     if moe.scoring == "sigmoid" or moe.group_limit != "none":
         # DeepSeek computes its router in float32 whatever the model dtype.
-        logits = F.linear(hidden.float(), gate.weight.float())
+        logits = linear(hidden.float(), gate.weight.float())
     else:
-        logits = F.linear(hidden, gate.weight)
+        logits = linear(hidden, gate.weight)
     scores = logits.sigmoid() if moe.scoring == "sigmoid" else torch.softmax(logits, dim=-1, dtype=torch.float32)
     choice = scores if gate.correction_bias is None else scores + gate.correction_bias
     if moe.group_limit != "none":
@@ -60,7 +60,7 @@ def route(hidden: torch.Tensor, gate: GateWeights, moe: MoeSpec) -> Routing:
         weights = weights.to(hidden.dtype)
     shared = None
     if gate.shared_gate is not None:
-        shared = torch.sigmoid(F.linear(hidden, gate.shared_gate)).squeeze(1).float()
+        shared = torch.sigmoid(linear(hidden, gate.shared_gate)).squeeze(1).float()
     return Routing(ids, weights.float(), shared)
 
 

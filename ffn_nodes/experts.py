@@ -1,14 +1,25 @@
 """Grouped SwiGLU expert compute over a batch of (token, local expert, weight) assignments.
 
-Assignments are sorted by expert once, so each expert's tokens are a contiguous block, and all
-experts run in one grouped matmul (`torch.nn.functional.grouped_mm`) when the build has it; otherwise
-a loop over the experts that received tokens. There is never a Python loop over tokens.
+Assignments are sorted by expert once, so each expert's tokens are a contiguous block. Then, with
+no Python loop over tokens:
+- on accelerators, one grouped matmul (`torch.nn.functional.grouped_mm`) over all experts;
+- on CPU when most experts received tokens (large decode batches), one batched matmul over all local
+  experts with the tokens padded to the busiest expert's count — it streams the stacked weights at
+  close to memory bandwidth (see afd.kernels);
+- on CPU when few experts are hit (small batches), a loop over just those experts, so the weights of
+  idle experts are never read.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+
+from afd.kernels import linear
+
+Strategy = Literal["auto", "grouped", "padded", "looped"]
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -28,14 +39,22 @@ def _supports_grouped_mm(dtype: torch.dtype, device: torch.device) -> bool:
 class StackedExperts:
     """The routed experts one FFN node holds for one layer, stacked for grouped compute."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, strategy: Strategy = "auto") -> None:
         """gate_up: `[num_local, 2 * intermediate, hidden]` (gate rows first);
-        down: `[num_local, hidden, intermediate]`."""
+        down: `[num_local, hidden, intermediate]`; strategy "auto" picks per call (see the module docstring)."""
         self.gate_up = gate_up
         self.down = down
         self.num_local = int(gate_up.shape[0])
         self.intermediate = int(down.shape[2])
-        self._grouped = _supports_grouped_mm(gate_up.dtype, gate_up.device)
+        self.strategy = strategy
+        self._grouped = gate_up.device.type != "cpu" and _supports_grouped_mm(gate_up.dtype, gate_up.device)
+        # Per-expert views, so the small-batch loop does not pay an indexing kernel per expert.
+        self._gate_up_rows = list(gate_up.unbind(0))
+        self._down_rows = list(down.unbind(0))
+        self.expert_tokens = [0] * self.num_local
+        """Tokens routed to each local expert since load (expert load metrics, hot-expert detection)."""
+        self.experts_hit = 0
+        """Sum over calls of the experts that received at least one token (weight bytes actually read)."""
 
     def forward(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, out: torch.Tensor
@@ -43,22 +62,40 @@ class StackedExperts:
         """Add the weighted expert outputs into `out`.
 
         hidden: `[num_tokens, hidden] model dtype`; expert_ids: `[num_tokens, top_k] int` local ids, -1 to
-        skip; expert_weights: `[num_tokens, top_k] float32`; out: `[num_tokens, hidden] float32` accumulator.
+        skip; expert_weights: `[num_tokens, top_k] float32`; out: `[num_tokens, hidden]` accumulator in the
+        hidden dtype (the weights are rounded to it first, as the reference models do).
         """
         top_k = expert_ids.shape[1]
-        flat_ids = expert_ids.reshape(-1).to(torch.int64)
-        chosen = (flat_ids >= 0).nonzero().squeeze(1)
-        if chosen.numel() == 0:
+        flat = expert_ids.reshape(-1)
+        # counts[0] counts the "-1 = elsewhere" slots, so that one sort puts them first and one sync reads all.
+        counts = torch.bincount(flat + 1, minlength=self.num_local + 1)
+        per = counts.tolist()
+        elsewhere, per_expert = per[0], per[1:]
+        if elsewhere == flat.numel():
             return
-        ids = flat_ids[chosen]
-        ids, order = torch.sort(ids, stable=True)
-        chosen = chosen[order]
-        tokens = chosen // top_k
-        weights = expert_weights.reshape(-1)[chosen]
-        counts = torch.bincount(ids, minlength=self.num_local)
+        expert_counts = counts[1:]
+        busy = 0
+        for expert, count in enumerate(per_expert):
+            if count:
+                self.expert_tokens[expert] += count
+                busy += 1
+        self.experts_hit += busy
+        order = torch.sort(flat, stable=True).indices[elsewhere:]
+        tokens = order // top_k
+        weights = expert_weights.reshape(-1)[order]
         x = hidden.index_select(0, tokens)
-        y = self._grouped_swiglu(x, counts) if self._grouped else self._looped_swiglu(x, counts)
-        out.index_add_(0, tokens, y.float() * weights.unsqueeze(1))
+        strategy = self.strategy
+        if strategy == "auto" and self._grouped:
+            strategy = "grouped"
+        elif strategy == "auto":
+            strategy = "padded" if 2 * busy >= self.num_local else "looped"
+        if strategy == "grouped":
+            y = self._grouped_swiglu(x, expert_counts)
+        elif strategy == "padded":
+            y = self._padded_swiglu(x, flat[order].to(torch.int64), expert_counts, max(per_expert))
+        else:
+            y = self._looped_swiglu(x, per_expert)
+        out.index_add_(0, tokens, y * weights.to(y.dtype).unsqueeze(1))
 
     def _grouped_swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
@@ -66,27 +103,37 @@ class StackedExperts:
         act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
         return _grouped_mm(act, self.down.transpose(-2, -1), offs=offsets)
 
-    def _looped_swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(x.shape[0], self.down.shape[1], dtype=x.dtype, device=x.device)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
+    def _padded_swiglu(self, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+        """All local experts in two batched matmuls; `x: [assignments, hidden]` sorted by expert `ids`."""
+        starts = counts.cumsum(0) - counts
+        rows = ids * capacity + torch.arange(ids.shape[0], device=x.device) - starts[ids]
+        padded = x.new_zeros(self.num_local * capacity, x.shape[1]).index_copy_(0, rows, x)
+        padded = padded.view(self.num_local, capacity, x.shape[1])
+        h = torch.bmm(self.gate_up, padded.transpose(1, 2))  # [experts, 2 * intermediate, capacity]
+        act = F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :]
+        y = torch.bmm(self.down, act)  # [experts, hidden, capacity]
+        return y.transpose(1, 2).reshape(-1, y.shape[1]).index_select(0, rows)
+
+    def _looped_swiglu(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outputs, start = [], 0
+        for expert, count in enumerate(counts):
             if count:
-                rows = slice(start, start + count)
-                y[rows] = swiglu(x[rows], self.gate_up[expert], self.down[expert], self.intermediate)
+                rows = x[start : start + count]
+                outputs.append(swiglu(rows, self._gate_up_rows[expert], self._down_rows[expert], self.intermediate))
                 start += count
-        return y
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, intermediate: int) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with `gate_up: [2 * intermediate, hidden]`, `down: [hidden, intermediate]`."""
-    h = F.linear(x, gate_up)
-    return F.linear(F.silu(h[:, :intermediate]) * h[:, intermediate:], down)
+    h = linear(x, gate_up)
+    return linear(F.silu(h[:, :intermediate]) * h[:, intermediate:], down)
 
 
 class MlpSlice:
     """A slice [start, end) of a dense MLP's (or shared expert's) intermediate dimension."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, strategy: Strategy = "auto") -> None:
         """`gate_up: [2 * width, hidden]` (gate rows first), `down: [hidden, width]`."""
         self.gate_up = gate_up
         self.down = down

@@ -94,18 +94,18 @@ class FfnShard:
             raise ValueError(f"layer {request.layer} out of range [0, {len(self.layers)})")
         shard = self.layers[request.layer]
         hidden = request.hidden
-        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        out = torch.zeros_like(hidden)
         if shard.experts is not None and request.expert_ids is not None:
             assert request.expert_weights is not None, "expert_ids without expert_weights"
             shard.experts.forward(hidden, request.expert_ids, request.expert_weights, out)
         if shard.shared is not None:
-            shared = shard.shared.forward(hidden).float()
+            shared = shard.shared.forward(hidden)
             if request.shared_scale is not None:
-                shared = shared * request.shared_scale.unsqueeze(1)
+                shared = shared * request.shared_scale.to(shared.dtype).unsqueeze(1)
             out += shared
         if shard.dense is not None:
-            out += shard.dense.forward(hidden).float()
-        return out.to(hidden.dtype)
+            out += shard.dense.forward(hidden)
+        return out
 
 
 def _load_experts(

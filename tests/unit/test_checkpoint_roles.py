@@ -36,7 +36,10 @@ def test_roles_partition_the_checkpoint(arch, tiny_checkpoint):
     mlp_tensors = {
         n
         for n in _all_tensors(directory)
-        if ".experts." in n or "shared_expert" in n or n.endswith(("mlp.gate_proj.weight", "mlp.down_proj.weight"))
+        if ".experts." in n
+        or ".shared_expert." in n
+        or ".shared_experts." in n
+        or n.endswith(("mlp.gate_proj.weight", "mlp.down_proj.weight"))
     }
     assert mlp_tensors and not attention_reader.tensors_read & mlp_tensors
 
