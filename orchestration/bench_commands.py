@@ -4,4 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from benchmarks import engine
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: engine, transport, serve.")
+bench_app.command("engine")(engine.command)
