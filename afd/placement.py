@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from afd.errors import ConfigError
+
+if TYPE_CHECKING:  # the router uses placements without importing torch
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,7 @@ class ExpertPlacement:
         weights = list(weights) if weights is not None else [1.0] * len(nodes)
         if len(weights) != len(nodes) or any(w <= 0 for w in weights):
             raise ConfigError(f"need one positive weight per node, got {weights} for {list(nodes)}")
-        counts = _apportion(num_experts, weights)
+        counts = apportion(num_experts, weights)
         ranges, start = [], 0
         for count in counts:
             ranges.append(tuple(range(start, start + count)))
@@ -82,6 +83,8 @@ class ExpertPlacement:
 
         An expert held by several nodes (a replica) is served by the first of them.
         """
+        import torch
+
         owner = torch.full((self.num_experts,), -1, dtype=torch.int64)
         local = torch.full((self.num_experts,), -1, dtype=torch.int64)
         for node_index, ids in enumerate(self.experts):
@@ -122,7 +125,7 @@ class ExpertPlacement:
             raise ConfigError(f"malformed expert placement: {exc}") from exc
 
 
-def _apportion(total: int, weights: Sequence[float]) -> list[int]:
+def apportion(total: int, weights: Sequence[float]) -> list[int]:
     """Split `total` into integers proportional to `weights` (largest remainder)."""
     scale = sum(weights)
     exact = [total * w / scale for w in weights]

@@ -1,0 +1,180 @@
+"""The router's OpenAI API against a scripted backend, through the official `openai` client (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from afd.builtin_model import builtin_model_dir
+from afd.tokenizer import Tokenizer
+from router.backend import GenerationRequest, Overloaded, TokenEvent
+from router.metrics import RouterMetrics
+from router.openai_api import ApiConfig, OpenAIService, create_app
+
+
+class ScriptedBackend:
+    """Generates prompt[-1]+1, +2, ... (mod vocab), two tokens per event; finishes on max_tokens or stop ids."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self.aborted: list[str] = []
+        self.overloaded = False
+        self.seen: list[GenerationRequest] = []
+
+    async def generate(self, request: GenerationRequest):
+        if self.overloaded:
+            raise Overloaded("the router queue is full (2 waiting)")
+        self.seen.append(request)
+        produced, token = 0, request.prompt_token_ids[-1]
+        while True:
+            batch = []
+            for _ in range(2):
+                token = (token + 1) % self.vocab
+                batch.append(token)
+                produced += 1
+                if token in request.params.stop_token_ids:
+                    yield TokenEvent(batch, True, "stop")
+                    return
+                if produced >= request.params.max_tokens:
+                    yield TokenEvent(batch, True, "length")
+                    return
+            yield TokenEvent(batch)
+            await asyncio.sleep(0)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return Tokenizer.from_pretrained(builtin_model_dir(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def api(tokenizer):
+    backend = ScriptedBackend(tokenizer.vocab_size)
+    config = ApiConfig(model_name="afd-demo", max_model_len=64, vocab_size=tokenizer.vocab_size, api_key="sk-test")
+    service = OpenAIService(config, tokenizer, backend, RouterMetrics("afd-demo"), lambda: {"nodes": []})
+    app = create_app(service, ready=lambda: True)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+    client = openai.AsyncOpenAI(api_key="sk-test", base_url="http://router/v1", http_client=http, max_retries=0)
+    return client, backend, tokenizer, http
+
+
+def _expected(tokenizer, prompt: str, n: int) -> str:
+    last = tokenizer.encode(prompt)[-1]
+    return tokenizer.decode([(last + i) % tokenizer.vocab_size for i in range(1, n + 1)])
+
+
+async def test_completion_non_streaming(api):
+    client, _, tokenizer, _ = api
+    result = await client.completions.create(model="afd-demo", prompt="the file object", max_tokens=5)
+    assert result.choices[0].text == _expected(tokenizer, "the file object", 5)
+    assert result.choices[0].finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (3, 5, 8)
+
+
+async def test_completion_streaming_with_usage(api):
+    client, _, tokenizer, _ = api
+    stream = await client.completions.create(
+        model="afd-demo", prompt="the file object", max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
+    text, finish, usage = "", None, None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == _expected(tokenizer, "the file object", 5)
+    assert finish == "length" and usage.completion_tokens == 5
+
+
+async def test_chat_streaming_and_not(api):
+    client, backend, _, _ = api
+    result = await client.chat.completions.create(
+        model="afd-demo", messages=[{"role": "user", "content": "hello there"}], max_tokens=4
+    )
+    assert result.choices[0].message.role == "assistant" and result.choices[0].finish_reason == "length"
+    assert result.usage.completion_tokens == 4
+    prompt = backend.seen[-1].prompt_token_ids
+    stream = await client.chat.completions.create(
+        model="afd-demo", messages=[{"role": "user", "content": "hello there"}], max_tokens=4, stream=True
+    )
+    deltas = [chunk.choices[0].delta async for chunk in stream]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == result.choices[0].message.content
+    assert backend.seen[-1].prompt_token_ids == prompt
+
+
+async def test_token_id_prompts_batch_and_stop_token(api):
+    client, _, _, _ = api
+    result = await client.completions.create(model="afd-demo", prompt=[[5, 6], [100]], max_tokens=6,
+                                             extra_body={"stop_token_ids": [9]})
+    by_index = {c.index: c for c in result.choices}
+    assert by_index[0].finish_reason == "stop"  # 7, 8, 9 -> stop
+    assert by_index[1].finish_reason == "length"
+    assert result.usage.prompt_tokens == 3 and result.usage.completion_tokens == 3 + 6
+
+
+async def test_stop_string_is_cut_and_request_aborted(api):
+    client, backend, tokenizer, _ = api
+    full = _expected(tokenizer, "the file object", 8)
+    stop_word = full.split()[3]
+    result = await client.completions.create(model="afd-demo", prompt="the file object", max_tokens=8,
+                                             stop=[stop_word])
+    assert result.choices[0].text == full[: full.index(stop_word)]
+    assert result.choices[0].finish_reason == "stop"
+    assert backend.aborted
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"model": "gpt-4"}, openai.NotFoundError, "The model `gpt-4` does not exist."),
+        ({"max_tokens": 0}, openai.BadRequestError, "max_tokens"),
+        ({"max_tokens": 100}, openai.BadRequestError, "maximum context length is 64 tokens"),
+        ({"prompt": ""}, openai.BadRequestError, "the prompt is empty"),
+        ({"prompt": [99999]}, openai.BadRequestError, "outside the vocabulary"),
+        ({"temperature": -1}, openai.BadRequestError, "temperature"),
+        ({"n": 2}, openai.BadRequestError, "n > 1 is not supported"),
+    ],
+)
+async def test_bad_requests(api, kwargs, error, message):
+    client, _, _, _ = api
+    args = {"model": "afd-demo", "prompt": "the file", "max_tokens": 4} | kwargs
+    with pytest.raises(error) as info:
+        await client.completions.create(**args)
+    assert message in str(info.value)
+
+
+async def test_malformed_json_and_missing_key(api):
+    _, _, _, http = api
+    response = await http.post("/v1/completions", content=b"{not json",
+                               headers={"Authorization": "Bearer sk-test", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.text
+    response = await http.post("/v1/completions", json={"model": "afd-demo", "prompt": "x"})
+    assert response.status_code == 401 and "API key" in response.text
+    assert (await http.get("/health")).status_code == 200  # health stays open
+
+
+async def test_queue_full_is_429(api):
+    client, backend, _, _ = api
+    backend.overloaded = True
+    with pytest.raises(openai.RateLimitError, match="queue is full"):
+        await client.completions.create(model="afd-demo", prompt="the file", max_tokens=2)
+    with pytest.raises(openai.RateLimitError):
+        await client.completions.create(model="afd-demo", prompt="the file", max_tokens=2, stream=True)
+
+
+async def test_models_and_metrics(api):
+    client, _, _, http = api
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["afd-demo"]
+    await client.completions.create(model="afd-demo", prompt="the file", max_tokens=3)
+    text = (await http.get("/metrics")).text
+    assert 'vllm:generation_tokens_total{model_name="afd-demo"} 3.0' in text
+    assert "vllm:time_to_first_token_seconds_bucket" in text and "vllm:e2e_request_latency_seconds_count" in text
