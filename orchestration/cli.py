@@ -6,10 +6,12 @@ import typer
 
 from orchestration.bench_commands import bench_app
 from orchestration.generate_command import generate
+from orchestration.k8s.cli import k8s_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Attention-FFN disaggregated MoE serving.")
 app.add_typer(bench_app, name="bench")
 app.command()(generate)
+app.add_typer(k8s_app, name="k8s")
 
 
 def main() -> None:
