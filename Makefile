@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.afd-installed
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup proto
 
 setup: $(STAMP)
 
@@ -21,3 +21,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy afd router orchestration
+
+# Regenerate afd/wire/generated from proto/*.proto (tests/unit/test_codegen.py fails when they are stale).
+proto: $(STAMP)
+	$(BIN)/python -m afd.wire.codegen

@@ -28,6 +28,9 @@ class FfnRequest:
     """`[num_tokens] float32`: per-token multiplier of the shared expert (Qwen2-MoE's sigmoid gate)."""
     microbatch: int = 0
     """Microbatch id within the attention node's step (for ping-pong pipelining)."""
+    placement_version: int = 0
+    """Expert placement the local ids refer to; an FFN node keeps the previous version while a change is
+    in flight, so requests addressed under either are computed with the right experts."""
 
     @property
     def num_tokens(self) -> int:

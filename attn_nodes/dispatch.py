@@ -28,9 +28,11 @@ class Dispatch:
 class FfnDispatcher:
     """Addresses tokens to FFN nodes according to the current expert placement."""
 
-    def __init__(self, spec: ModelSpec, placement: ExpertPlacement) -> None:
+    def __init__(self, spec: ModelSpec, placement: ExpertPlacement | None) -> None:
         self.spec = spec
-        self.set_placement(placement)
+        self.placement: ExpertPlacement | None = None
+        if placement is not None:
+            self.set_placement(placement)
 
     def set_placement(self, placement: ExpertPlacement) -> None:
         """Switch to a new placement (applied between steps, never inside one)."""
@@ -51,13 +53,16 @@ class FfnDispatcher:
 
     def build(self, layer: int, hidden: torch.Tensor, routing: Routing | None, microbatch: int = 0) -> Dispatch:
         """hidden: `[num_tokens, hidden]` post-attention-norm states of `layer` for one microbatch."""
+        if self.placement is None:
+            raise RuntimeError("no expert placement yet: no FFN node to send to")
         nodes = self.placement.nodes
+        version = self.placement.version
         requests: dict[str, FfnRequest] = {}
         rows: dict[str, torch.Tensor | None] = {}
         moe = self.spec.moe(layer)
         if moe is None or routing is None:
             for i in self._dense_nodes[self.spec.layers[layer].dense_intermediate_size]:
-                requests[nodes[i]] = FfnRequest(layer, hidden, microbatch=microbatch)
+                requests[nodes[i]] = FfnRequest(layer, hidden, microbatch=microbatch, placement_version=version)
                 rows[nodes[i]] = None
             return Dispatch(requests, rows)
         shared_nodes = self._shared_nodes.get(moe.shared_intermediate_size, set())
@@ -85,6 +90,7 @@ class FfnDispatcher:
                 expert_weights=weights,
                 shared_scale=shared,
                 microbatch=microbatch,
+                placement_version=version,
             )
             rows[node] = token_rows
         return Dispatch(requests, rows)
