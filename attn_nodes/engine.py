@@ -33,7 +33,7 @@ class AttentionEngine:
         self,
         model: AttentionHalfModel,
         transport: FfnTransport,
-        placement: ExpertPlacement,
+        placement: ExpertPlacement | None,
         config: EngineConfig | None = None,
         max_model_len: int | None = None,
     ) -> None:
@@ -54,13 +54,14 @@ class AttentionEngine:
         self.sampler = Sampler(cfg.seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self._microbatches = cfg.microbatches
 
     @classmethod
     def load(
         cls,
         model_dir: str | Path,
         transport: FfnTransport,
-        placement: ExpertPlacement,
+        placement: ExpertPlacement | None,
         config: EngineConfig | None = None,
         reader: CheckpointReader | None = None,
     ) -> AttentionEngine:
@@ -71,24 +72,48 @@ class AttentionEngine:
         model = AttentionHalfModel.load(model_dir, max_len, dtype=dtype, spec=spec, reader=reader)
         return cls(model, transport, placement, config, max_len)
 
+    @property
+    def placement(self) -> ExpertPlacement | None:
+        return self.dispatcher.placement
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Address FFN nodes by a new placement (call between steps)."""
+        self.dispatcher.set_placement(placement)
+
+    @property
+    def microbatches(self) -> int:
+        return self._microbatches
+
+    @microbatches.setter
+    def microbatches(self, value: int) -> None:
+        self._microbatches = max(1, int(value))
+
     # ---- requests -------------------------------------------------------------------------------------
     def add_request(
         self,
         prompt_token_ids: Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        resume_output_token_ids: Sequence[int] = (),
     ) -> str:
-        """Queue a request; raises RequestError for input that can never be served."""
+        """Queue a request; raises RequestError for input that can never be served.
+
+        `resume_output_token_ids` are tokens another node already generated for this request (migration):
+        they are re-prefilled with the prompt and count towards max_tokens.
+        """
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_token_ids]
+        resumed = [int(t) for t in resume_output_token_ids]
         if not prompt:
             raise RequestError("prompt must contain at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.spec.vocab_size]
+        if len(resumed) >= params.max_tokens:
+            raise RequestError(f"{len(resumed)} resumed tokens already reach max_tokens={params.max_tokens}")
+        bad = [t for t in prompt + resumed if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
-        if len(prompt) >= self.max_model_len:
+        if len(prompt) + len(resumed) >= self.max_model_len:
             raise RequestError(
-                f"prompt has {len(prompt)} tokens; the context holds {self.max_model_len} "
+                f"prompt has {len(prompt) + len(resumed)} tokens; the context holds {self.max_model_len} "
                 "(prompt plus at least one generated token)"
             )
         longest = min(len(prompt) + params.max_tokens, self.max_model_len)
@@ -99,7 +124,7 @@ class AttentionEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, prompt, params)
+        request = Request(request_id, prompt, params, output_token_ids=resumed)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -117,7 +142,7 @@ class AttentionEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        groups = _split(scheduled, self.config.microbatches)
+        groups = _split(scheduled, self._microbatches)
         microbatches = [self._prepare(group) for group in groups]
         logits = self.runner.forward(microbatches)
         outputs = []

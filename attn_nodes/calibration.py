@@ -1,0 +1,52 @@
+"""Short start-up measurements for the capacity profile a node reports to the router.
+
+The router places requests and experts in proportion to these costs, so they are measured on the node's
+own hardware with its own model, not looked up in a table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from attn_nodes.attention_metadata import AttentionMetadata, SequenceChunk
+from attn_nodes.model import AttentionHalfModel
+
+CALIBRATION_CONTEXT = 128
+CALIBRATION_BATCH = 8
+
+
+def device_description(device: torch.device) -> tuple[str, int, int]:
+    """(device kind, memory bytes, count) of the compute device."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        return props.name, int(props.total_memory), 1
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return f"cpu ({torch.get_num_threads()} threads)", int(memory), 1
+
+
+@torch.inference_mode()
+def attention_us_per_token(model: AttentionHalfModel, repeats: int = 3) -> float:
+    """Microseconds per token per layer of the attention half, for a decode batch at CALIBRATION_CONTEXT."""
+    spec = model.spec
+    block = 16
+    blocks_per_seq = -(-(CALIBRATION_CONTEXT + 1) // block)
+    cache = torch.zeros(CALIBRATION_BATCH * blocks_per_seq * block, spec.kv_entry_width, dtype=model.dtype)
+    chunks = [
+        SequenceChunk(list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), CALIBRATION_CONTEXT, 1)
+        for i in range(CALIBRATION_BATCH)
+    ]
+    meta = AttentionMetadata.build(chunks, block)
+    tables = model.rope.tables(meta.positions)
+    hidden = torch.randn(CALIBRATION_BATCH, spec.hidden_size, dtype=model.dtype) * 0.1
+    layers = list(range(spec.num_layers))
+    best = float("inf")
+    for _ in range(repeats):
+        residual = hidden.clone()
+        start = time.perf_counter()
+        for layer in layers:
+            model.attention_half(layer, residual, meta, cache, tables)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e6 / (CALIBRATION_BATCH * len(layers))

@@ -1,0 +1,545 @@
+"""The attention node process: the engine on its own thread, the AttentionNode gRPC service, and the
+router protocol (register, heartbeat, placement updates, drain and leave).
+
+The engine thread owns the engine: requests, aborts and placement changes reach it through an inbox
+and are applied between steps, so a placement switch is atomic for every step. When an FFN node fails
+mid-step the step raises PeerError; the node reports the peer to the router, keeps applying its inbox
+until a placement without that peer arrives, and runs the step again (the KV cache writes of a step are
+idempotent, so re-running it is safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import grpc.aio
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from afd.errors import ConfigError, PeerError, RequestError
+from afd.model_spec import ModelSpec
+from afd.placement import ExpertPlacement
+from afd.sampling_params import SamplingParams
+from afd.transport.base import FfnTransport
+from afd.wire.auth import ClusterAuth
+from afd.wire.generated import afd_cluster_pb2 as pb
+from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
+from afd.wire.placement_proto import placement_from_proto
+from attn_nodes.calibration import attention_us_per_token, device_description
+from attn_nodes.config import EngineConfig
+from attn_nodes.engine import AttentionEngine
+from attn_nodes.request import RequestOutput
+
+log = logging.getLogger("afd.attention")
+
+TransportName = Literal["grpc", "gloo", "shm", "nccl"]
+
+
+@dataclass(frozen=True)
+class AttentionNodeConfig:
+    """How an attention node is started (`afd node attn`)."""
+
+    model: Path
+    """HF checkpoint directory."""
+    router: str
+    """Router control-plane address host:port."""
+    node_id: str
+    """Unique id in the cluster."""
+    host: str = "127.0.0.1"
+    """Interface the gRPC server binds."""
+    port: int = 0
+    """gRPC port (0 = any free port)."""
+    advertise_host: str | None = None
+    """Host other nodes reach this one at; `host` when None."""
+    transport: TransportName = "grpc"
+    """Data plane to the FFN nodes."""
+    microbatches: int | None = None
+    """Fixed microbatches per step; None follows the router's plan."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Batching, KV cache and dtype."""
+    auth: ClusterAuth = field(default_factory=ClusterAuth)
+    """Cluster token / TLS."""
+    ffn_timeout_s: float = 30.0
+    """A partial sum not back within this is a failed FFN node."""
+    recovery_timeout_s: float = 120.0
+    """Longest wait for a placement without a failed FFN node before the step's requests fail."""
+    drain_timeout_s: float = 30.0
+    """On drain, requests still running after this are handed back to the router to migrate."""
+    register_timeout_s: float = 120.0
+    """How long to retry reaching the router at start-up."""
+    threads: int | None = None
+    """torch intra-op threads; torch's default when None."""
+    ready_file: Path | None = None
+    """Written with the bound port once registered."""
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ConfigError("an attention node needs a node id")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ConfigError(f"microbatches must be >= 1, got {self.microbatches}")
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Where one request's outputs go (the event loop side of a Generate call)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AttentionNodeServer:
+    def __init__(self, config: AttentionNodeConfig) -> None:
+        self.config = config
+        self.engine: AttentionEngine | None = None
+        self.transport: FfnTransport | None = None
+        self.port: int | None = None
+        self.draining = False
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stop_engine = False
+        self._grpc: grpc.aio.Server | None = None
+        self._router: pb_grpc.RouterStub | None = None
+        self._router_channel: grpc.aio.Channel | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self._closed = False
+        self._capacity = pb.CapacityProfile()
+        self._health: health.aio.HealthServicer | None = None
+        self._generated = 0
+        self._tasks: set[asyncio.Future] = set()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.advertise_host or self.config.host}:{self.port}"
+
+    def _background(self, coroutine: Any) -> None:
+        """Run a coroutine without awaiting it, keeping a reference until it ends."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        config = self.config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.loop = asyncio.get_running_loop()
+        spec = ModelSpec.from_pretrained(config.model)
+        self.transport = self._make_transport(spec)
+        self.engine = await asyncio.to_thread(AttentionEngine.load, config.model, self.transport, None, config.engine)
+        if config.microbatches is not None:
+            self.engine.microbatches = config.microbatches
+        self._capacity = await asyncio.to_thread(self._measure_capacity)
+        self._grpc = grpc.aio.server(interceptors=config.auth.server_interceptors())
+        pb_grpc.add_AttentionNodeServicer_to_server(_AttentionServicer(self), self._grpc)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        self.port = config.auth.add_port(self._grpc, f"{config.host}:{config.port}")
+        await self._grpc.start()
+        self._thread = threading.Thread(target=self._engine_loop, name=f"engine-{config.node_id}", daemon=True)
+        self._thread.start()
+        self._router_channel = config.auth.aio_channel(config.router)
+        self._router = pb_grpc.RouterStub(self._router_channel)
+        await self._register(config.register_timeout_s)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._heartbeat_task = asyncio.ensure_future(self._heartbeats())
+        if config.ready_file is not None:
+            config.ready_file.write_text(str(self.port))
+        log.info("attention node %s serving on %s", config.node_id, self.address)
+
+    def _make_transport(self, spec: ModelSpec) -> FfnTransport:
+        if self.config.transport == "grpc":
+            from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
+
+            return GrpcTransport.for_model(
+                spec,
+                {},
+                GrpcTransportConfig(
+                    sender=self.config.node_id, timeout_s=self.config.ffn_timeout_s, auth=self.config.auth
+                ),
+            )
+        raise ConfigError(f"transport {self.config.transport!r} is not available for attention nodes yet")
+
+    def _measure_capacity(self) -> pb.CapacityProfile:
+        assert self.engine is not None
+        kind, memory, count = device_description(torch.device("cpu"))
+        engine_config = self.engine.config
+        return pb.CapacityProfile(
+            device_kind=kind,
+            device_memory_bytes=memory,
+            device_count=count,
+            attention_us_per_token=attention_us_per_token(self.engine.model),
+            attention_context_len=128,
+            kv_cache_blocks=self.engine.kv.num_blocks,
+            kv_block_size=engine_config.block_size,
+            max_num_seqs=engine_config.max_num_seqs,
+        )
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._heartbeat_task
+        self._stop_engine = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        for stream in list(self._streams.values()):
+            stream.put(PeerError(self.config.node_id, "attention node shut down"))
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        if self._router_channel is not None:
+            await self._router_channel.close(grace=None)
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---- router protocol -------------------------------------------------------------------------------
+    async def _register(self, timeout: float) -> None:
+        assert self._router is not None
+        deadline = time.monotonic() + timeout
+        request = pb.RegisterRequest(
+            node_id=self.config.node_id,
+            role=pb.ROLE_ATTENTION,
+            address=self.address,
+            capacity=self._capacity,
+            transports=[self.config.transport],
+        )
+        while True:
+            try:
+                response = await self._router.Register(request, timeout=10)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise ConfigError(f"the router refused registration: {exc.details()}") from exc
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"router {self.config.router} unreachable: {exc.details()}") from exc
+                await asyncio.sleep(0.5)
+        self._heartbeat_interval = max(0.05, response.heartbeat_interval_ms / 1000)
+        if response.placement.version >= 0 and response.placement.nodes:
+            await self.apply_placement(response.placement)
+
+    async def _heartbeats(self) -> None:
+        assert self._router is not None and self.engine is not None
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            engine = self.engine
+            load = pb.NodeLoad(
+                num_running=len(engine.scheduler.running),
+                num_waiting=len(engine.scheduler.waiting),
+                kv_cache_usage=engine.kv.usage,
+                generated_tokens=self._generated,
+            )
+            for layer, trips, seconds, sent, received in engine.runner.transfers.take():
+                load.transfers.add(
+                    layer=layer, round_trips=trips, seconds=seconds, bytes_sent=sent, bytes_received=received
+                )
+            placement = engine.placement
+            request = pb.HeartbeatRequest(
+                node_id=self.config.node_id,
+                state=pb.NODE_STATE_DRAINING if self.draining else pb.NODE_STATE_READY,
+                load=load,
+                placement_version=placement.version if placement else -1,
+            )
+            try:
+                response = await self._router.Heartbeat(request, timeout=max(2.0, 3 * self._heartbeat_interval))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    log.warning("router forgot node %s; registering again", self.config.node_id)
+                    with contextlib.suppress(Exception):
+                        await self._register(timeout=10)
+                else:
+                    log.warning("heartbeat failed: %s", exc.details())
+                continue
+            if response.HasField("placement") and response.placement.nodes:
+                await self.apply_placement(response.placement)
+            if self.config.microbatches is None and response.microbatches:
+                self._inbox.put(("microbatches", response.microbatches))
+                self._wake.set()
+            if response.drain and not self.draining:
+                self._background(self.drain_and_stop("the router asked this node to drain"))
+
+    async def apply_placement(self, message: pb.Placement) -> int:
+        """Hand a placement to the engine thread and wait until a step boundary applied it."""
+        placement, addresses = placement_from_proto(message)
+        current = self.engine.placement if self.engine else None
+        if current is not None and placement.version <= current.version:
+            return current.version
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._inbox.put(("placement", placement, addresses, done))
+        self._wake.set()
+        return await asyncio.wrap_future(done)
+
+    async def drain_and_stop(self, reason: str) -> None:
+        """Take no new requests, let running ones finish (or hand them back after the deadline), leave."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("attention node %s draining: %s", self.config.node_id, reason)
+        if self._router is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._router.Leave(pb.LeaveRequest(node_id=self.config.node_id, reason=reason), timeout=10)
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id, stream in list(self._streams.items()):
+            stream.put(PeerError(self.config.node_id, "attention node drained; the router migrates the request"))
+            self.abort(request_id)
+        self.request_stop()
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def submit(
+        self, request_id: str, prompt: list[int], params: SamplingParams, resume: list[int], stream: _Stream
+    ) -> None:
+        self._streams[request_id] = stream
+        self._inbox.put(("add", request_id, prompt, params, resume))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._inbox.put(("abort", request_id))
+            self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        while not self._stop_engine:
+            self._apply_inbox()
+            if engine.placement is None or not engine.has_unfinished():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except PeerError as exc:
+                self._recover(exc)
+                continue
+            except Exception as exc:  # a bug must not leave clients hanging: fail this batch's requests
+                log.exception("engine step failed")
+                for request_id in list(engine.requests):
+                    self._fail(request_id, exc)
+                continue
+            for output in outputs:
+                self._deliver(output)
+
+    def _apply_inbox(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = item[0]
+            if kind == "add":
+                _, request_id, prompt, params, resume = item
+                if request_id not in self._streams:
+                    continue  # aborted before it started
+                try:
+                    engine.add_request(prompt, params, request_id, resume)
+                except RequestError as exc:
+                    self._fail(request_id, exc)
+            elif kind == "abort":
+                engine.abort(item[1])
+            elif kind == "placement":
+                _, placement, addresses, done = item
+                self._switch(placement, addresses)
+                done.set_result(placement.version)
+            elif kind == "microbatches":
+                engine.microbatches = item[1]
+
+    def _switch(self, placement: ExpertPlacement, addresses: dict[str, str]) -> None:
+        engine = self.engine
+        assert engine is not None and self.transport is not None
+        current = engine.placement
+        if current is not None and placement.version <= current.version:
+            return
+        set_peers = getattr(self.transport, "set_peers", None)
+        if set_peers is not None:
+            set_peers({node: addresses[node] for node in placement.nodes})
+        engine.set_placement(placement)
+        log.info("attention node %s now on placement v%d", self.config.node_id, placement.version)
+
+    def _recover(self, error: PeerError) -> None:
+        """Report a failed FFN node and wait (applying the inbox) for a placement that avoids it."""
+        engine = self.engine
+        assert engine is not None
+        failed_version = engine.placement.version if engine.placement else -1
+        log.warning("step failed on FFN node %s: %s; asking the router for a new placement", error.peer, error)
+        report = pb.PeerFailureReport(reporter_id=self.config.node_id, peer_id=error.peer, error=str(error))
+        reply = asyncio.run_coroutine_threadsafe(self._report(report), self.loop)
+        deadline = time.monotonic() + self.config.recovery_timeout_s
+        while time.monotonic() < deadline and not self._stop_engine:
+            self._apply_inbox()
+            placement = engine.placement
+            if placement is not None and placement.version > failed_version:
+                return
+            if reply.done() and reply.exception() is None and reply.result() is not None:
+                message = reply.result()
+                if message.version > failed_version and message.nodes:
+                    placement_obj, addresses = placement_from_proto(message)
+                    self._switch(placement_obj, addresses)
+                    return
+            self._wake.wait(0.05)
+            self._wake.clear()
+        for request_id in list(engine.requests):
+            self._fail(
+                request_id,
+                PeerError(error.peer, f"no placement without it after {self.config.recovery_timeout_s:.0f} s"),
+            )
+
+    async def _report(self, report: pb.PeerFailureReport) -> pb.Placement | None:
+        assert self._router is not None
+        try:
+            response = await self._router.ReportPeerFailure(report, timeout=self.config.recovery_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not report the failure to the router: %s", exc.details())
+            return None
+        return response.placement
+
+    def _deliver(self, output: RequestOutput) -> None:
+        self._generated += len(output.new_token_ids)
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        if output.finished:
+            self._streams.pop(output.request_id, None)
+        stream.put(output)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        assert self.engine is not None
+        self.engine.abort(request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(error)
+
+
+class _AttentionServicer(pb_grpc.AttentionNodeServicer):
+    def __init__(self, node: AttentionNodeServer) -> None:
+        self.node = node
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TokenChunk]:
+        node = self.node
+        if node.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"attention node {node.config.node_id} is draining")
+        p = request.params
+        try:
+            params = SamplingParams(
+                max_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_k=p.top_k,
+                top_p=p.top_p or 1.0,
+                seed=p.seed if p.HasField("seed") else None,
+                stop_token_ids=tuple(p.stop_token_ids),
+                ignore_eos=p.ignore_eos,
+            )
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        request_id = request.request_id
+        node.submit(request_id, list(request.prompt_token_ids), params, list(request.resume_output_token_ids), stream)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, RequestError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, BaseException):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
+                assert isinstance(item, RequestOutput)
+                finished = item.finished
+                yield pb.TokenChunk(
+                    request_id=request_id,
+                    token_ids=item.new_token_ids,
+                    finished=item.finished,
+                    finish_reason=item.finish_reason or "",
+                    num_prompt_tokens=item.num_prompt_tokens,
+                    num_output_tokens=item.num_output_tokens,
+                )
+                if finished:
+                    return
+        finally:
+            if not finished:
+                node.abort(request_id)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        self.node.abort(request.request_id)
+        return pb.AbortResponse()
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        self.node._background(self.node.drain_and_stop("drain requested"))
+        return pb.DrainResponse(num_unfinished=len(self.node._streams))
+
+    async def UpdatePlacement(
+        self, request: pb.Placement, context: grpc.aio.ServicerContext
+    ) -> pb.UpdatePlacementResponse:
+        version = await self.node.apply_placement(request)
+        return pb.UpdatePlacementResponse(version=version)
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.NodeStatus:
+        node = self.node
+        engine = node.engine
+        assert engine is not None
+        placement = engine.placement
+        return pb.NodeStatus(
+            node_id=node.config.node_id,
+            role=pb.ROLE_ATTENTION,
+            state=pb.NODE_STATE_DRAINING if node.draining else pb.NODE_STATE_READY,
+            capacity=node._capacity,
+            load=pb.NodeLoad(
+                num_running=len(engine.scheduler.running),
+                num_waiting=len(engine.scheduler.waiting),
+                kv_cache_usage=engine.kv.usage,
+                generated_tokens=node._generated,
+            ),
+            placement_version=placement.version if placement else -1,
+        )
+
+
+async def run_attention_node(config: AttentionNodeConfig) -> None:
+    server = AttentionNodeServer(config)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Future] = []
+
+    def on_signal() -> None:
+        if not stopping:
+            stopping.append(asyncio.ensure_future(server.drain_and_stop("terminated")))
+        else:
+            server.request_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await server.start()
+        await server.serve()
+    finally:
+        await server.shutdown()

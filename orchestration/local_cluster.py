@@ -1,0 +1,265 @@
+"""The local launcher: router, attention and FFN nodes as processes on this machine.
+
+`afd up` owns the processes: it starts them, adds and removes nodes on `afd scale`, and stops every one
+of them (by its own handle) on Ctrl-C or `afd down`. Other commands reach the launcher through a small
+control endpoint on 127.0.0.1 whose address and secret are kept in a state file under the user cache.
+Nodes authenticate to each other with a cluster token generated for this launch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from afd.builtin_model import builtin_model_dir, cache_root
+from afd.errors import AfdError, ConfigError
+
+log = logging.getLogger("afd.launcher")
+
+
+@dataclass(frozen=True)
+class LocalClusterConfig:
+    """What `afd up` starts."""
+
+    model: Path | None = None
+    """Checkpoint directory; the built-in demo model when None."""
+    attn: int = 1
+    """Attention nodes."""
+    ffn: int = 2
+    """FFN nodes."""
+    transport: str = "grpc"
+    """Data plane between attention and FFN nodes: grpc, gloo or shm."""
+    microbatches: str = "auto"
+    """Microbatches per step: auto (router's plan) or a number."""
+    host: str = "127.0.0.1"
+    """Interface every process binds."""
+    http_port: int = 8000
+    """OpenAI API port; 0 picks a free one."""
+    served_model_name: str | None = None
+    """Model name in the API."""
+    api_key_file: Path | None = None
+    """File with the API key clients must send (open API when None)."""
+    threads_per_node: int | None = None
+    """torch threads per attention/FFN process; cores / nodes when None."""
+    dtype: str = "auto"
+    """Compute dtype of the nodes."""
+    start_timeout_s: float = 180.0
+    """How long nodes may take to load and register."""
+
+    def __post_init__(self) -> None:
+        if self.attn < 1 or self.ffn < 1:
+            raise ConfigError(f"need at least one attention and one FFN node, got --attn {self.attn} --ffn {self.ffn}")
+        if self.transport not in ("grpc", "gloo", "shm"):
+            raise ConfigError(f"local transport must be grpc, gloo or shm, not {self.transport!r}")
+
+
+@dataclass
+class NodeHandle:
+    node_id: str
+    role: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+@dataclass
+class LocalCluster:
+    config: LocalClusterConfig
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="afd-cluster-")))
+    nodes: dict[str, NodeHandle] = field(default_factory=dict)
+    router: NodeHandle | None = None
+    http_port: int | None = None
+    grpc_port: int | None = None
+    _next_index: dict[str, int] = field(default_factory=lambda: {"attn": 0, "ffn": 0})
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.config.host}:{self.http_port}/v1"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.config.host}:{self.http_port}"
+
+    # ---- processes -------------------------------------------------------------------------------------
+    def _spawn(self, node_id: str, role: str, args: list[str]) -> NodeHandle:
+        log_path = self.workdir / f"{node_id}.log"
+        command = [sys.executable, "-m", "orchestration.cli", "node", role, *args]
+        with open(log_path, "wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return NodeHandle(node_id, role, process, log_path)
+
+    def _threads(self) -> int:
+        if self.config.threads_per_node:
+            return self.config.threads_per_node
+        return max(1, (os.cpu_count() or 1) // (self.config.attn + self.config.ffn))
+
+    def start(self) -> None:
+        config = self.config
+        self.model = config.model or builtin_model_dir()
+        token = self.workdir / "cluster-token"
+        token.write_text(secrets.token_urlsafe(32))
+        token.chmod(0o600)
+        self.token_file = token
+        ready = self.workdir / "router.json"
+        args = [
+            "--model",
+            str(self.model),
+            "--host",
+            config.host,
+            "--http-port",
+            str(config.http_port),
+            "--grpc-port",
+            "0",
+            "--cluster-token-file",
+            str(token),
+            "--ready-file",
+            str(ready),
+            "--microbatches",
+            config.microbatches,
+        ]
+        if config.served_model_name:
+            args += ["--served-model-name", config.served_model_name]
+        if config.api_key_file:
+            args += ["--api-key-file", str(config.api_key_file)]
+        self.router = self._spawn("router", "router", args)
+        self._wait_file(ready, self.router)
+        ports = json.loads(ready.read_text())
+        self.http_port, self.grpc_port = ports["http_port"], ports["grpc_port"]
+        self.scale(config.attn, config.ffn)
+
+    def _wait_file(self, path: Path, handle: NodeHandle) -> None:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while not (path.exists() and path.stat().st_size):
+            if handle.process.poll() is not None:
+                raise AfdError(f"{handle.node_id} exited with {handle.process.returncode}:\n{self.tail(handle)}")
+            if time.monotonic() > deadline:
+                raise AfdError(f"{handle.node_id} did not start within {self.config.start_timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    def tail(self, handle: NodeHandle, lines: int = 20) -> str:
+        try:
+            return "\n".join(handle.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _add(self, role: str) -> NodeHandle:
+        index = self._next_index[role]
+        self._next_index[role] += 1
+        node_id = f"{role}-{index}"
+        config = self.config
+        args = [
+            "--model",
+            str(self.model),
+            "--router",
+            f"{config.host}:{self.grpc_port}",
+            "--node-id",
+            node_id,
+            "--host",
+            config.host,
+            "--port",
+            "0",
+            "--cluster-token-file",
+            str(self.token_file),
+            "--threads",
+            str(self._threads()),
+            "--dtype",
+            config.dtype,
+        ]
+        if role == "attn":
+            args += ["--transport", config.transport, "--microbatches", config.microbatches]
+        handle = self._spawn(node_id, role, args)
+        self.nodes[node_id] = handle
+        return handle
+
+    def _of_role(self, role: str) -> list[NodeHandle]:
+        return [h for h in self.nodes.values() if h.role == role and h.process.poll() is None]
+
+    def scale(self, attn: int | None = None, ffn: int | None = None) -> None:
+        """Add or gracefully remove nodes until the pools have the requested sizes; waits until done."""
+        if (attn is not None and attn < 1) or (ffn is not None and ffn < 1):
+            raise ConfigError("each pool needs at least one node")
+        started: list[NodeHandle] = []
+        stopping: list[NodeHandle] = []
+        for role, wanted in (("ffn", ffn), ("attn", attn)):
+            if wanted is None:
+                continue
+            live = self._of_role(role)
+            started += [self._add(role) for _ in range(wanted - len(live))]
+            for handle in live[wanted:] if wanted < len(live) else []:
+                handle.process.send_signal(signal.SIGTERM)  # the node drains and leaves by itself
+                stopping.append(handle)
+        if started:
+            self.wait_until_ready({h.node_id for h in started})
+        for handle in stopping:
+            try:
+                handle.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                handle.process.kill()
+                handle.process.wait()
+            self.nodes.pop(handle.node_id, None)
+
+    def cluster(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.base_url}/afd/v1/cluster", timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def wait_until_ready(self, node_ids: set[str]) -> None:
+        """Until every node in `node_ids` is ready in the router's view and the API answers health checks."""
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while True:
+            for node_id in node_ids:
+                handle = self.nodes[node_id]
+                if handle.process.poll() is not None:
+                    raise AfdError(f"{node_id} exited with {handle.process.returncode}:\n{self.tail(handle)}")
+            try:
+                view = {n["node_id"]: n for n in self.cluster()["nodes"]}
+                placement = self.cluster().get("placement_version")
+                healthy = httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                view, placement, healthy = {}, None, False
+            done = all(
+                node_id in view
+                and view[node_id]["state"] == "ready"
+                and (view[node_id]["placement_version"] == placement)
+                for node_id in node_ids
+            )
+            if done and healthy:
+                return
+            if time.monotonic() > deadline:
+                raise AfdError(f"nodes {sorted(node_ids)} not ready within {self.config.start_timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop every process this launcher started: nodes first, then the router; idempotent."""
+        for group in (list(self.nodes.values()), [self.router] if self.router else []):
+            for handle in group:
+                if handle.process.poll() is None:
+                    handle.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for handle in group:
+                try:
+                    handle.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    handle.process.kill()
+                    handle.process.wait()
+        self.nodes.clear()
+        self.router = None
+
+    def remove_workdir(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def state_path(name: str = "default") -> Path:
+    return cache_root() / "clusters" / f"{name}.json"

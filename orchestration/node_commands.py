@@ -1,0 +1,162 @@
+"""`afd node router|attn|ffn`: one cluster role per process (what every launcher starts)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from afd.builtin_model import builtin_model_dir
+from afd.errors import AfdError
+from afd.wire.auth import ClusterAuth, read_token_file
+
+node_app = typer.Typer(no_args_is_help=True, help="Run one node of an AFD cluster (router, attention or FFN).")
+
+ModelOption = Annotated[Path | None, typer.Option(help="HF checkpoint directory; the built-in demo model if omitted.")]
+TokenOption = Annotated[Path | None, typer.Option(help="File holding the shared cluster token.")]
+ReadyOption = Annotated[Path | None, typer.Option(help="Write the bound port(s) here once serving.")]
+MicrobatchOption = Annotated[str, typer.Option(help="Microbatches per step: auto (router's plan) or a number.")]
+
+
+def _logging(name: str) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+
+
+def _microbatches(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--microbatches must be auto or a positive integer, not {value!r}") from None
+    if count < 1:
+        raise typer.BadParameter("--microbatches must be >= 1")
+    return count
+
+
+def _run(coroutine: object) -> None:
+    try:
+        asyncio.run(coroutine)  # type: ignore[arg-type]
+    except AfdError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@node_app.command("router")
+def router_command(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="OpenAI API port (0 = any).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="Control-plane port nodes register on (0 = any).")] = 50051,
+    served_model_name: Annotated[str | None, typer.Option(help="Model name in the API.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="File with the API key clients must send.")] = None,
+    cluster_token_file: TokenOption = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context limit (default: the model's).")] = None,
+    microbatches: MicrobatchOption = "auto",
+    max_waiting: Annotated[int, typer.Option(help="Queued requests before 429.")] = 256,
+    node_timeout: Annotated[float, typer.Option(help="Seconds without heartbeat before a node is dead.")] = 6.0,
+    ready_file: ReadyOption = None,
+) -> None:
+    """The router: OpenAI API, admission, placement and membership."""
+    from router.cluster_backend import BackendConfig
+    from router.controller import ControllerConfig
+    from router.server import RouterConfig, run_router
+
+    _logging("router")
+    config = RouterConfig(
+        model=model or builtin_model_dir(),
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        served_model_name=served_model_name,
+        api_key=read_token_file(api_key_file) if api_key_file else None,
+        auth=ClusterAuth.from_config(token_file=cluster_token_file),
+        max_model_len=max_model_len,
+        controller=ControllerConfig(node_timeout_s=node_timeout, microbatches=_microbatches(microbatches)),
+        backend=BackendConfig(max_waiting=max_waiting),
+        ready_file=ready_file,
+    )
+    _run(run_router(config))
+
+
+@node_app.command("attn")
+def attention_command(
+    router: Annotated[str, typer.Option(help="Router control-plane address host:port.")],
+    node_id: Annotated[str, typer.Option(help="Unique node id.")],
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port (0 = any).")] = 0,
+    advertise_host: Annotated[str | None, typer.Option(help="Host other nodes reach this one at.")] = None,
+    transport: Annotated[str, typer.Option(help="Data plane: grpc, gloo, shm or nccl.")] = "grpc",
+    microbatches: MicrobatchOption = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    max_num_seqs: Annotated[int, typer.Option(help="Most requests running at once.")] = 64,
+    kv_cache_gib: Annotated[float, typer.Option(help="KV cache memory.")] = 1.0,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    cluster_token_file: TokenOption = None,
+    ready_file: ReadyOption = None,
+) -> None:
+    """An attention node: KV cache, attention halves, sampling."""
+    from attn_nodes.config import EngineConfig
+    from attn_nodes.server import AttentionNodeConfig, run_attention_node
+
+    if device != "cpu":
+        raise typer.BadParameter("only --device cpu is implemented for attention nodes in this release")
+    _logging(node_id)
+    config = AttentionNodeConfig(
+        model=model or builtin_model_dir(),
+        router=router,
+        node_id=node_id,
+        host=host,
+        port=port,
+        advertise_host=advertise_host,
+        transport=transport,  # type: ignore[arg-type]
+        microbatches=_microbatches(microbatches),
+        engine=EngineConfig(dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib),  # type: ignore[arg-type]
+        auth=ClusterAuth.from_config(token_file=cluster_token_file),
+        threads=threads,
+        ready_file=ready_file,
+    )
+    _run(run_attention_node(config))
+
+
+@node_app.command("ffn")
+def ffn_command(
+    router: Annotated[str, typer.Option(help="Router control-plane address host:port.")],
+    node_id: Annotated[str, typer.Option(help="Unique node id.")],
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port (0 = any).")] = 0,
+    advertise_host: Annotated[str | None, typer.Option(help="Host attention nodes reach this one at.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    cluster_token_file: TokenOption = None,
+    ready_file: ReadyOption = None,
+) -> None:
+    """An FFN node: a shard of every layer's experts and MLP slices; returns partial sums."""
+    import torch
+
+    from ffn_nodes.node import ClusterAttachment, run_ffn_node
+    from ffn_nodes.server import FfnServerConfig, load_builtin_acceptors
+
+    if device != "cpu":
+        raise typer.BadParameter("only --device cpu is implemented for FFN nodes in this release")
+    if threads:
+        torch.set_num_threads(threads)
+    _logging(node_id)
+    load_builtin_acceptors()
+    config = FfnServerConfig(
+        model_dir=model or builtin_model_dir(),
+        node_id=node_id,
+        host=host,
+        port=port,
+        dtype=dtype,
+        auth=ClusterAuth.from_config(token_file=cluster_token_file),
+    )
+    attachment = ClusterAttachment(router=router, advertise_host=advertise_host)
+    _run(run_ffn_node(config, attachment, ready_file))

@@ -1,0 +1,266 @@
+"""`afd up`, `afd scale`, `afd status`, `afd down`: a cluster on this machine (or on Ray with --ray)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from afd.errors import AfdError
+from orchestration.local_cluster import LocalCluster, LocalClusterConfig, state_path
+
+console = Console()
+
+
+class Launcher(Protocol):
+    """What the control endpoint needs from a launcher (local processes or Ray actors)."""
+
+    api_url: str
+
+    def scale(self, attn: int | None = None, ffn: int | None = None) -> None: ...
+
+    def cluster(self) -> dict[str, Any]: ...
+
+
+class ControlServer:
+    """127.0.0.1 endpoint through which `afd scale/status/down` reach the running `afd up`."""
+
+    def __init__(self, launcher: Launcher, stop: threading.Event) -> None:
+        self.secret = secrets.token_urlsafe(24)
+        launcher_ref, secret = launcher, self.secret
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep the console for the launcher's own output
+                pass
+
+            def _reply(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if self.headers.get("Authorization") != f"Bearer {secret}":
+                    self._reply(401, {"error": "bad control secret"})
+                    return False
+                return True
+
+            def do_GET(self) -> None:
+                if self._authorized() and self.path == "/status":
+                    self._reply(200, launcher_ref.cluster())
+
+            def do_POST(self) -> None:
+                if not self._authorized():
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if self.path == "/scale":
+                    try:
+                        launcher_ref.scale(body.get("attn"), body.get("ffn"))
+                    except AfdError as exc:
+                        self._reply(400, {"error": str(exc)})
+                        return
+                    self._reply(200, launcher_ref.cluster())
+                elif self.path == "/down":
+                    self._reply(200, {"stopping": True})
+                    stop.set()
+                else:
+                    self._reply(404, {"error": f"no such control path {self.path}"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="afd-control", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _state(name: str) -> dict[str, Any]:
+    path = state_path(name)
+    if not path.is_file():
+        console.print(f"[red]error:[/red] no running cluster named {name!r} (start one with `afd up`)")
+        raise typer.Exit(2)
+    return json.loads(path.read_text())
+
+
+def _launcher_alive(name: str) -> bool:
+    """Whether a launcher answers for `name`; removes the state file a crashed launcher left behind."""
+    path = state_path(name)
+    if not path.is_file():
+        return False
+    state = json.loads(path.read_text())
+    try:
+        httpx.get(state["control_url"] + "/status", headers={"Authorization": f"Bearer {state['secret']}"}, timeout=2)
+        return True
+    except httpx.HTTPError:
+        path.unlink(missing_ok=True)
+        return False
+
+
+def _control(name: str, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    state = _state(name)
+    headers = {"Authorization": f"Bearer {state['secret']}"}
+    try:
+        response = httpx.request(method, state["control_url"] + path, json=body, headers=headers, timeout=600)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/red] the launcher of {name!r} does not answer ({exc}); is `afd up` running?")
+        raise typer.Exit(2) from exc
+    if response.status_code != 200:
+        console.print(f"[red]error:[/red] {response.json().get('error', response.text)}")
+        raise typer.Exit(2)
+    return response.json()
+
+
+def print_cluster(view: dict[str, Any]) -> None:
+    table = Table(title=f"AFD cluster — {view.get('model')}, placement v{view.get('placement_version')}")
+    for column in ("node", "role", "state", "hardware", "load", "experts", "KV use", "tokens/s"):
+        table.add_column(column)
+    for node in sorted(view.get("nodes", []), key=lambda n: (n["role"], n["node_id"])):
+        experts = node.get("experts") or []
+        held = f"{len(experts)} ({experts[0]}..{experts[-1]})" if experts else "-"
+        if node["role"] == "attention":
+            load = f"{node['num_running']} running, {node['num_waiting']} waiting, m={node.get('microbatches')}"
+            kv = f"{node['kv_cache_usage']:.0%}"
+        else:
+            load, kv = f"busy {node.get('busy_fraction', 0):.0%}", "-"
+        table.add_row(
+            node["node_id"],
+            node["role"],
+            node["state"],
+            node["device_kind"],
+            load,
+            held,
+            kv,
+            str(node.get("tokens_per_s", "")),
+        )
+    console.print(table)
+
+
+def up(
+    model: Annotated[
+        Path | None, typer.Option(help="HF checkpoint directory; the built-in demo model if omitted.")
+    ] = None,
+    attn: Annotated[int, typer.Option(help="Attention nodes.")] = 1,
+    ffn: Annotated[int, typer.Option(help="FFN nodes.")] = 2,
+    transport: Annotated[str, typer.Option(help="Data plane: grpc, gloo or shm.")] = "grpc",
+    microbatches: Annotated[str, typer.Option(help="auto or a number of ping-pong microbatches.")] = "auto",
+    host: Annotated[str, typer.Option(help="Interface every process binds.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="OpenAI API port (0 = any free).")] = 8000,
+    api_key_file: Annotated[Path | None, typer.Option(help="File with the API key clients must send.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per node (default: cores / nodes).")] = None,
+    name: Annotated[str, typer.Option(help="Cluster name for afd scale/status/down.")] = "default",
+    demo: Annotated[bool, typer.Option(help="Run a short serving benchmark against the cluster, then stop.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the nodes as Ray actors.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (local Ray when omitted).")] = None,
+) -> None:
+    """Start a router, attention nodes and FFN nodes; serve the OpenAI API until Ctrl-C."""
+    if _launcher_alive(name):
+        console.print(f"[red]error:[/red] a cluster named {name!r} is already running; `afd down` it first")
+        raise typer.Exit(2)
+    config = LocalClusterConfig(
+        model=model,
+        attn=attn,
+        ffn=ffn,
+        transport=transport,
+        microbatches=microbatches,
+        host=host,
+        http_port=port,
+        api_key_file=api_key_file,
+        threads_per_node=threads,
+    )
+    launcher: Any
+    if ray:
+        from orchestration.ray_cluster import RayCluster
+
+        launcher = RayCluster(config, address=ray_address)
+    else:
+        launcher = LocalCluster(config)
+    stop = threading.Event()
+    control = ControlServer(launcher, stop)
+    try:
+        with console.status(f"starting router + {attn} attention + {ffn} FFN nodes ..."):
+            launcher.start()
+        control.start()
+        path = state_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"control_url": control.url, "secret": control.secret, "api_url": launcher.api_url}))
+        path.chmod(0o600)
+        print_cluster(launcher.cluster())
+        console.print(f"OpenAI API: [bold]{launcher.api_url}[/bold]   (node logs: {launcher.workdir})")
+        if demo:
+            _demo(launcher, api_key_file)
+            return
+        console.print("serving; Ctrl-C stops every process (or run `afd down`)")
+        while not stop.wait(0.5):
+            pass
+    except AfdError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    finally:
+        control.stop()
+        state_path(name).unlink(missing_ok=True)
+        launcher.stop()
+
+
+def _demo(launcher: Any, api_key_file: Path | None) -> None:
+    from benchmarks.serve import ServeBenchmarkConfig, run_serve_benchmark
+    from benchmarks.serve_metrics import format_result_block
+
+    config = ServeBenchmarkConfig(
+        base_url=launcher.api_url.removesuffix("/v1"),
+        num_prompts=16,
+        max_concurrency=8,
+        random_input_len=32,
+        random_output_len=32,
+        api_key=api_key_file.read_text().strip() if api_key_file else None,
+    )
+    result = run_serve_benchmark(config)
+    console.print(format_result_block(result, config.metric_percentiles, config.percentile_metrics))
+
+
+def scale(
+    attn: Annotated[int | None, typer.Option(help="Attention nodes wanted.")] = None,
+    ffn: Annotated[int | None, typer.Option(help="FFN nodes wanted.")] = None,
+    name: Annotated[str, typer.Option(help="Cluster name.")] = "default",
+) -> None:
+    """Add or remove nodes of a running cluster, live."""
+    if attn is None and ffn is None:
+        raise typer.BadParameter("give --attn and/or --ffn")
+    print_cluster(_control(name, "POST", "/scale", {"attn": attn, "ffn": ffn}))
+
+
+def status(
+    name: Annotated[str, typer.Option(help="Cluster name.")] = "default",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the router's JSON view.")] = False,
+) -> None:
+    """Every node: role, hardware, state, load, experts held, KV use."""
+    view = _control(name, "GET", "/status")
+    if json_output:
+        print(json.dumps(view))
+    else:
+        print_cluster(view)
+
+
+def down(name: Annotated[str, typer.Option(help="Cluster name.")] = "default") -> None:
+    """Stop a running cluster (every process its `afd up` started)."""
+    _control(name, "POST", "/down")
+    console.print(f"cluster {name!r} is stopping")

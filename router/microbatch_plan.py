@@ -1,0 +1,54 @@
+"""How many microbatches an attention node should split its step into (MegaScale-Infer's ping-pong rule).
+
+With m microbatches in flight, the attention node computes one while the others are on the wire or on the
+FFN nodes. Transfers hide when per-microbatch attention time is about the FFN time and both exceed the
+transfer time; MegaScale-Infer derives m >= 2 * (1 + T_comm / T_compute). Costs come from the nodes'
+capacity profiles (measured at start-up), so a slow link or a slow FFN pool gets more microbatches and a
+fast local pool gets fewer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_MICROBATCHES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class StepCosts:
+    """Per-layer costs of one decode step of `tokens` tokens, in microseconds."""
+
+    attention_us: float
+    ffn_us: float
+    transfer_us: float
+
+
+def step_costs(
+    tokens: int,
+    attention_us_per_token: float,
+    ffn_us_per_token_expert: float,
+    top_k: int,
+    num_ffn_nodes: int,
+    hidden_size: int,
+    link_bytes_per_second: float,
+    bytes_per_element: int = 2,
+) -> StepCosts:
+    """Attention, FFN (pool in parallel) and transfer (there and back) time of one layer for `tokens` tokens."""
+    fanout = min(top_k, num_ffn_nodes) if top_k else num_ffn_nodes
+    attention = tokens * attention_us_per_token
+    ffn = tokens * max(top_k, 1) * ffn_us_per_token_expert / max(num_ffn_nodes, 1)
+    payload = 2 * tokens * fanout * hidden_size * bytes_per_element
+    transfer = payload / link_bytes_per_second * 1e6 if link_bytes_per_second > 0 else 0.0
+    return StepCosts(attention, ffn, transfer)
+
+
+def plan_microbatches(costs: StepCosts, max_microbatches: int = MAX_MICROBATCHES) -> int:
+    """m = 2 * (1 + T_comm / T_compute), rounded up, within [1, max]; 1 when nothing can overlap."""
+    compute = max(costs.attention_us, costs.ffn_us)
+    if compute <= 0:
+        return 1
+    if costs.transfer_us <= 0 and min(costs.attention_us, costs.ffn_us) <= 0.05 * compute:
+        return 1  # one side is negligible and the link is free: there is nothing to hide behind
+    m = math.ceil(2 * (1 + costs.transfer_us / compute))
+    return max(1, min(max_microbatches, m))

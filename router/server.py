@@ -1,0 +1,196 @@
+"""The router process: OpenAI HTTP API (uvicorn) and the Router gRPC service in one event loop.
+
+Lifecycle start() -> serve() -> shutdown(); shutdown is idempotent and safe after a failed start. The
+router never touches activations and never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from afd.errors import ConfigError
+from afd.model_spec import ModelSpec
+from afd.tokenizer import Tokenizer
+from afd.wire.auth import ClusterAuth
+from afd.wire.generated import afd_cluster_pb2 as pb
+from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
+from router.cluster_backend import BackendConfig, ClusterBackend
+from router.controller import Controller, ControllerConfig
+from router.metrics import RouterMetrics
+from router.openai_api import ApiConfig, OpenAIService, create_app
+
+log = logging.getLogger("afd.router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything the router process is started with."""
+
+    model: Path
+    """HF checkpoint directory (only config.json and the tokenizer are read)."""
+    host: str = "127.0.0.1"
+    """Interface for both servers."""
+    http_port: int = 8000
+    """OpenAI API port (0 = any free port)."""
+    grpc_port: int = 50051
+    """Control-plane port nodes register on (0 = any free port)."""
+    served_model_name: str | None = None
+    """Name in the API; the model directory's name when None."""
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer key required of API clients; None = open API."""
+    auth: ClusterAuth = field(default_factory=ClusterAuth)
+    """Cluster token / TLS between router and nodes."""
+    max_model_len: int | None = None
+    """Context limit; the model's when None."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """Membership and placement settings."""
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    """Admission and migration settings."""
+    ready_file: Path | None = None
+    """Written with {"http_port", "grpc_port"} once both servers listen."""
+
+    def __post_init__(self) -> None:
+        if not (Path(self.model) / "config.json").is_file():
+            raise ConfigError(f"no config.json in model directory {self.model}")
+
+
+class _RouterServicer(pb_grpc.RouterServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
+        try:
+            return await self.controller.register(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        try:
+            return await self.controller.heartbeat(request)
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        return await self.controller.leave(request)
+
+    async def ReportPeerFailure(
+        self, request: pb.PeerFailureReport, context: grpc.aio.ServicerContext
+    ) -> pb.PeerFailureResponse:
+        return await self.controller.report_peer_failure(request)
+
+
+class RouterServer:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+        self._closed = False
+        self.controller: Controller | None = None
+        self.backend: ClusterBackend | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        spec = ModelSpec.from_pretrained(config.model)
+        tokenizer = Tokenizer.from_pretrained(config.model)
+        name = config.served_model_name or Path(config.model).resolve().name
+        max_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        metrics = RouterMetrics(name)
+        self.controller = Controller(spec, config.auth, metrics, config.controller)
+        self.backend = ClusterBackend(self.controller, config.backend)
+        service = OpenAIService(
+            ApiConfig(name, max_len, spec.vocab_size, config.api_key), tokenizer, self.backend, metrics, self._status
+        )
+        self._grpc = grpc.aio.server(interceptors=config.auth.server_interceptors())
+        pb_grpc.add_RouterServicer_to_server(_RouterServicer(self.controller), self._grpc)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._grpc)
+        self.grpc_port = config.auth.add_port(self._grpc, f"{config.host}:{config.grpc_port}")
+        await self._grpc.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        app = create_app(service, ready=self._ready)
+        uv_config = uvicorn.Config(app, host=config.host, port=config.http_port, log_level="warning", lifespan="off")
+        self._http = uvicorn.Server(uv_config)
+        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own the signals
+        self._http_task = asyncio.ensure_future(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                raise ConfigError(f"the HTTP server did not start on {config.host}:{config.http_port}")
+            await asyncio.sleep(0.02)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+        self._watch_task = asyncio.ensure_future(self.controller.watch(self._stop))
+        if config.ready_file is not None:
+            config.ready_file.write_text(json.dumps({"http_port": self.http_port, "grpc_port": self.grpc_port}))
+        log.info(
+            "router: OpenAI API on http://%s:%s/v1, control plane on %s:%s",
+            config.host,
+            self.http_port,
+            config.host,
+            self.grpc_port,
+        )
+
+    def _ready(self) -> bool:
+        """Ready when a request could be served now: an attention node on a complete placement."""
+        return self.controller is not None and self.controller.pick_attention_node() is not None
+
+    def _status(self) -> dict[str, Any]:
+        assert self.controller is not None and self.backend is not None
+        status = self.controller.status()
+        status["router_waiting"] = self.backend.num_waiting
+        status["vocab_size"] = self.controller.spec.vocab_size
+        return status
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._http is not None:
+            self._http.should_exit = True
+        if self._http_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, 10)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch_task
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        if self.controller is not None:
+            await self.controller.close()
+
+
+async def run_router(config: RouterConfig) -> None:
+    server = RouterServer(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_stop)
+    try:
+        await server.start()
+        await server.serve()
+    finally:
+        await server.shutdown()
