@@ -112,23 +112,16 @@ class LocalCluster:
         token.write_text(secrets.token_urlsafe(32))
         token.chmod(0o600)
         self.token_file = token
+        self._start_router(config.http_port, 0)
+        self.scale(config.attn, config.ffn)
+
+    def _start_router(self, http_port: int, grpc_port: int) -> None:
+        config = self.config
         ready = self.workdir / "router.json"
-        args = [
-            "--model",
-            str(self.model),
-            "--host",
-            config.host,
-            "--http-port",
-            str(config.http_port),
-            "--grpc-port",
-            "0",
-            "--cluster-token-file",
-            str(token),
-            "--ready-file",
-            str(ready),
-            "--microbatches",
-            config.microbatches,
-        ]
+        ready.unlink(missing_ok=True)
+        args = ["--model", str(self.model), "--host", config.host, "--http-port", str(http_port)]
+        args += ["--grpc-port", str(grpc_port), "--cluster-token-file", str(self.token_file)]
+        args += ["--ready-file", str(ready), "--microbatches", config.microbatches]
         if config.served_model_name:
             args += ["--served-model-name", config.served_model_name]
         if config.api_key_file:
@@ -137,7 +130,15 @@ class LocalCluster:
         self._wait_file(ready, self.router)
         ports = json.loads(ready.read_text())
         self.http_port, self.grpc_port = ports["http_port"], ports["grpc_port"]
-        self.scale(config.attn, config.ffn)
+
+    def restart_router(self) -> None:
+        """Start a new router on the same ports (after the old one died); the nodes register again."""
+        assert self.router is not None and self.http_port is not None and self.grpc_port is not None
+        if self.router.process.poll() is None:
+            self.router.process.terminate()
+        self.router.process.wait(30)
+        self._start_router(self.http_port, self.grpc_port)
+        self.wait_until_ready({h.node_id for h in self.nodes.values() if h.process.poll() is None})
 
     def _wait_file(self, path: Path, handle: NodeHandle) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s

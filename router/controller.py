@@ -64,6 +64,9 @@ class Controller:
         self.config = config
         self.membership = Membership(config.node_timeout_s)
         self.placement: ExpertPlacement | None = None
+        # Versions start at the router's start time (ms), so the placements of a restarted router supersede
+        # the ones nodes still hold from its predecessor.
+        self._last_version = int(time.time() * 1000)
         self._reconfigure = asyncio.Lock()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._placement_changed = asyncio.Event()
@@ -198,7 +201,8 @@ class Controller:
                 log.error("no FFN node left (%s): requests wait until one joins", reason)
                 self.placement = None
                 return
-            version = (current.version if current else 0) + 1
+            self._last_version += 1
+            version = self._last_version
             placement = plan_placement(
                 self.spec.num_experts, pool_speeds(pool, "ffn"), previous=current, version=version
             )
