@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -193,6 +194,7 @@ def up(
     else:
         launcher = LocalCluster(config)
     stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill` of the launcher still stops every node
     control = ControlServer(launcher, stop)
     try:
         with console.status(f"starting router + {attn} attention + {ffn} FFN nodes ..."):

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -134,6 +135,23 @@ def test_openai_clients_get_the_reference_tokens(cluster, expected):
     assert roles == ["attention", "ffn", "ffn"]
     held = sorted(e for n in view["nodes"] for e in n["experts"])
     assert held == list(range(16))
+    _wait_for(lambda: "afd:layer_round_trips_total" in httpx.get(c.base_url + "/metrics").text, 10, "heartbeats")
+    metrics = httpx.get(c.base_url + "/metrics").text
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        'afd:activation_bytes_total{direction="attention_to_ffn"}',
+        'afd:layer_round_trip_seconds_total{layer="3"}',
+        "afd:ffn_busy_fraction",
+        "afd:expert_tokens_total",
+    ):
+        assert name in metrics, name
 
 
 def test_live_scaling_under_load_fails_nothing(cluster, expected):

@@ -1,0 +1,143 @@
+"""`afd bench cluster`: the disaggregated cluster against the single-process engine, in one run.
+
+The same random requests (token ids, fixed input/output lengths, greedy, a concurrency cap) go to
+1. the single-process engine (1 attention half + N FFN shards behind the in-process transport), and
+2. a cluster of separate processes (router, attention node, N FFN nodes) through `afd bench serve`,
+   once per microbatch count m.
+It reports output tokens/s of each, the cluster/engine ratio and the gain of m > 1 over m = 1. The
+cluster is started by a launcher the CLI passes in, so this module does not depend on orchestration.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from afd.sampling_params import SamplingParams
+from attn_nodes.config import EngineConfig
+from attn_nodes.engine import AttentionEngine
+from benchmarks.serve import ServeBenchmarkConfig, run_serve_benchmark
+from ffn_nodes.local_pool import local_ffn_pool
+
+#: Starts a cluster with m microbatches and yields its API base URL (http://host:port), stopping it on exit.
+ClusterStarter = Callable[[int], AbstractContextManager[str]]
+
+
+@dataclass(frozen=True)
+class ClusterBenchConfig:
+    model: Path
+    """Checkpoint both sides serve."""
+    ffn: int = 2
+    """FFN nodes (cluster) / FFN shards (engine)."""
+    num_prompts: int = 32
+    input_len: int = 32
+    output_len: int = 32
+    concurrency: int = 8
+    """Requests in flight (cluster) and max_num_seqs (engine)."""
+    microbatches: tuple[int, ...] = (1, 2, 3)
+    dtype: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    setup: str
+    microbatches: int | None
+    output_tok_s: float
+    ratio_vs_engine: float
+    gain_vs_m1: float | None
+    mean_ttft_ms: float | None
+    mean_tpot_ms: float | None
+
+
+def _prompts(config: ClusterBenchConfig, vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(config.seed)
+    return rng.integers(0, min(vocab, 1000), size=(config.num_prompts, config.input_len)).tolist()
+
+
+def engine_tokens_per_s(config: ClusterBenchConfig, prompts: list[list[int]]) -> float:
+    placement, transport = local_ffn_pool(config.model, config.ffn, config.dtype)
+    engine = AttentionEngine.load(
+        config.model,
+        transport,
+        placement,
+        EngineConfig(dtype=config.dtype, max_num_seqs=config.concurrency),  # type: ignore[arg-type]
+    )
+    params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts[: config.concurrency], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(o) for o in outputs) / elapsed
+
+
+def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -> tuple[list[Row], dict[str, Any]]:
+    prompts = _prompts(config, vocab)
+    engine_rate = engine_tokens_per_s(config, prompts)
+    rows = [Row("single-process engine", None, round(engine_rate, 2), 1.0, None, None, None)]
+    results: dict[int, dict[str, Any]] = {}
+    for m in config.microbatches:
+        with start_cluster(m) as base_url:
+            serve = ServeBenchmarkConfig(
+                base_url=base_url,
+                num_prompts=config.num_prompts,
+                max_concurrency=config.concurrency,
+                random_input_len=config.input_len,
+                random_output_len=config.output_len,
+                seed=config.seed,
+                vocab_size=min(vocab, 1000),
+                temperature=0.0,
+            )
+            run_serve_benchmark(ServeBenchmarkConfig(**{**asdict(serve), "num_prompts": config.concurrency}))
+            results[m] = run_serve_benchmark(serve)
+        if results[m]["failed"]:
+            raise RuntimeError(f"{results[m]['failed']} requests failed with m={m}: {results[m]['errors'][:3]}")
+    base = results.get(1, {}).get("output_throughput")
+    for m, result in results.items():
+        rate = result["output_throughput"]
+        rows.append(
+            Row(
+                f"cluster: router + 1 attention + {config.ffn} FFN processes",
+                m,
+                round(rate, 2),
+                round(rate / engine_rate, 3),
+                round(rate / base, 3) if base else None,
+                round(result["mean_ttft_ms"], 2),
+                round(result["mean_tpot_ms"], 2),
+            )
+        )
+    context = {"model": str(config.model), **{k: v for k, v in asdict(config).items() if k != "model"}}
+    return rows, context
+
+
+def report(rows: list[Row], context: dict[str, Any], json_only: bool) -> None:
+    for row in rows:
+        print(json.dumps(asdict(row) | context))
+    if json_only:
+        return
+    table = Table(
+        title=f"Cluster vs single-process engine ({context['num_prompts']} requests, "
+        f"{context['input_len']} in / {context['output_len']} out, concurrency {context['concurrency']})"
+    )
+    for column in ("setup", "m", "output tok/s", "vs engine", "vs m=1", "TTFT ms", "TPOT ms"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r.setup,
+            str(r.microbatches or "-"),
+            f"{r.output_tok_s:.1f}",
+            f"{r.ratio_vs_engine:.2f}x",
+            f"{r.gain_vs_m1:.2f}x" if r.gain_vs_m1 else "-",
+            str(r.mean_ttft_ms or "-"),
+            str(r.mean_tpot_ms or "-"),
+        )
+    Console().print(table)
