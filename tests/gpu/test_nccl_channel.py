@@ -1,0 +1,222 @@
+"""The NCCL channel on a real GPU: NCCL self send/recv, frames through a loopback channel, and (with two
+GPUs, or NCCL 2.30+ on one) a two-process pair with a peer that dies.
+
+Run on a CUDA machine with a CUDA build of torch and `pip install -e '.[gpu]'`:
+    pytest -m gpu tests/gpu/test_nccl_channel.py
+Everything here is skipped, with the reason, where torch sees no GPU or no libnccl can be loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+from afd.errors import PeerError
+from afd.ffn_messages import FfnRequest
+from afd.transport.nccl.library import Communicator, load_library, tensor_buffer, unavailable_reason
+from afd.wire.frames import FrameLimits, decode_header, encode_request, request_from_frame
+
+REASON = unavailable_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"NCCL unavailable: {REASON}")]
+
+if REASON is None:  # importing these is harmless anywhere, but only meaningful with a GPU
+    from afd.transport.nccl.channel import HEADER_ROOM, NcclChannel, NcclListener, NcclOptions
+    from afd.transport.nccl.selftest import header_specs, make_header, open_pair, pair_supported, read_header
+
+DEVICE = 0
+TIMEOUT_S = 60.0
+
+
+@pytest.fixture
+def loopback():
+    channel = NcclChannel.loopback("self", DEVICE, NcclOptions(io_timeout=10.0))
+    yield channel
+    channel.close()
+
+
+def test_nccl_self_send_recv_in_one_group_moves_bfloat16_exactly():
+    library = load_library()
+    with torch.cuda.device(DEVICE):
+        comm = Communicator.begin(library, library.get_unique_id(), rank=0, nranks=1)
+        try:
+            assert comm.wait_ready(time.monotonic() + TIMEOUT_S)
+            source = torch.randn(1000, 33, dtype=torch.bfloat16, device=DEVICE)
+            target = torch.empty_like(source)
+            stream = torch.cuda.current_stream(DEVICE)
+            comm.post([tensor_buffer(source)], [tensor_buffer(target)], peer=0, stream=stream.cuda_stream)
+            assert comm.wait_ready(time.monotonic() + TIMEOUT_S)
+            torch.cuda.synchronize(DEVICE)
+            assert torch.equal(source, target)
+        finally:
+            comm.abort()
+
+
+def test_frames_round_trip_through_a_loopback_channel(loopback):
+    sent = [
+        [torch.randn(7, 64, dtype=torch.bfloat16, device=DEVICE), torch.arange(14, dtype=torch.int32).view(7, 2)],
+        [torch.randn(3, dtype=torch.float32, device=DEVICE)],
+        [torch.empty(0, 64, dtype=torch.bfloat16, device=DEVICE)],  # a microbatch with no tokens
+        [],
+    ]
+    for tensors in sent:  # several frames queued before any is received: order is kept
+        loopback.send(make_header("sink", tensors), tensors)
+    for tensors in sent:
+        header, received = loopback.recv(header_specs, TIMEOUT_S)
+        assert read_header(header)[0] == "sink"
+        assert len(received) == len(tensors)
+        for got, want in zip(received, tensors, strict=True):
+            assert got.device == torch.device("cuda", DEVICE) and got.dtype == want.dtype
+            assert torch.equal(got.cpu(), want.cpu())  # bfloat16 bit for bit; CPU tensors get copied over
+
+
+def test_a_header_longer_than_the_envelope_travels_on_its_own(loopback):
+    tensor = torch.randn(5, dtype=torch.bfloat16, device=DEVICE)
+    header = make_header("sink", [tensor])
+    padded = header + b"\x00" * (HEADER_ROOM + 100)  # longer than an envelope holds; specs sees every byte
+
+    def specs(data: bytes):
+        assert data == padded
+        return header_specs(data[: len(header)])
+
+    loopback.send(padded, [tensor])
+    received_header, (received,) = loopback.recv(specs, TIMEOUT_S)
+    assert received_header == padded and torch.equal(received, tensor)
+
+
+def test_ffn_request_frames_from_afd_wire(loopback):
+    request = FfnRequest(
+        layer=3,
+        hidden=torch.randn(6, 32, dtype=torch.bfloat16, device=DEVICE),
+        expert_ids=torch.tensor([[0, -1]] * 6, dtype=torch.int32, device=DEVICE),
+        expert_weights=torch.tensor([[0.7, 0.0]] * 6, dtype=torch.float32, device=DEVICE),
+        microbatch=1,
+    )
+    limits = FrameLimits(hidden_size=32, num_layers=4, top_k=2, max_local_experts=4)
+    loopback.send(*encode_request(request, seq=11, sender="attn-0"))
+    header, tensors = loopback.recv(lambda h: decode_header(h, limits).tensor_specs(), TIMEOUT_S)
+    decoded = request_from_frame(decode_header(header, limits), tensors)
+    assert (decoded.layer, decoded.microbatch) == (3, 1)
+    assert torch.equal(decoded.hidden, request.hidden) and torch.equal(decoded.expert_ids, request.expert_ids)
+
+
+def test_a_rejected_header_costs_one_frame_not_the_channel(loopback):
+    good = torch.randn(4, 8, dtype=torch.bfloat16, device=DEVICE)
+    loopback.send(make_header("echo", [torch.zeros(1000, device=DEVICE)]), [torch.zeros(1000, device=DEVICE)])
+    loopback.send(make_header("sink", [good]), [good])
+
+    def refuse_echo(header: bytes):
+        if read_header(header)[0] == "echo":
+            raise ValueError("echo frames are not welcome here")
+        return header_specs(header)
+
+    with pytest.raises(ValueError, match="not welcome"):
+        loopback.recv(refuse_echo, TIMEOUT_S)
+    _, (received,) = loopback.recv(refuse_echo, TIMEOUT_S)
+    assert torch.equal(received, good)
+
+
+def test_no_frame_within_the_timeout_leaves_the_channel_usable(loopback):
+    started = time.monotonic()
+    with pytest.raises(PeerError, match=r"peer self: no frame within 0\.2s"):
+        loopback.recv(header_specs, 0.2)
+    assert time.monotonic() - started < 2.0
+    tensor = torch.ones(3, dtype=torch.bfloat16, device=DEVICE)
+    loopback.send(make_header("sink", [tensor]), [tensor])
+    assert torch.equal(loopback.recv(header_specs, TIMEOUT_S)[1][0], tensor)
+
+
+def test_close_ends_a_receive_that_waits_forever(loopback):
+    outcome: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            loopback.recv(header_specs, math.inf)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    loopback.close()
+    receiver.join(5.0)
+    assert not receiver.is_alive() and time.monotonic() - started < 5.0
+    assert isinstance(outcome[0], PeerError) and "channel is closed" in str(outcome[0])
+    with pytest.raises(PeerError, match="channel is closed"):
+        loopback.send(b"", [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two processes: rank 0 here, rank 1 in `python -m afd.transport.nccl.selftest peer`
+# ---------------------------------------------------------------------------------------------------
+
+
+PAIR_REASON = pair_supported() if REASON is None else None
+PEER_DEVICE = 1 if torch.cuda.device_count() >= 2 else 0
+needs_pair = pytest.mark.skipif(PAIR_REASON is not None, reason=f"no two-process NCCL pair here: {PAIR_REASON}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(30)
+
+
+@needs_pair
+def test_a_pair_echoes_frames_and_the_peer_exits_cleanly():
+    channel, process = open_pair(DEVICE, PEER_DEVICE, NcclOptions(connect_timeout=TIMEOUT_S, io_timeout=30.0))
+    try:
+        for tensors in (
+            [torch.randn(64, 128, dtype=torch.bfloat16, device=DEVICE)],
+            [torch.randn(1 << 20, dtype=torch.bfloat16, device=DEVICE), torch.arange(5, dtype=torch.int32)],
+        ):
+            channel.send(make_header("echo", tensors), tensors)
+            _, echoed = channel.recv(header_specs, TIMEOUT_S)
+            assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(echoed, tensors, strict=True))
+        channel.send(make_header("bye", []), [])
+        channel.flush()
+        assert process.wait(30) == 0
+    finally:
+        channel.close()
+        _stop(process)
+
+
+@needs_pair
+def test_a_dead_peer_fails_send_and_recv_within_the_timeout():
+    io_timeout = 3.0
+    channel, process = open_pair(DEVICE, PEER_DEVICE, NcclOptions(connect_timeout=TIMEOUT_S, io_timeout=io_timeout))
+    try:
+        alive = [torch.ones(16, dtype=torch.bfloat16, device=DEVICE)]
+        channel.send(make_header("echo", alive), alive)
+        assert torch.equal(channel.recv(header_specs, TIMEOUT_S)[1][0], alive[0])
+        process.kill()
+        process.wait(30)
+        # 64 MiB: far more than NCCL's staging buffers, so nothing can complete without a live receiver.
+        big = [torch.zeros(32 << 20, dtype=torch.bfloat16, device=DEVICE)]
+        started = time.monotonic()
+        with pytest.raises(PeerError) as caught:
+            channel.send(make_header("sink", big), big)
+            channel.flush()
+        assert caught.value.peer == "selftest-peer"
+        assert time.monotonic() - started < io_timeout + 10.0
+        with pytest.raises(PeerError, match="selftest-peer"):
+            channel.recv(header_specs, 1.0)
+        started = time.monotonic()
+        channel.close()
+        assert time.monotonic() - started < channel.options.close_grace + 5.0
+    finally:
+        channel.close()
+        _stop(process)
+
+
+def test_a_peer_that_never_joins_is_given_up_on():
+    listener = NcclListener("ghost", DEVICE, NcclOptions(connect_timeout=2.0))
+    started = time.monotonic()
+    with pytest.raises(PeerError, match=r"peer ghost: did not join the NCCL pair within 2\.0s"):
+        listener.accept(2.0)
+    assert time.monotonic() - started < 10.0
