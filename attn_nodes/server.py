@@ -175,7 +175,26 @@ class AttentionNodeServer:
                     sender=self.config.node_id, timeout_s=self.config.ffn_timeout_s, auth=self.config.auth
                 ),
             )
-        raise ConfigError(f"transport {self.config.transport!r} is not available for attention nodes yet")
+        if self.config.transport in ("gloo", "shm"):
+            from afd.transport.channel_transport import (
+                ChannelListeners,
+                ChannelOpener,
+                ChannelTransport,
+                ChannelTransportConfig,
+            )
+            from afd.wire.frames import FrameLimits
+
+            # Channels open lazily: the router's placement (set_peers) names the FFN nodes to join.
+            opener = ChannelOpener(
+                self.config.transport,
+                self.config.node_id,
+                ChannelListeners(gloo_host=self.config.advertise_host or self.config.host),
+                self.config.auth,
+                self.config.ffn_timeout_s,
+            )
+            channel_config = ChannelTransportConfig(sender=self.config.node_id, timeout_s=self.config.ffn_timeout_s)
+            return ChannelTransport({}, FrameLimits.for_model(spec), channel_config, opener)
+        raise ConfigError(f"transport {self.config.transport!r} is not available for attention nodes")
 
     def _measure_capacity(self) -> pb.CapacityProfile:
         assert self.engine is not None
@@ -403,6 +422,7 @@ class AttentionNodeServer:
                 return
             if reply.done() and reply.exception() is None and reply.result() is not None:
                 message = reply.result()
+                assert message is not None
                 if message.version > failed_version and message.nodes:
                     placement_obj, addresses = placement_from_proto(message)
                     self._switch(placement_obj, addresses)

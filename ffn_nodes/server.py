@@ -828,7 +828,9 @@ def load_builtin_acceptors() -> None:
     """
     for module in BUILTIN_ACCEPTOR_MODULES:
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
+            # Run as `python -m ffn_nodes.server`, this module is __main__, not the one it registers in.
+            CHANNEL_ACCEPTORS.update(getattr(imported, "ACCEPTORS", {}))
         except ModuleNotFoundError as exc:
             if exc.name != module:  # the module exists but a dependency of it is missing
                 log.warning("channel acceptors of %s unavailable: %s", module, exc)

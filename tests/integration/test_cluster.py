@@ -154,6 +154,24 @@ def test_openai_clients_get_the_reference_tokens(cluster, expected):
         assert name in metrics, name
 
 
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_channel_transports_serve_the_reference_tokens_and_scale(cluster, expected, transport):
+    """The data plane over shared memory / gloo: same tokens as in-process, FFN scale-up and a kill -9."""
+    c = cluster(transport=transport)
+    client = _client(c)
+    assert _complete(client, PROMPTS[0], stream=True) == expected[PROMPTS[0]]
+    c.scale(ffn=3)
+    assert len([n for n in c.cluster()["nodes"] if n["role"] == "ffn" and n["experts"]]) == 3
+    for prompt in PROMPTS[1:3]:
+        assert _complete(client, prompt) == expected[prompt]
+    victim = c.nodes["ffn-0"]
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait(10)
+    assert _complete(client, PROMPTS[3]) == expected[PROMPTS[3]]
+    live = [n for n in c.cluster()["nodes"] if n["role"] == "ffn" and n["state"] == "ready"]
+    assert sorted(e for n in live for e in n["experts"]) == list(range(16))
+
+
 def test_live_scaling_under_load_fails_nothing(cluster, expected):
     c = cluster()
     load = Load(c)
