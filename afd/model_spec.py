@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from afd.errors import ConfigError, UnsupportedArchitectureError
 
@@ -360,7 +360,7 @@ def _parse_rope(c: _Config, rotary_dim: int, interleaved: bool) -> RopeSpec:
     return RopeSpec(
         theta=float(theta),
         rotary_dim=rotary_dim,
-        rope_type=rope_type,
+        rope_type=cast(RopeType, rope_type),
         factor=float(factor),
         original_max_position=int(original),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),

@@ -140,6 +140,7 @@ class MlaAttention:
         if self.q_proj is not None:
             q = linear(h, self.q_proj)
         else:
+            assert self.q_a_proj is not None and self.q_a_norm is not None and self.q_b_proj is not None
             q = linear(rms_norm(linear(h, self.q_a_proj), self.q_a_norm, MLA_LATENT_NORM_EPS), self.q_b_proj)
         q = q.view(n, heads, mla.qk_nope_head_dim + mla.qk_rope_head_dim)
         q_nope, q_rope = q[..., : mla.qk_nope_head_dim], q[..., mla.qk_nope_head_dim :]

@@ -41,8 +41,8 @@ class FfnDispatcher:
         # local_on[i][e]: expert e's id on node i, or -1 when node i does not serve it (one gather per node).
         self.local_on = [torch.where(owner == i, local, -1).to(torch.int32) for i in range(len(placement.nodes))]
         nodes = range(len(placement.nodes))
-        self._dense_nodes = {}
-        self._shared_nodes = {}
+        self._dense_nodes: dict[int, list[int]] = {}
+        self._shared_nodes: dict[int, set[int]] = {}
         for layer in self.spec.layers:
             size = layer.dense_intermediate_size
             if size and size not in self._dense_nodes:

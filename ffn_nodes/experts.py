@@ -98,6 +98,7 @@ class StackedExperts:
         out.index_add_(0, tokens, y * weights.to(y.dtype).unsqueeze(1))
 
     def _grouped_swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        assert _grouped_mm is not None  # "grouped" is only chosen where _supports_grouped_mm
         offsets = counts.cumsum(0).to(torch.int32)
         gate_up = _grouped_mm(x, self.gate_up.transpose(-2, -1), offs=offsets)
         act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]

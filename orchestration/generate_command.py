@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -63,7 +63,7 @@ def generate(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     generated = sum(len(o) for o in outputs)
-    result = {
+    result: dict[str, Any] = {
         "model": str(model_dir),
         "architecture": engine.spec.architecture,
         "ffn_shards": {node: len(ids) for node, ids in zip(placement.nodes, placement.experts, strict=True)},

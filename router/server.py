@@ -129,7 +129,7 @@ class RouterServer:
         app = create_app(service, ready=self._ready)
         uv_config = uvicorn.Config(app, host=config.host, port=config.http_port, log_level="warning", lifespan="off")
         self._http = uvicorn.Server(uv_config)
-        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own the signals
+        self._http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # we own the signals
         self._http_task = asyncio.ensure_future(self._http.serve())
         while not self._http.started:
             if self._http_task.done():

@@ -446,7 +446,7 @@ def _format_error(error: dict[str, Any]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     kind = error["type"]
     if kind == "extra_forbidden":
-        message = "unknown field (field names are camelCase, see docs/kubernetes.md)"
+        message = "unknown field (field names are camelCase, see the README section 'Run on Kubernetes')"
     elif kind not in ("missing", "value_error", "model_type") and not isinstance(error.get("input"), dict | list):
         message += f" (got {error.get('input')!r})"
     return f"{location}: {message}" if location else message  # whole-config checks name their fields themselves

@@ -13,7 +13,7 @@ What one cluster is made of:
 - optional autoscaling of the attention pool on the router's vllm:num_requests_waiting: an HPA or a KEDA
   ScaledObject.
 The cluster token Secret is not rendered: a committed manifest must never carry a token. `afd k8s apply`
-creates it (random) when the config names none; with plain kubectl, create it first (docs/kubernetes.md).
+creates it (random) when the config names none; with plain kubectl, create it first (the README, "Run on Kubernetes").
 """
 
 from __future__ import annotations

@@ -14,14 +14,20 @@ pytestmark = pytest.mark.slow
 
 
 def _afd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_up_status_scale_down(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    up = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "up", "--port", "0", "--threads", "1",
-                           "--name", "cli-test"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "up", "--port", "0", "--threads", "1", "--name", "cli-test"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         state = tmp_path / "afd" / "clusters" / "cli-test.json"

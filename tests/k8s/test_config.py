@@ -80,7 +80,8 @@ def test_missing_pools(change: dict[str, Any], expected: str) -> None:
         ({"count": 0}, "attention.accelerator.count: Input should be greater than or equal to 1 (got 0)"),
         (
             {"model": "H100"},
-            "attention.accelerator.model: unknown field (field names are camelCase, see docs/kubernetes.md)",
+            "attention.accelerator.model: unknown field "
+            "(field names are camelCase, see the README section 'Run on Kubernetes')",
         ),
     ],
 )

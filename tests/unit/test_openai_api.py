@@ -112,8 +112,9 @@ async def test_chat_streaming_and_not(api):
 
 async def test_token_id_prompts_batch_and_stop_token(api):
     client, _, _, _ = api
-    result = await client.completions.create(model="afd-demo", prompt=[[5, 6], [100]], max_tokens=6,
-                                             extra_body={"stop_token_ids": [9]})
+    result = await client.completions.create(
+        model="afd-demo", prompt=[[5, 6], [100]], max_tokens=6, extra_body={"stop_token_ids": [9]}
+    )
     by_index = {c.index: c for c in result.choices}
     assert by_index[0].finish_reason == "stop"  # 7, 8, 9 -> stop
     assert by_index[1].finish_reason == "length"
@@ -124,8 +125,7 @@ async def test_stop_string_is_cut_and_request_aborted(api):
     client, backend, tokenizer, _ = api
     full = _expected(tokenizer, "the file object", 8)
     stop_word = full.split()[3]
-    result = await client.completions.create(model="afd-demo", prompt="the file object", max_tokens=8,
-                                             stop=[stop_word])
+    result = await client.completions.create(model="afd-demo", prompt="the file object", max_tokens=8, stop=[stop_word])
     assert result.choices[0].text == full[: full.index(stop_word)]
     assert result.choices[0].finish_reason == "stop"
     assert backend.aborted
@@ -153,8 +153,11 @@ async def test_bad_requests(api, kwargs, error, message):
 
 async def test_malformed_json_and_missing_key(api):
     _, _, _, http = api
-    response = await http.post("/v1/completions", content=b"{not json",
-                               headers={"Authorization": "Bearer sk-test", "Content-Type": "application/json"})
+    response = await http.post(
+        "/v1/completions",
+        content=b"{not json",
+        headers={"Authorization": "Bearer sk-test", "Content-Type": "application/json"},
+    )
     assert response.status_code == 400 and "JSON" in response.text
     response = await http.post("/v1/completions", json={"model": "afd-demo", "prompt": "x"})
     assert response.status_code == 401 and "API key" in response.text
