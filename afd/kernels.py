@@ -15,6 +15,10 @@ import torch.nn.functional as F
 
 # Above this many rows the product is compute-bound and the library's own choice is as good.
 WEIGHT_STATIONARY_MAX_ROWS = 64
+# Weights at least this large (the LM head) stream faster as two halves in one bmm than through
+# torch.mv / F.linear (24-28 GB/s against 9-17 GB/s for a 32000x1024 head at 1-32 rows).
+SPLIT_MIN_BYTES = 16 << 20
+SPLIT_PARTS = 2
 
 
 def _weight_stationary(x: torch.Tensor) -> bool:
@@ -25,5 +29,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`x: [rows, in]` @ `weight: [out, in]`.T (+ bias) -> `[rows, out]`, contiguous."""
     if not _weight_stationary(x):
         return F.linear(x, weight, bias)
-    out = torch.mv(weight, x[0]).unsqueeze(0) if x.shape[0] == 1 else (weight @ x.T).T.contiguous()
+    rows, (out_features, in_features) = x.shape[0], weight.shape
+    if weight.nbytes >= SPLIT_MIN_BYTES and out_features % SPLIT_PARTS == 0 and weight.is_contiguous():
+        halves = weight.view(SPLIT_PARTS, out_features // SPLIT_PARTS, in_features)
+        out = torch.bmm(halves, x.T.unsqueeze(0).expand(SPLIT_PARTS, in_features, rows))  # [parts, out/parts, rows]
+        out = out.permute(2, 0, 1).reshape(rows, out_features).contiguous()
+    elif rows == 1:
+        out = torch.mv(weight, x[0]).unsqueeze(0)
+    else:
+        out = (weight @ x.T).T.contiguous()
     return out if bias is None else out + bias

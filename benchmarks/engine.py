@@ -79,13 +79,18 @@ def ensure_checkpoint(root: Path | None = None) -> Path:
 
 
 def read_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best streaming-read bandwidth (GB/s) of a reduction over a buffer far larger than the caches."""
-    buffer = torch.ones(size_bytes // 2, dtype=torch.bfloat16)
+    """Best streaming-read bandwidth (GB/s) over a float32 buffer far larger than the caches.
+
+    Two reductions (sum, and a dot product of the buffer with itself) and the faster one counts: both
+    only read, and whichever the CPU vectorises better is the closer to what the weights can stream at.
+    """
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum(dtype=torch.float32)
-        best = min(best, time.perf_counter() - start)
+    for reduce in (torch.sum, lambda b: torch.dot(b, b)):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reduce(buffer)
+            best = min(best, time.perf_counter() - start)
     del buffer
     return size_bytes / best / 1e9
 

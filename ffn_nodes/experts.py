@@ -21,6 +21,9 @@ from afd.kernels import linear
 
 Strategy = Literal["auto", "grouped", "padded", "looped"]
 
+# Up to this many (token, expert) slots - decode of one or two tokens - skip the sort-and-gather path.
+FEW_ASSIGNMENTS = 8
+
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -65,6 +68,9 @@ class StackedExperts:
         skip; expert_weights: `[num_tokens, top_k] float32`; out: `[num_tokens, hidden]` accumulator in the
         hidden dtype (the weights are rounded to it first, as the reference models do).
         """
+        if expert_ids.numel() <= FEW_ASSIGNMENTS and self.strategy in ("auto", "looped") and not self._grouped:
+            self._few_assignments(hidden, expert_ids, expert_weights, out)
+            return
         top_k = expert_ids.shape[1]
         flat = expert_ids.reshape(-1)
         # counts[0] counts the "-1 = elsewhere" slots, so that one sort puts them first and one sync reads all.
@@ -96,6 +102,39 @@ class StackedExperts:
         else:
             y = self._looped_swiglu(x, per_expert)
         out.index_add_(0, tokens, y * weights.to(y.dtype).unsqueeze(1))
+
+    def _few_assignments(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Decode of one or two tokens: group in Python, skipping the sort/gather kernels of the general path.
+
+        Same products, same rounding and the same order of additions into `out` (by expert id, then by
+        token) as the general path's stable sort + index_add_, so both give identical results.
+        """
+        weights = expert_weights.to(out.dtype).tolist()  # rounded to the hidden dtype, as in the general path
+        by_expert: dict[int, list[tuple[int, float]]] = {}
+        for token, (row_ids, row_weights) in enumerate(zip(expert_ids.tolist(), weights, strict=True)):
+            for expert, weight in zip(row_ids, row_weights, strict=True):
+                if expert >= 0:
+                    by_expert.setdefault(expert, []).append((token, weight))
+        if not by_expert:
+            return
+        self.experts_hit += len(by_expert)
+        rows, tokens = [], []
+        for expert in sorted(by_expert):
+            assignments = by_expert[expert]
+            self.expert_tokens[expert] += len(assignments)
+            token_ids = [token for token, _ in assignments]
+            x = hidden[token_ids[0] : token_ids[0] + 1] if len(token_ids) == 1 else hidden[token_ids]
+            y = swiglu(x, self._gate_up_rows[expert], self._down_rows[expert], self.intermediate)
+            if len(assignments) == 1:
+                rows.append(y * assignments[0][1])
+            else:
+                rows.append(y * torch.tensor([w for _, w in assignments], dtype=y.dtype, device=y.device).unsqueeze(1))
+            tokens += token_ids
+        # One index_add_, as the general path does: it sums a token's rows in float32 before rounding.
+        index = torch.tensor(tokens, dtype=torch.int64, device=hidden.device)
+        out.index_add_(0, index, rows[0] if len(rows) == 1 else torch.cat(rows))
 
     def _grouped_swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         assert _grouped_mm is not None  # "grouped" is only chosen where _supports_grouped_mm

@@ -7,6 +7,7 @@ import torch
 
 from afd.errors import ConfigError
 from afd.placement import ExpertPlacement
+from ffn_nodes import experts as experts_module
 from ffn_nodes.experts import StackedExperts, swiglu
 
 
@@ -74,3 +75,27 @@ def test_no_assignments_adds_nothing():
     out = torch.zeros(3, 4)
     stacked.forward(torch.randn(3, 4), torch.full((3, 2), -1, dtype=torch.int32), torch.zeros(3, 2), out)
     assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", [[[3, -1, 0, 5]], [[1, 4, -1, 2], [4, 0, 1, -1]], [[-1, -1, 2, -1], [-1, -1, -1, -1]]])
+def test_decode_fast_path_is_identical_to_the_general_path(monkeypatch, dtype, ids):
+    """One or two tokens take the Python-grouped path; its output must equal the sort-and-gather path bit for bit."""
+    torch.manual_seed(1)
+    experts, hidden, inter = 6, 64, 32
+    gate_up = torch.randn(experts, 2 * inter, hidden, dtype=dtype) * 0.1
+    down = torch.randn(experts, hidden, inter, dtype=dtype) * 0.1
+    expert_ids = torch.tensor(ids, dtype=torch.int32)
+    x = torch.randn(expert_ids.shape[0], hidden, dtype=dtype)
+    weights = torch.rand(expert_ids.shape, dtype=torch.float32)
+    outputs = []
+    for few in (experts_module.FEW_ASSIGNMENTS, 0):
+        monkeypatch.setattr(experts_module, "FEW_ASSIGNMENTS", few)
+        stacked = StackedExperts(gate_up, down, "looped")
+        out = torch.zeros(x.shape, dtype=dtype)
+        stacked.forward(x, expert_ids, weights, out)
+        outputs.append((out, stacked.expert_tokens, stacked.experts_hit))
+    (fast, fast_tokens, fast_hit), (general, general_tokens, general_hit) = outputs
+    assert torch.equal(fast, general)
+    assert fast_tokens == general_tokens and fast_hit == general_hit
+    assert torch.count_nonzero(fast) > 0
