@@ -175,7 +175,13 @@ class AttentionNodeServer:
                     sender=self.config.node_id, timeout_s=self.config.ffn_timeout_s, auth=self.config.auth
                 ),
             )
-        if self.config.transport in ("gloo", "shm"):
+        if self.config.transport == "nccl":
+            from afd.transport.nccl import NcclUnavailableError, unavailable_reason
+
+            reason = unavailable_reason()  # fail at start, not at the first placement
+            if reason is not None:
+                raise NcclUnavailableError(reason)
+        if self.config.transport in ("gloo", "shm", "nccl"):
             from afd.transport.channel_transport import (
                 ChannelListeners,
                 ChannelOpener,

@@ -32,6 +32,7 @@ from afd.model_spec import ModelSpec
 from afd.transport.base import FfnTransport, PendingCombine
 from afd.transport.channel import Channel, TensorSpec
 from afd.transport.gloo_channel import GlooOptions, GlooStoreServer
+from afd.transport.nccl.channel import NcclListener, NcclOptions
 from afd.transport.rendezvous import ChannelListener, establish
 from afd.transport.shm_channel import ShmListener, ShmOptions
 from afd.wire.auth import ClusterAuth
@@ -402,6 +403,10 @@ class ChannelListeners:
     """Options of gloo channels."""
     shm: ShmOptions = field(default_factory=ShmOptions)
     """Options of shared-memory channels."""
+    nccl: NcclOptions = field(default_factory=NcclOptions)
+    """Options of NCCL channels (one communicator per pair; the unique id travels in OpenChannel)."""
+    nccl_device: int | None = None
+    """CUDA device of this node's NCCL communicators; the current device when None."""
     _store: GlooStoreServer | None = None
 
     def listener(self, backend: str, peer: str) -> ChannelListener:
@@ -412,7 +417,9 @@ class ChannelListeners:
             return self._store.listener(peer, self.gloo)
         if backend == "shm":
             return ShmListener(peer, self.shm)
-        raise ConfigError(f"no channel backend {backend!r}; choose gloo or shm")
+        if backend == "nccl":
+            return NcclListener(peer, self.nccl_device, self.nccl)  # NcclUnavailableError without GPU/libnccl
+        raise ConfigError(f"no channel backend {backend!r}; choose gloo, shm or nccl")
 
     def close(self) -> None:
         if self._store is not None:
@@ -425,7 +432,7 @@ class ChannelOpener:
     """How a ChannelTransport opens channels to FFN nodes given their control-plane addresses."""
 
     backend: str
-    """Channel backend: "gloo" or "shm"."""
+    """Channel backend: "gloo", "shm" or "nccl"."""
     attention_node_id: str
     """This attention node's id, sent in OpenChannel."""
     listeners: ChannelListeners = field(default_factory=ChannelListeners)

@@ -87,3 +87,14 @@ def test_unknown_architecture_from_the_cli(tmp_path):
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path), "--prompt", "1"])
     assert result.exit_code == 2
     assert "unsupported architecture 'BertModel'" in result.output and "Qwen3MoeForCausalLM" in result.output
+
+
+def test_attention_node_with_nccl_and_no_gpu_refuses_to_start(builtin):
+    from afd.transport.nccl import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("NCCL is usable here")
+    args = ["node", "attn", "--router", "127.0.0.1:1", "--node-id", "a", "--transport", "nccl", "--model", str(builtin)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "error: NCCL" in result.output and "use the gloo, shm or grpc transport" in result.output
