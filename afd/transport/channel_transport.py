@@ -34,6 +34,7 @@ from afd.transport.channel import Channel, TensorSpec
 from afd.transport.gloo_channel import GlooOptions, GlooStoreServer
 from afd.transport.nccl.channel import NcclListener, NcclOptions
 from afd.transport.rendezvous import ChannelListener, establish
+from afd.transport.replies import AwaitedReply, fail, resolve
 from afd.transport.shm_channel import ShmListener, ShmOptions
 from afd.wire.auth import ClusterAuth
 from afd.wire.frames import (
@@ -44,7 +45,6 @@ from afd.wire.frames import (
     FrameLimits,
     decode_header,
     encode_request,
-    partial_from_frame,
 )
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
@@ -88,14 +88,6 @@ class ChannelTransportConfig:
             raise ConfigError("ChannelTransportConfig needs timeout_s > 0 and max_in_flight >= 1")
 
 
-@dataclass(slots=True)
-class _Awaited:
-    future: concurrent.futures.Future[torch.Tensor]
-    layer: int
-    microbatch: int
-    num_tokens: int
-
-
 class _Link:
     """One FFN node's channel, its receiver thread and the requests awaiting its replies."""
 
@@ -104,7 +96,7 @@ class _Link:
         self.channel = channel
         self.limits = limits
         self.slots = threading.BoundedSemaphore(config.max_in_flight)
-        self.awaited: dict[int, _Awaited] = {}
+        self.awaited: dict[int, AwaitedReply] = {}
         self.lock = threading.Lock()
         self.error: PeerError | None = None
         """Set once the channel has failed; every later dispatch to this node raises it."""
@@ -118,7 +110,7 @@ class _Link:
         with self.lock:
             if self.error is not None:
                 raise self.error
-            self.awaited[seq] = _Awaited(future, request.layer, request.microbatch, request.num_tokens)
+            self.awaited[seq] = AwaitedReply(future, request.layer, request.microbatch, request.num_tokens)
         return future
 
     def forget(self, seqs: list[int], reason: str) -> None:
@@ -126,7 +118,7 @@ class _Link:
         with self.lock:
             gone = [self.awaited.pop(seq) for seq in seqs if seq in self.awaited]
         for awaited in gone:
-            _fail(awaited.future, PeerError(self.node, reason))
+            fail(awaited.future, PeerError(self.node, reason))
 
     def _receive_loop(self) -> None:
         reader = _HeaderReader(self.limits)
@@ -154,33 +146,8 @@ class _Link:
             return
         with self.lock:
             awaited = self.awaited.pop(header.seq, None)
-        if awaited is None:
-            return  # the reply to a request combine gave up on
-        if header.kind is FrameKind.ERROR:
-            _fail(awaited.future, PeerError(self.node, f"failed layer {awaited.layer}: {header.error}"))
-            return
-        try:
-            partial = partial_from_frame(header, tensors)
-        except FrameError as exc:
-            _fail(awaited.future, PeerError(self.node, f"sent an invalid reply: {exc}"))
-            return
-        if (header.layer, header.microbatch, partial.shape[0]) != (
-            awaited.layer,
-            awaited.microbatch,
-            awaited.num_tokens,
-        ):
-            _fail(
-                awaited.future,
-                PeerError(
-                    self.node,
-                    f"reply to seq {header.seq} is for layer {header.layer} microbatch {header.microbatch} with "
-                    f"{partial.shape[0]} tokens; expected layer {awaited.layer} microbatch {awaited.microbatch} "
-                    f"with {awaited.num_tokens}",
-                ),
-            )
-            return
-        if not awaited.future.done():
-            awaited.future.set_result(partial)
+        if awaited is not None:  # else the reply to a request combine gave up on
+            resolve(self.node, awaited, header, tensors)
 
     def _fail_all(self, error: PeerError, fatal: bool = True) -> None:
         with self.lock:
@@ -189,17 +156,12 @@ class _Link:
             gone = list(self.awaited.values())
             self.awaited.clear()
         for awaited in gone:
-            _fail(awaited.future, error)
+            fail(awaited.future, error)
 
     def close(self) -> None:
         self.closing = True
         self.channel.close()
         self._fail_all(PeerError(self.node, "the transport is closed"))
-
-
-def _fail(future: concurrent.futures.Future[torch.Tensor], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
 
 
 class _ChannelPending(PendingCombine):

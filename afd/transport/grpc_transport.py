@@ -35,6 +35,7 @@ from afd.errors import ConfigError, PeerError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
 from afd.transport.base import FfnTransport, PendingCombine
+from afd.transport.replies import AwaitedReply, fail, resolve
 from afd.wire import grpc_data
 from afd.wire.auth import ClusterAuth
 from afd.wire.event_loop import EventLoopThread
@@ -44,7 +45,6 @@ from afd.wire.frames import (
     FrameLimits,
     encode_request,
     pack_parts,
-    partial_from_frame,
     unpack,
 )
 
@@ -88,17 +88,6 @@ class GrpcTransportConfig:
 
 
 @dataclass(slots=True)
-class _Awaited:
-    """A request sent and not yet answered (lives on the loop thread)."""
-
-    future: concurrent.futures.Future[torch.Tensor]
-    layer: int
-    microbatch: int
-    num_tokens: int
-    stream: int = -1
-
-
-@dataclass(slots=True)
 class _Stream:
     """One Exchange call and its channel (loop thread only)."""
 
@@ -117,7 +106,7 @@ class _PeerLink:
         self.transport = transport
         config = transport.config
         self.slots = threading.BoundedSemaphore(config.max_in_flight)
-        self.awaited: dict[int, _Awaited] = {}
+        self.awaited: dict[int, AwaitedReply] = {}
         self.streams = [_Stream() for _ in range(config.streams_per_peer)]
         self._next_stream = itertools.cycle(range(config.streams_per_peer))
         self.closed = False
@@ -156,9 +145,9 @@ class _PeerLink:
         ]
         return stream
 
-    def send(self, seq: int, message: bytes, awaited: _Awaited) -> None:
+    def send(self, seq: int, message: bytes, awaited: AwaitedReply) -> None:
         if self.closed:
-            _fail(awaited.future, PeerError(self.node, "the gRPC transport is closed"))
+            fail(awaited.future, PeerError(self.node, "the gRPC transport is closed"))
             return
         index = next(self._next_stream)
         stream = self._open(index)
@@ -197,44 +186,18 @@ class _PeerLink:
         except FrameError as exc:
             self._fail_stream(index, f"sent an invalid frame: {exc}")
             return
-        if header.kind is FrameKind.ERROR:
-            if header.seq == -1:  # the node could not even read which request it was
-                self._fail_stream(index, f"rejected a frame: {header.error}")
-                return
-            awaited = self.awaited.pop(header.seq, None)
-            if awaited is not None:
-                _fail(awaited.future, PeerError(self.node, f"failed layer {awaited.layer}: {header.error}"))
+        if header.kind is FrameKind.ERROR and header.seq == -1:
+            # The node could not even read which request it was.
+            self._fail_stream(index, f"rejected a frame: {header.error}")
             return
         awaited = self.awaited.pop(header.seq, None)
-        if awaited is None:
-            return  # a reply to a request combine gave up on
-        try:
-            partial = partial_from_frame(header, tensors)
-        except FrameError as exc:
-            _fail(awaited.future, PeerError(self.node, f"sent an invalid reply: {exc}"))
-            return
-        if (header.layer, header.microbatch, partial.shape[0]) != (
-            awaited.layer,
-            awaited.microbatch,
-            awaited.num_tokens,
-        ):
-            _fail(
-                awaited.future,
-                PeerError(
-                    self.node,
-                    f"reply to seq {header.seq} is for layer {header.layer} microbatch {header.microbatch} with "
-                    f"{partial.shape[0]} tokens; expected layer {awaited.layer} microbatch {awaited.microbatch} "
-                    f"with {awaited.num_tokens}",
-                ),
-            )
-            return
-        if not awaited.future.done():
-            awaited.future.set_result(partial)
+        if awaited is not None:  # else a reply to a request combine gave up on
+            resolve(self.node, awaited, header, tensors)
 
     def _fail_stream(self, index: int, reason: str) -> None:
         error = PeerError(self.node, f"{reason} ({self.address})")
         for seq in [seq for seq, awaited in self.awaited.items() if awaited.stream == index]:
-            _fail(self.awaited.pop(seq).future, error)
+            fail(self.awaited.pop(seq).future, error)
 
     def _reset(self, index: int, call: grpc.aio.StreamStreamCall, reason: str) -> None:
         """The stream failed: fail what it carried; the next send opens a new call on the same channel."""
@@ -254,13 +217,13 @@ class _PeerLink:
         for seq in seqs:
             awaited = self.awaited.pop(seq, None)
             if awaited is not None:
-                _fail(awaited.future, PeerError(self.node, reason))
+                fail(awaited.future, PeerError(self.node, reason))
 
     async def close(self) -> None:
         self.closed = True
         error = PeerError(self.node, "the gRPC transport is closed")
         for seq in list(self.awaited):
-            _fail(self.awaited.pop(seq).future, error)
+            fail(self.awaited.pop(seq).future, error)
         for stream in self.streams:
             if stream.call is not None:
                 stream.call.cancel()
@@ -276,11 +239,6 @@ class _PeerLink:
                 await asyncio.wait_for(self._channel(index).channel_ready(), timeout)
             except asyncio.TimeoutError:
                 raise PeerError(self.node, f"cannot connect to {self.address} within {timeout}s") from None
-
-
-def _fail(future: concurrent.futures.Future[torch.Tensor], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
 
 
 def _describe(exc: Exception) -> str:
@@ -380,11 +338,11 @@ class GrpcTransport(FfnTransport):
             raise
         future: concurrent.futures.Future[torch.Tensor] = concurrent.futures.Future()
         future.add_done_callback(lambda _: link.slots.release())
-        awaited = _Awaited(future, request.layer, request.microbatch, request.num_tokens)
+        awaited = AwaitedReply(future, request.layer, request.microbatch, request.num_tokens)
         try:
             self._loop.call_soon(link.send, seq, message, awaited)
         except RuntimeError:  # the loop thread is gone (closed concurrently)
-            _fail(future, PeerError(node, "the gRPC transport is closed"))
+            fail(future, PeerError(node, "the gRPC transport is closed"))
             raise PeerError(node, "the gRPC transport is closed") from None
         return seq, future
 
@@ -420,7 +378,7 @@ class GrpcTransport(FfnTransport):
             if self._loop.running:
                 self._loop.call_soon(link.forget, [seq], reason)
             else:
-                _fail(future, PeerError(node, reason))
+                fail(future, PeerError(node, reason))
 
     def close(self) -> None:
         """Close every stream and channel and stop the loop thread; idempotent."""
