@@ -286,6 +286,8 @@ class FfnNodeServer:
         self.limits: FrameLimits | None = None
         self.port: int | None = None
         self.counters = LoadCounters()
+        self.token_rows_total = 0
+        """Token rows computed since start (monotonic; the router derives the FFN tokens/s from it)."""
         self._spec: ModelSpec | None = shard.spec if shard is not None else None
         self._server: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
@@ -484,6 +486,7 @@ class FfnNodeServer:
         counters.batches += 1
         counters.requests += len(requests)
         counters.tokens += sum(r.num_tokens for r in requests)
+        self.token_rows_total += sum(r.num_tokens for r in requests)
         current = self.shard
         if counters.expert_tokens is not None and current is not None:
             for request, result in zip(requests, results, strict=True):
@@ -499,9 +502,11 @@ class FfnNodeServer:
         counters = self.counters
         elapsed = max(time.monotonic() - counters.started, 1e-9)
         experts = counters.expert_tokens
+        layers = self.shard.spec.num_layers if self.shard is not None else 1
         load = pb.NodeLoad(
             busy_fraction=min(1.0, counters.busy_s / elapsed),
             expert_token_counts=experts.tolist() if experts is not None else [],
+            generated_tokens=self.token_rows_total // layers,  # tokens whose whole FFN stack ran here
         )
         if reset:
             size = len(experts) if experts is not None else 0
