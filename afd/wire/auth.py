@@ -15,8 +15,10 @@ never from an environment variable, so it does not leak into `ps e` or crash dum
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ AUTH_HEADER = "authorization"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 """Methods served without a token."""
 MIN_TOKEN_CHARS = 16
+REFUSE_READ_TIMEOUT_S = 1.0
+"""How long a refused bidirectional call may take to deliver the one message read before the refusal."""
 """A shorter shared secret is too easy to guess; refused at configuration."""
 
 ChannelOptions = Sequence[tuple[str, Any]]
@@ -181,7 +185,8 @@ class TokenServerInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as `handler` that aborts at once, before reading any message."""
+    """A handler of the same streaming kind as `handler` that refuses the call (UNAUTHENTICATED) at once;
+    only a bidirectional call has its first message read (and dropped) first - see refuse_bidi."""
     message = f"{method}: missing or wrong cluster token"
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -191,10 +196,18 @@ def _refusing_handler(handler: grpc.RpcMethodHandler | None, method: str) -> grp
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator, as response-streaming handlers are
 
+    async def refuse_bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        # Aborting while the client's first message is still arriving makes grpc core end the stream
+        # with INTERNAL instead of this status; take (and drop) that one message, bounded in time.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(anext(aiter(requests)), REFUSE_READ_TIMEOUT_S)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator, as response-streaming handlers are
+
     if handler is None:  # unknown method: still answer UNAUTHENTICATED, revealing nothing about the API
         return grpc.unary_unary_rpc_method_handler(refuse)
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+        return grpc.stream_stream_rpc_method_handler(refuse_bidi)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(refuse)
     if handler.response_streaming:
