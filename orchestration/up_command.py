@@ -129,13 +129,25 @@ def _control(name: str, method: str, path: str, body: dict[str, Any] | None = No
     return response.json()
 
 
+def expert_ranges(experts: list[int]) -> str:
+    """Sorted expert ids as compact ranges: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    ids = sorted(experts)
+    runs: list[list[int]] = []
+    for expert in ids:
+        if runs and expert == runs[-1][1] + 1:
+            runs[-1][1] = expert
+        else:
+            runs.append([expert, expert])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def print_cluster(view: dict[str, Any]) -> None:
     table = Table(title=f"AFD cluster — {view.get('model')}, placement v{view.get('placement_version')}")
     for column in ("node", "role", "state", "hardware", "load", "experts", "KV use", "tokens/s"):
         table.add_column(column)
     for node in sorted(view.get("nodes", []), key=lambda n: (n["role"], n["node_id"])):
         experts = node.get("experts") or []
-        held = f"{len(experts)} ({experts[0]}..{experts[-1]})" if experts else "-"
+        held = f"{len(experts)} ({expert_ranges(experts)})" if experts else "-"
         if node["role"] == "attention":
             load = f"{node['num_running']} running, {node['num_waiting']} waiting, m={node.get('microbatches')}"
             kv = f"{node['kv_cache_usage']:.0%}"
