@@ -235,22 +235,33 @@ def test_killed_attention_node_requests_migrate(cluster, expected):
 def test_router_restart_fails_in_flight_requests_clearly(cluster):
     c = cluster()
     client = _client(c)
+    streaming = threading.Event()
     done = threading.Event()
     errors: list[Exception] = []
 
     def long_request() -> None:
         try:
-            _complete(client, PROMPTS[0] + " and more" * 10, stream=True)
+            # Long enough to be mid-stream when the router dies, however fast the machine is.
+            stream = client.completions.create(
+                model=client.models.list().data[0].id,
+                prompt=PROMPTS[0],
+                max_tokens=1000,
+                temperature=0.0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for _chunk in stream:
+                streaming.set()
         except Exception as exc:
             errors.append(exc)
         done.set()
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    time.sleep(0.3)
+    assert streaming.wait(60), "the first token never arrived"
     c.router.process.send_signal(signal.SIGKILL)
     assert done.wait(30), "the client hung after the router died"
     thread.join()
-    assert errors and isinstance(errors[0], (openai.APIConnectionError, openai.APIError))
+    assert errors and isinstance(errors[0], (openai.APIConnectionError, openai.APIError)), errors
     c.restart_router()  # nodes notice (NOT_FOUND on heartbeat) and register with the new router
     assert _complete(_client(c), PROMPTS[1])
