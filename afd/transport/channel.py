@@ -45,7 +45,8 @@ class Channel(ABC):
 
     @abstractmethod
     def recv(self, specs: SpecsFromHeader, timeout: float) -> tuple[bytes, list[torch.Tensor]]:
-        """Receive one frame within `timeout` seconds; raises PeerError (naming the peer) on timeout/death."""
+        """Receive one frame within `timeout` seconds (`math.inf`: until one arrives or the channel closes);
+        raises PeerError (naming the peer) on timeout, on the peer's death and when either end closes."""
 
     @abstractmethod
     def close(self) -> None:
