@@ -30,7 +30,7 @@ from afd.wire.placement_proto import placement_to_proto
 from router.expert_placement import plan_placement
 from router.membership import Capacity, Load, Membership, NodeRecord, NodeState, Role
 from router.metrics import RouterMetrics
-from router.microbatch_plan import plan_microbatches, step_costs
+from router.microbatch_plan import cpu_nodes_share_one_host, plan_microbatches, step_costs
 
 log = logging.getLogger("afd.router")
 
@@ -294,6 +294,9 @@ class Controller:
             return self.config.microbatches
         ffn = self.membership.of_role("ffn")
         if not ffn:
+            return 1
+        attention = (node.address, node.capacity.device_kind)
+        if cpu_nodes_share_one_host(attention, [(n.address, n.capacity.device_kind) for n in ffn]):
             return 1
         ffn_cost = sum(n.capacity.ffn_us_per_token_expert for n in ffn) / len(ffn)
         tokens = max(1, node.load.num_running or node.capacity.max_num_seqs or 1)

@@ -157,7 +157,7 @@ def test_openai_clients_get_the_reference_tokens(cluster, expected):
 @pytest.mark.parametrize("transport", ["shm", "gloo"])
 def test_channel_transports_serve_the_reference_tokens_and_scale(cluster, expected, transport):
     """The data plane over shared memory / gloo: same tokens as in-process, FFN scale-up and a kill -9."""
-    c = cluster(transport=transport)
+    c = cluster(transport=transport, microbatches="2")  # ping-pong across processes
     client = _client(c)
     assert _complete(client, PROMPTS[0], stream=True) == expected[PROMPTS[0]]
     c.scale(ffn=3)
