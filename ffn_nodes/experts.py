@@ -21,6 +21,9 @@ from afd.kernels import linear
 
 Strategy = Literal["auto", "grouped", "padded", "looped"]
 
+# "auto" on CPU: the padded bmm once at least this share of the local experts received tokens.
+PADDED_MIN_BUSY_SHARE = 0.7
+
 # Up to this many (token, expert) slots - decode of one or two tokens - skip the sort-and-gather path.
 FEW_ASSIGNMENTS = 8
 
@@ -94,7 +97,10 @@ class StackedExperts:
         if strategy == "auto" and self._grouped:
             strategy = "grouped"
         elif strategy == "auto":
-            strategy = "padded" if 2 * busy >= self.num_local else "looped"
+            # Padded reads every local expert's weights in one bmm; looped reads only the busy ones, one
+            # matrix-vector product at a time, which streams slower (`python -m benchmarks.kernels`: about
+            # 23 GB/s against 14-19 GB/s). Break-even is near 70 % of the experts busy.
+            strategy = "padded" if busy >= PADDED_MIN_BUSY_SHARE * self.num_local else "looped"
         if strategy == "grouped":
             y = self._grouped_swiglu(x, expert_counts)
         elif strategy == "padded":
