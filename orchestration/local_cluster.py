@@ -26,6 +26,7 @@ import httpx
 
 from afd.builtin_model import builtin_model_dir, cache_root
 from afd.errors import AfdError, ConfigError
+from router.microbatch_plan import parse_microbatches
 
 log = logging.getLogger("afd.launcher")
 
@@ -64,6 +65,7 @@ class LocalClusterConfig:
             raise ConfigError(f"need at least one attention and one FFN node, got --attn {self.attn} --ffn {self.ffn}")
         if self.transport not in ("grpc", "gloo", "shm"):
             raise ConfigError(f"local transport must be grpc, gloo or shm, not {self.transport!r}")
+        parse_microbatches(self.microbatches)  # refuse here, not in every node process
 
 
 @dataclass

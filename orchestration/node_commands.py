@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 
 from afd.builtin_model import builtin_model_dir
-from afd.errors import AfdError
+from afd.errors import AfdError, ConfigError
 from afd.wire.auth import ClusterAuth, read_token_file
+from router.microbatch_plan import parse_microbatches
 
 node_app = typer.Typer(no_args_is_help=True, help="Run one node of an AFD cluster (router, attention or FFN).")
 
@@ -26,15 +27,10 @@ def _logging(name: str) -> None:
 
 
 def _microbatches(value: str) -> int | None:
-    if value == "auto":
-        return None
     try:
-        count = int(value)
-    except ValueError:
-        raise typer.BadParameter(f"--microbatches must be auto or a positive integer, not {value!r}") from None
-    if count < 1:
-        raise typer.BadParameter("--microbatches must be >= 1")
-    return count
+        return parse_microbatches(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(f"--{exc}") from None
 
 
 def _run(coroutine: object) -> None:

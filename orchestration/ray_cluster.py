@@ -49,6 +49,7 @@ from orchestration.k8s.config import ATTENTION_POOL
 from orchestration.k8s.ray_cluster import HEAD_ROUTER_RESOURCE, pool_resource
 from orchestration.local_cluster import LocalClusterConfig
 from orchestration.ray_node import WILDCARD_HOSTS, NodeActor, NodeInfo, NodeLaunch, NodeRole
+from router.microbatch_plan import parse_microbatches
 
 log = logging.getLogger("afd.launcher")
 
@@ -251,18 +252,6 @@ def assign_new_nodes(role: str, free: Mapping[str, float], count: int) -> dict[s
     return {pool: n for pool, n in picked.items() if n}
 
 
-def _microbatches(value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        count = int(value)
-    except ValueError:
-        raise ConfigError(f"microbatches must be auto or a positive integer, not {value!r}") from None
-    if count < 1:
-        raise ConfigError(f"microbatches must be >= 1, got {count}")
-    return count
-
-
 @dataclass
 class RayCluster:
     """The launcher of `afd up --ray`, with LocalCluster's methods and attributes: start(), scale(attn, ffn),
@@ -283,7 +272,7 @@ class RayCluster:
 
     def __post_init__(self) -> None:
         try:
-            self._microbatches = _microbatches(self.config.microbatches)
+            self._microbatches = parse_microbatches(self.config.microbatches)
         except ConfigError:
             self.remove_workdir()
             raise

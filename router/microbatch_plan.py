@@ -14,8 +14,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from afd.errors import ConfigError
+
 MAX_MICROBATCHES = 4
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def parse_microbatches(value: str) -> int | None:
+    """ "auto" -> None (the router plans per node), else a count >= 1; ConfigError for anything else."""
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(f"microbatches must be auto or a positive integer, not {value!r}") from None
+    if count < 1:
+        raise ConfigError(f"microbatches must be auto or a positive integer, not {count}")
+    return count
 
 
 @dataclass(frozen=True, slots=True)

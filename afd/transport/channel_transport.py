@@ -29,12 +29,11 @@ import torch
 from afd.errors import ConfigError, PeerError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
-from afd.transport.base import FfnTransport, PendingCombine
 from afd.transport.channel import Channel, TensorSpec
 from afd.transport.gloo_channel import GlooOptions, GlooStoreServer
 from afd.transport.nccl.channel import NcclListener, NcclOptions
 from afd.transport.rendezvous import ChannelListener, establish
-from afd.transport.replies import AwaitedReply, fail, resolve
+from afd.transport.replies import AwaitedReply, ReplyFutureTransport, fail, resolve
 from afd.transport.shm_channel import ShmListener, ShmOptions
 from afd.wire.auth import ClusterAuth
 from afd.wire.frames import (
@@ -164,14 +163,6 @@ class _Link:
         self._fail_all(PeerError(self.node, "the transport is closed"))
 
 
-class _ChannelPending(PendingCombine):
-    def __init__(self, futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]]) -> None:
-        super().__init__(tuple(futures))
-        self.futures = futures
-        self.layer = -1
-        self.microbatch = -1
-
-
 _LIVE: weakref.WeakSet[ChannelTransport] = weakref.WeakSet()
 
 
@@ -183,7 +174,7 @@ def _close_at_exit() -> None:
         transport.close()
 
 
-class ChannelTransport(FfnTransport):
+class ChannelTransport(ReplyFutureTransport):
     """FfnTransport over one Channel per FFN node (gloo, shm, NCCL...); generic over the backend."""
 
     def __init__(
@@ -265,21 +256,9 @@ class ChannelTransport(FfnTransport):
         if link is not None:
             link.close()
 
-    def dispatch(self, requests: Mapping[str, FfnRequest]) -> PendingCombine:
-        if self._closed:
-            raise PeerError(next(iter(requests), "?"), "the transport is closed")
-        futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]] = {}
-        try:
-            for node, request in requests.items():
-                futures[node] = self._send(node, request)
-        except BaseException:
-            self._abandon(futures, "dispatch failed")
-            raise
-        pending = _ChannelPending(futures)
-        if requests:
-            first = next(iter(requests.values()))
-            pending.layer, pending.microbatch = first.layer, first.microbatch
-        return pending
+    @property
+    def reply_timeout_s(self) -> float:
+        return self.config.timeout_s
 
     def _send(self, node: str, request: FfnRequest) -> tuple[int, concurrent.futures.Future[torch.Tensor]]:
         link = self._links.get(node)
@@ -302,27 +281,6 @@ class ChannelTransport(FfnTransport):
             link.forget([seq], str(exc))
             raise
         return seq, future
-
-    def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
-        """Partial sums `[num_tokens_of_node, hidden_size]` per node, in the hidden dtype."""
-        assert isinstance(pending, _ChannelPending), f"not a channel dispatch: {type(pending).__name__}"
-        futures = {node: future for node, (_, future) in pending.futures.items()}
-        timeout = self.config.timeout_s
-        done, not_done = concurrent.futures.wait(
-            futures.values(), timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION
-        )
-        failed = next((node for node, f in futures.items() if f in done and f.exception() is not None), None)
-        if failed is not None:
-            self._abandon(pending.futures, f"combine failed on {failed}")
-            error = futures[failed].exception()
-            assert error is not None
-            raise error
-        if not_done:
-            late = next(node for node, f in futures.items() if f in not_done)
-            reason = f"no partial sum for layer {pending.layer} microbatch {pending.microbatch} within {timeout}s"
-            self._abandon(pending.futures, reason)
-            raise PeerError(late, reason)
-        return {node: future.result() for node, future in futures.items()}
 
     def _abandon(self, futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]], reason: str) -> None:
         for node, (seq, future) in futures.items():

@@ -34,8 +34,7 @@ import torch
 from afd.errors import ConfigError, PeerError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
-from afd.transport.base import FfnTransport, PendingCombine
-from afd.transport.replies import AwaitedReply, fail, resolve
+from afd.transport.replies import AwaitedReply, ReplyFutureTransport, fail, resolve
 from afd.wire import grpc_data
 from afd.wire.auth import ClusterAuth
 from afd.wire.event_loop import EventLoopThread
@@ -247,15 +246,7 @@ def _describe(exc: Exception) -> str:
     return f"stream failed: {type(exc).__name__}: {exc}"
 
 
-class _GrpcPending(PendingCombine):
-    def __init__(self, futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]]) -> None:
-        super().__init__(tuple(futures))
-        self.futures = futures
-        self.layer = -1
-        self.microbatch = -1
-
-
-class GrpcTransport(FfnTransport):
+class GrpcTransport(ReplyFutureTransport):
     """FfnTransport over gRPC bidirectional streams to FFN node servers (ffn_nodes.server)."""
 
     def __init__(
@@ -304,21 +295,13 @@ class GrpcTransport(FfnTransport):
             except concurrent.futures.TimeoutError:
                 raise PeerError(link.node, f"cannot connect to {link.address} within {timeout}s") from None
 
-    def dispatch(self, requests: Mapping[str, FfnRequest]) -> PendingCombine:
-        if self._closed:
-            raise PeerError(next(iter(requests), "?"), "the gRPC transport is closed")
-        futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]] = {}
-        try:
-            for node, request in requests.items():
-                futures[node] = self._send(node, request)
-        except BaseException:
-            self._abandon(futures, "dispatch failed")
-            raise
-        pending = _GrpcPending(futures)
-        if requests:
-            first = next(iter(requests.values()))
-            pending.layer, pending.microbatch = first.layer, first.microbatch
-        return pending
+    @property
+    def reply_timeout_s(self) -> float:
+        return self.config.timeout_s
+
+    def _late_detail(self, node: str) -> str:
+        link = self._links.get(node)
+        return f" (address {link.address if link is not None else '?'})"
 
     def _send(self, node: str, request: FfnRequest) -> tuple[int, concurrent.futures.Future[torch.Tensor]]:
         link = self._links.get(node)
@@ -345,30 +328,6 @@ class GrpcTransport(FfnTransport):
             fail(future, PeerError(node, "the gRPC transport is closed"))
             raise PeerError(node, "the gRPC transport is closed") from None
         return seq, future
-
-    def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
-        """partial sums `[num_tokens_of_node, hidden_size]` per node (read-only views of the received bytes)."""
-        assert isinstance(pending, _GrpcPending), f"not a gRPC dispatch: {type(pending).__name__}"
-        futures = {node: future for node, (_, future) in pending.futures.items()}
-        timeout = self.config.timeout_s
-        done, not_done = concurrent.futures.wait(
-            futures.values(), timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION
-        )
-        failed = next((node for node, f in futures.items() if f in done and f.exception() is not None), None)
-        if failed is not None:
-            self._abandon(pending.futures, f"combine failed on {failed}")
-            error = futures[failed].exception()
-            assert error is not None
-            raise error
-        if not_done:
-            late = [node for node, f in futures.items() if f in not_done]
-            reason = (
-                f"no partial sum for layer {pending.layer} microbatch {pending.microbatch} within {timeout}s "
-                f"(address {self._links[late[0]].address if late[0] in self._links else '?'})"
-            )
-            self._abandon(pending.futures, reason)
-            raise PeerError(late[0], reason)
-        return {node: future.result() for node, future in futures.items()}
 
     def _abandon(self, futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]], reason: str) -> None:
         for node, (seq, future) in futures.items():

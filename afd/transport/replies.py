@@ -1,4 +1,5 @@
-"""Matching FFN replies to the requests awaiting them: shared by the gRPC and channel transports.
+"""Matching FFN replies to the requests awaiting them, and dispatch/combine over their futures: shared by
+the gRPC and channel transports.
 
 Both send a request frame, remember what they expect back (layer, microbatch, token count) under its
 sequence number, and resolve a future when the reply frame arrives. A reply that is an error, cannot be
@@ -9,11 +10,15 @@ is raised on the receiving thread, which keeps reading for the other requests.
 from __future__ import annotations
 
 import concurrent.futures
+from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from afd.errors import PeerError
+from afd.ffn_messages import FfnRequest
+from afd.transport.base import FfnTransport, PendingCombine
 from afd.wire.frames import FrameError, FrameHeader, FrameKind, partial_from_frame
 
 
@@ -57,3 +62,79 @@ def resolve(node: str, awaited: AwaitedReply, header: FrameHeader, tensors: list
         return
     if not awaited.future.done():
         awaited.future.set_result(partial)
+
+
+class PendingReplies(PendingCombine):
+    """The futures of one dispatch: FFN node id -> (sequence number, future of its partial sum)."""
+
+    def __init__(self, futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]]) -> None:
+        super().__init__(tuple(futures))
+        self.futures = futures
+        self.layer = -1
+        self.microbatch = -1
+
+
+class ReplyFutureTransport(FfnTransport):
+    """dispatch / combine over one future per FFN node; subclasses send a request and forget abandoned ones.
+
+    `combine` waits with a deadline: the first failed node's PeerError is raised, or PeerError naming a node
+    whose partial sum did not come within `reply_timeout_s`; the other requests of that dispatch are forgotten
+    so their slots are freed and late replies are dropped.
+    """
+
+    _closed: bool = False
+
+    @property
+    @abstractmethod
+    def reply_timeout_s(self) -> float:
+        """Longest wait in combine for a node's partial sum."""
+
+    @abstractmethod
+    def _send(self, node: str, request: FfnRequest) -> tuple[int, concurrent.futures.Future[torch.Tensor]]:
+        """Send `request` to `node`; (its sequence number, the future of its reply). Raises PeerError."""
+
+    @abstractmethod
+    def _abandon(self, futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]], reason: str) -> None:
+        """Stop waiting for `futures` (failing the unsettled ones with `reason`)."""
+
+    def _late_detail(self, node: str) -> str:
+        """Extra words for the timeout error of `node` (e.g. its address)."""
+        return ""
+
+    def dispatch(self, requests: Mapping[str, FfnRequest]) -> PendingCombine:
+        if self._closed:
+            raise PeerError(next(iter(requests), "?"), "the transport is closed")
+        futures: dict[str, tuple[int, concurrent.futures.Future[torch.Tensor]]] = {}
+        try:
+            for node, request in requests.items():
+                futures[node] = self._send(node, request)
+        except BaseException:
+            self._abandon(futures, "dispatch failed")
+            raise
+        pending = PendingReplies(futures)
+        if requests:
+            first = next(iter(requests.values()))
+            pending.layer, pending.microbatch = first.layer, first.microbatch
+        return pending
+
+    def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
+        """Partial sums `[num_tokens_of_node, hidden_size]` per node, in the hidden dtype."""
+        assert isinstance(pending, PendingReplies), f"not a dispatch of this transport: {type(pending).__name__}"
+        futures = {node: future for node, (_, future) in pending.futures.items()}
+        timeout = self.reply_timeout_s
+        done, not_done = concurrent.futures.wait(
+            futures.values(), timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION
+        )
+        failed = next((node for node, f in futures.items() if f in done and f.exception() is not None), None)
+        if failed is not None:
+            self._abandon(pending.futures, f"combine failed on {failed}")
+            error = futures[failed].exception()
+            assert error is not None
+            raise error
+        if not_done:
+            late = next(node for node, f in futures.items() if f in not_done)
+            reason = f"no partial sum for layer {pending.layer} microbatch {pending.microbatch} within {timeout}s"
+            reason += self._late_detail(late)
+            self._abandon(pending.futures, reason)
+            raise PeerError(late, reason)
+        return {node: future.result() for node, future in futures.items()}

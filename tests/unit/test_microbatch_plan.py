@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from router.microbatch_plan import MAX_MICROBATCHES, StepCosts, cpu_nodes_share_one_host, plan_microbatches, step_costs
+from afd.errors import ConfigError
+from orchestration.local_cluster import LocalClusterConfig
+from router.microbatch_plan import (
+    MAX_MICROBATCHES,
+    StepCosts,
+    cpu_nodes_share_one_host,
+    parse_microbatches,
+    plan_microbatches,
+    step_costs,
+)
 
 
 @pytest.mark.parametrize(
@@ -41,3 +52,12 @@ def test_step_costs_scale_with_tokens_and_split_ffn_over_nodes():
 )
 def test_cpu_nodes_on_one_host_are_detected(attention, ffn, shared):
     assert cpu_nodes_share_one_host(attention, ffn) is shared
+
+
+def test_microbatch_option_parsing():
+    assert parse_microbatches("auto") is None and parse_microbatches("3") == 3
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(ConfigError, match="microbatches must be auto or a positive integer"):
+            parse_microbatches(bad)
+    with pytest.raises(ConfigError, match="microbatches must be auto"):
+        LocalClusterConfig(model=Path("unused"), microbatches="many")
