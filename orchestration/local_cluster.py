@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from afd.builtin_model import builtin_model_dir, cache_root
 from afd.errors import AfdError, ConfigError
+from orchestration.router_view import cluster_view, wait_until_ready
 from router.microbatch_plan import parse_microbatches
 
 log = logging.getLogger("afd.launcher")
@@ -214,35 +213,18 @@ class LocalCluster:
             self.nodes.pop(handle.node_id, None)
 
     def cluster(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.base_url}/afd/v1/cluster", timeout=5)
-        response.raise_for_status()
-        return response.json()
+        return cluster_view(self.base_url)
 
     def wait_until_ready(self, node_ids: set[str]) -> None:
         """Until every node in `node_ids` is ready in the router's view and the API answers health checks."""
-        deadline = time.monotonic() + self.config.start_timeout_s
-        while True:
+
+        def check_alive() -> None:
             for node_id in node_ids:
                 handle = self.nodes[node_id]
                 if handle.process.poll() is not None:
                     raise AfdError(f"{node_id} exited with {handle.process.returncode}:\n{self.tail(handle)}")
-            try:
-                view = {n["node_id"]: n for n in self.cluster()["nodes"]}
-                placement = self.cluster().get("placement_version")
-                healthy = httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                view, placement, healthy = {}, None, False
-            done = all(
-                node_id in view
-                and view[node_id]["state"] == "ready"
-                and (view[node_id]["placement_version"] == placement)
-                for node_id in node_ids
-            )
-            if done and healthy:
-                return
-            if time.monotonic() > deadline:
-                raise AfdError(f"nodes {sorted(node_ids)} not ready within {self.config.start_timeout_s:.0f} s")
-            time.sleep(0.2)
+
+        wait_until_ready(self.base_url, node_ids, self.config.start_timeout_s, check_alive)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every process this launcher started: nodes first, then the router; idempotent."""

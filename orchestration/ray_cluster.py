@@ -49,6 +49,7 @@ from orchestration.k8s.config import ATTENTION_POOL
 from orchestration.k8s.ray_cluster import HEAD_ROUTER_RESOURCE, pool_resource
 from orchestration.local_cluster import LocalClusterConfig
 from orchestration.ray_node import WILDCARD_HOSTS, NodeActor, NodeInfo, NodeLaunch, NodeRole
+from orchestration.router_view import cluster_view, wait_until_ready
 from router.microbatch_plan import parse_microbatches
 
 log = logging.getLogger("afd.launcher")
@@ -529,31 +530,11 @@ class RayCluster:
                 self._wait_until_gone({node.node_id for node in stopping})
 
     def cluster(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.base_url}/afd/v1/cluster", timeout=5)
-        response.raise_for_status()
-        return response.json()
+        return cluster_view(self.base_url)
 
     def wait_until_ready(self, node_ids: set[str]) -> None:
         """Until every node in `node_ids` is ready on the current placement and the API answers health checks."""
-        deadline = time.monotonic() + self.config.start_timeout_s
-        while True:
-            try:
-                view = self.cluster()
-                nodes = {node["node_id"]: node for node in view["nodes"]}
-                healthy = httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                view, nodes, healthy = {}, {}, False
-            done = all(
-                node_id in nodes
-                and nodes[node_id]["state"] == "ready"
-                and nodes[node_id]["placement_version"] == view.get("placement_version")
-                for node_id in node_ids
-            )
-            if done and healthy:
-                return
-            if time.monotonic() > deadline:
-                raise AfdError(f"nodes {sorted(node_ids)} not ready within {self.config.start_timeout_s:.0f} s")
-            time.sleep(0.2)
+        wait_until_ready(self.base_url, node_ids, self.config.start_timeout_s)
 
     def _wait_until_gone(self, node_ids: set[str]) -> None:
         """Until the router no longer counts the removed nodes as serving (an FFN node's experts moved away)."""

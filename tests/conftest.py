@@ -21,3 +21,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return cache[name]
 
     return make
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Keep each phase's report on the test item, so fixtures can tell whether their test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

@@ -50,7 +50,7 @@ def expected(model):
 
 
 @pytest.fixture
-def cluster(model):
+def cluster(model, request):
     clusters = []
 
     def start(**kwargs):
@@ -61,9 +61,13 @@ def cluster(model):
         return cluster
 
     yield start
+    report = getattr(request.node, "report_call", None)
     for cluster in clusters:
         cluster.stop(timeout=20)
-        cluster.remove_workdir()
+        if report is not None and report.failed:
+            print(f"node logs of the failed test kept in {cluster.workdir}")  # shown with the failure
+        else:
+            cluster.remove_workdir()
 
 
 def _client(cluster: LocalCluster) -> openai.OpenAI:
