@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import queue
 import random
 import threading
 from collections.abc import Sequence
@@ -16,11 +15,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
-from afd.transport.channel import Channel, SpecsFromHeader
 from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
 from afd.wire import frames, grpc_data
 from afd.wire.frames import FrameKind, FrameLimits, encode_request, encode_response, pack, unpack
@@ -31,6 +28,7 @@ from ffn_nodes.server import ChannelOffer, ChannelRequest, FfnServerConfig
 from ffn_nodes.shard import FfnShard
 from tests.cluster_helpers import ProcessStartError, ffn_server_in_thread, launch_ffn_server
 from tests.engines import uneven_placement
+from tests.memory_channel import memory_pair
 
 REPLY_TIMEOUT_S = 30.0
 
@@ -261,44 +259,16 @@ async def raw_exchange_on(channel: grpc.aio.Channel, frames_: Sequence[bytes]) -
     return replies
 
 
-class QueueChannel(Channel):
-    """One end of an in-memory channel pair (what gloo/shm/NCCL channels look like to the server)."""
-
-    def __init__(self, peer: str, inbox: queue.Queue, outbox: queue.Queue) -> None:
-        super().__init__(peer)
-        self.inbox, self.outbox = inbox, outbox
-        self.closed = False
-
-    def send(self, header: bytes, tensors: Sequence[torch.Tensor]) -> None:
-        if self.closed:
-            raise PeerError(self.peer, "closed")
-        self.outbox.put((header, [t.clone() for t in tensors]))
-
-    def recv(self, specs: SpecsFromHeader, timeout: float) -> tuple[bytes, list[torch.Tensor]]:
-        try:
-            header, tensors = self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            raise PeerError(self.peer, f"nothing within {timeout}s") from None
-        announced = specs(header)  # validates before "allocating", like the real backends
-        assert [tuple(t.shape) for t in tensors] == [s.shape for s in announced]
-        return header, tensors
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def test_open_channel_serves_frames_through_an_acceptor(qwen3):
     directory, spec, placement = qwen3
-    to_server: queue.Queue = queue.Queue()
-    to_attention: queue.Queue = queue.Queue()
+    attention_end, server_end = memory_pair("attn-0", "ffn-1")
     seen: list[ChannelRequest] = []
 
     def accept(request: ChannelRequest) -> ChannelOffer:
         seen.append(request)
-        return ChannelOffer(b"reply:" + request.rendezvous, lambda: QueueChannel("attn-0", to_server, to_attention))
+        return ChannelOffer(b"reply:" + request.rendezvous, lambda: server_end)
 
     config = FfnServerConfig(directory, "ffn-1", placement, channel_acceptors={"fake": accept}, channel_poll_s=0.2)
-    attention_end = QueueChannel("ffn-1", to_attention, to_server)
     local = len(placement.experts[1])
     with ffn_server_in_thread(config) as server, grpc.insecure_channel(server.address) as channel:
         control = pb_grpc.FfnNodeStub(channel)
