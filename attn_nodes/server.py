@@ -246,7 +246,7 @@ class AttentionNodeServer:
             self.transport.close()
 
     # ---- router protocol -------------------------------------------------------------------------------
-    async def _register(self, timeout: float) -> None:
+    async def _register(self, timeout: float, wait_for_placement: bool = True) -> None:
         assert self._router is not None
         deadline = time.monotonic() + timeout
         request = pb.RegisterRequest(
@@ -268,7 +268,9 @@ class AttentionNodeServer:
                 await asyncio.sleep(0.5)
         self._heartbeat_interval = max(0.05, response.heartbeat_interval_ms / 1000)
         if response.placement.version >= 0 and response.placement.nodes:
-            await self.apply_placement(response.placement)
+            applied = self.offer_placement(response.placement)
+            if wait_for_placement:
+                await asyncio.wrap_future(applied)
 
     async def _heartbeats(self) -> None:
         assert self._router is not None and self.engine is not None
@@ -298,12 +300,17 @@ class AttentionNodeServer:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     log.warning("router forgot node %s; registering again", self.config.node_id)
                     with contextlib.suppress(Exception):
-                        await self._register(timeout=10)
+                        await self._register(timeout=10, wait_for_placement=False)
                 else:
                     log.warning("heartbeat failed: %s", exc.details())
                 continue
             if response.HasField("placement") and response.placement.nodes:
-                await self.apply_placement(response.placement)
+                # Never wait for the step boundary here: a step stuck on a frozen FFN node would stop the
+                # heartbeats, and the router would declare this node dead too.
+                try:
+                    self.offer_placement(response.placement)
+                except ConfigError as exc:
+                    log.error("the router sent an unusable placement: %s", exc)
             if self.config.microbatches is None and response.microbatches:
                 self._inbox.put(("microbatches", response.microbatches))
                 self._wake.set()
@@ -312,14 +319,29 @@ class AttentionNodeServer:
 
     async def apply_placement(self, message: pb.Placement) -> int:
         """Hand a placement to the engine thread and wait until a step boundary applied it."""
+        return await asyncio.wrap_future(self.offer_placement(message))
+
+    def offer_placement(self, message: pb.Placement) -> concurrent.futures.Future[int]:
+        """Hand a placement to the engine thread without waiting; the future is its version once applied.
+
+        The engine applies placements between steps, and a step may be blocked on an FFN node that froze:
+        so the nodes the router lists as dead are failed on the transport first, which ends such a step at
+        once (it re-runs on the new placement) instead of after the reply timeout.
+        """
         placement, addresses = placement_from_proto(message)
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
         current = self.engine.placement if self.engine else None
         if current is not None and placement.version <= current.version:
-            return current.version
-        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+            done.set_result(current.version)
+            return done
+        if self.transport is not None:
+            for node in message.dead_nodes:
+                reason = f"declared dead by the router (placement v{placement.version} drops it)"
+                if self.transport.fail_peer(node, reason):
+                    log.warning("stopped waiting on FFN node %s: %s", node, reason)
         self._inbox.put(("placement", placement, addresses, done))
         self._wake.set()
-        return await asyncio.wrap_future(done)
+        return done
 
     async def drain_and_stop(self, reason: str) -> None:
         """Take no new requests, let running ones finish (or hand them back after the deadline), leave."""
@@ -395,8 +417,13 @@ class AttentionNodeServer:
                 engine.abort(item[1])
             elif kind == "placement":
                 _, placement, addresses, done = item
-                self._switch(placement, addresses)
-                done.set_result(placement.version)
+                try:
+                    self._switch(placement, addresses)
+                except Exception as exc:  # e.g. a channel that cannot be opened: say so, keep the engine alive
+                    log.exception("placement v%d could not be applied", placement.version)
+                    done.set_exception(exc)
+                else:
+                    done.set_result(placement.version)
             elif kind == "microbatches":
                 engine.microbatches = item[1]
 
@@ -430,9 +457,13 @@ class AttentionNodeServer:
                 message = reply.result()
                 assert message is not None
                 if message.version > failed_version and message.nodes:
-                    placement_obj, addresses = placement_from_proto(message)
-                    self._switch(placement_obj, addresses)
-                    return
+                    try:
+                        placement_obj, addresses = placement_from_proto(message)
+                        self._switch(placement_obj, addresses)
+                        return
+                    except Exception:  # keep waiting: the next placement may be usable
+                        log.exception("the router's placement after the failure could not be applied")
+                        reply = concurrent.futures.Future()
             self._wake.wait(0.05)
             self._wake.clear()
         for request_id in list(engine.requests):

@@ -92,7 +92,11 @@ class Controller:
         if placement is None:
             return pb.Placement(version=-1)
         addresses = {n: self.membership.nodes[n].address for n in placement.nodes if n in self.membership.nodes}
-        return placement_to_proto(placement, addresses)
+        message = placement_to_proto(placement, addresses)
+        # Attention nodes stop waiting on these at once (a frozen node would otherwise hold every step
+        # for the full reply timeout after the router already knows it is gone).
+        message.dead_nodes.extend(n.node_id for n in self.membership.of_role("ffn", NodeState.DEAD))
+        return message
 
     # ---- Router service --------------------------------------------------------------------------------
     async def register(self, request: pb.RegisterRequest) -> pb.RegisterResponse:

@@ -42,5 +42,14 @@ class FfnTransport(ABC):
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         """Wait for every partial sum of `pending`; raises PeerError naming a node that failed."""
 
+    def fail_peer(self, node: str, reason: str) -> int:
+        """Stop waiting on FFN node `node`: whatever is awaited from it fails now with PeerError(`reason`).
+
+        Called from any thread when the control plane knows the node is gone (declared dead), so a step
+        blocked in `combine` on a frozen node ends at once instead of at the reply timeout. Returns how many
+        awaited replies it failed; transports that never wait (in-process) have nothing to fail.
+        """
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing to release
         """Release connections; idempotent."""

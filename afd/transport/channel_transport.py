@@ -186,6 +186,7 @@ class ChannelTransport(ReplyFutureTransport):
     ) -> None:
         """channels: FFN node id -> an open channel to it (owned by the transport from now on);
         limits: what replies must look like (FrameLimits.for_model); opener: how `set_peers` opens new ones."""
+        super().__init__()
         self.config = config or ChannelTransportConfig()
         self.limits = limits
         self.opener = opener

@@ -253,6 +253,7 @@ class GrpcTransport(ReplyFutureTransport):
         self, peers: Mapping[str, str], limits: FrameLimits, config: GrpcTransportConfig | None = None
     ) -> None:
         """peers: FFN node id -> "host:port"; limits: what replies must look like (FrameLimits.for_model)."""
+        super().__init__()
         self.config = config or GrpcTransportConfig()
         self.limits = limits
         if self.config.gil_switch_interval_s is not None:

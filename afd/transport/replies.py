@@ -10,6 +10,7 @@ is raised on the receiving thread, which keeps reading for the other requests.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,11 @@ class ReplyFutureTransport(FfnTransport):
 
     _closed: bool = False
 
+    def __init__(self) -> None:
+        self._awaited_lock = threading.Lock()
+        self._awaited_by_node: dict[str, set[concurrent.futures.Future[torch.Tensor]]] = {}
+        """FFN node id -> its unsettled reply futures (what `fail_peer` fails); entries leave when settled."""
+
     @property
     @abstractmethod
     def reply_timeout_s(self) -> float:
@@ -111,11 +117,34 @@ class ReplyFutureTransport(FfnTransport):
         except BaseException:
             self._abandon(futures, "dispatch failed")
             raise
+        for node, (_, future) in futures.items():
+            self._track(node, future)
         pending = PendingReplies(futures)
         if requests:
             first = next(iter(requests.values()))
             pending.layer, pending.microbatch = first.layer, first.microbatch
         return pending
+
+    def _track(self, node: str, future: concurrent.futures.Future[torch.Tensor]) -> None:
+        with self._awaited_lock:
+            self._awaited_by_node.setdefault(node, set()).add(future)
+        future.add_done_callback(lambda settled: self._untrack(node, settled))
+
+    def _untrack(self, node: str, future: concurrent.futures.Future[torch.Tensor]) -> None:
+        with self._awaited_lock:
+            awaited = self._awaited_by_node.get(node)
+            if awaited is not None:
+                awaited.discard(future)
+                if not awaited:
+                    del self._awaited_by_node[node]
+
+    def fail_peer(self, node: str, reason: str) -> int:
+        with self._awaited_lock:
+            awaited = list(self._awaited_by_node.get(node, ()))
+        error = PeerError(node, reason)
+        for future in awaited:
+            fail(future, error)  # combine wakes at once (FIRST_EXCEPTION) and abandons the rest
+        return len(awaited)
 
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         """Partial sums `[num_tokens_of_node, hidden_size]` per node, in the hidden dtype."""

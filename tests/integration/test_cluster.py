@@ -269,3 +269,29 @@ def test_router_restart_fails_in_flight_requests_clearly(cluster):
     assert errors and isinstance(errors[0], (openai.APIConnectionError, openai.APIError)), errors
     c.restart_router()  # nodes notice (NOT_FOUND on heartbeat) and register with the new router
     assert _complete(_client(c), PROMPTS[1])
+
+
+def test_frozen_ffn_node_stalls_requests_only_until_the_router_declares_it_dead(cluster, expected):
+    """SIGSTOP keeps the node's connections open but it never answers. The router declares it dead after
+    its node timeout (6 s); in-flight steps must end then, not at the 30 s reply timeout, and the attention
+    node's heartbeats must go on meanwhile (it must not be declared dead itself)."""
+    c = cluster(ffn=3)
+    load = Load(c, threads=2)
+    victim = c.nodes["ffn-1"]
+    try:
+        _wait_for(lambda: len(load.results) >= 3, 60, "first results")
+        victim.process.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        before = len(load.results)
+        _wait_for(lambda: len(load.results) >= before + 4, 60, "results after the FFN node froze")
+        recovered_after = time.monotonic() - frozen_at
+    finally:
+        load.stop()
+        victim.process.send_signal(signal.SIGKILL)  # works on a stopped process; stop() then only reaps
+        victim.process.wait(10)
+    assert load.failures == []
+    assert all(text == expected[prompt] for prompt, text in load.results)
+    assert recovered_after < 20.0, f"requests stalled {recovered_after:.1f} s (the reply timeout is 30 s)"
+    router_log = c.router.log_path.read_text(errors="replace")
+    assert "node ffn-1 declared dead" in router_log
+    assert "node attn-0 declared dead" not in router_log, "the attention node's heartbeats waited on the step"

@@ -155,3 +155,26 @@ def test_dispatch_to_a_node_without_channel_is_a_peer_error(cluster):
     with pytest.raises(PeerError, match="no channel to this node") as error:
         cluster.transport.dispatch(requests)
     assert error.value.peer == "ffn-9"
+
+
+def test_fail_peer_ends_a_combine_waiting_on_a_silent_peer_at_once(tiny_checkpoint):
+    """A frozen node the control plane declared dead is not waited for until the reply timeout."""
+    spec = ModelSpec.from_pretrained(tiny_checkpoint("qwen3_moe"))
+    attention_end, _ffn_end = memory_pair("attn-0", "ffn-0")  # nobody serves the FFN end: a frozen node
+    transport = ChannelTransport(
+        {"ffn-0": attention_end}, FrameLimits.for_model(spec), ChannelTransportConfig(timeout_s=60.0)
+    )
+    try:
+        pending = transport.dispatch(layer0_requests(spec, ["ffn-0"], 0))
+        assert transport.fail_peer("ffn-9", "not a peer") == 0
+        timer = threading.Timer(0.3, transport.fail_peer, ("ffn-0", "declared dead by the router"))
+        started = time.monotonic()
+        timer.start()
+        with pytest.raises(PeerError, match="declared dead by the router") as error:
+            transport.combine(pending)
+        assert error.value.peer == "ffn-0"
+        assert time.monotonic() - started < 5.0
+        assert transport.fail_peer("ffn-0", "again") == 0, "settled replies are no longer tracked"
+    finally:
+        timer.cancel()
+        transport.close()

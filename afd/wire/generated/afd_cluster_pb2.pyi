@@ -68,14 +68,16 @@ class PlacementEntry(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., experts: _Optional[_Iterable[int]] = ..., mlp_share: _Optional[float] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("version", "num_experts", "nodes")
+    __slots__ = ("version", "num_experts", "nodes", "dead_nodes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
+    DEAD_NODES_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_experts: int
     nodes: _containers.RepeatedCompositeFieldContainer[PlacementEntry]
-    def __init__(self, version: _Optional[int] = ..., num_experts: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[PlacementEntry, _Mapping]]] = ...) -> None: ...
+    dead_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., num_experts: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[PlacementEntry, _Mapping]]] = ..., dead_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos")
