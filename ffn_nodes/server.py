@@ -328,7 +328,9 @@ class FfnNodeServer:
             self._install(await asyncio.to_thread(self._load_shard, self.config.placement))
         self._batcher = asyncio.ensure_future(self._batch_loop())
         options = [
-            *grpc_data.message_size_options(self.config.max_frame_bytes + 2**20),
+            # the largest data frame this node accepts, not a blanket limit: an oversized message is
+            # refused by grpc before it reaches a handler (anonymous calls are refused unread, see auth)
+            *grpc_data.message_size_options(grpc_data.max_exchange_message_bytes(self.config.max_frame_bytes)),
             # attention nodes ping idle connections (GrpcTransportConfig.keepalive_s); allow it
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),

@@ -16,7 +16,6 @@ never from an environment variable, so it does not leak into `ps e` or crash dum
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ AUTH_HEADER = "authorization"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 """Methods served without a token."""
 MIN_TOKEN_CHARS = 16
-REFUSE_READ_TIMEOUT_S = 1.0
-"""How long a refused bidirectional call may take to deliver the one message read before the refusal."""
 """A shorter shared secret is too easy to guess; refused at configuration."""
+REFUSE_GRACE_S = 0.2
+"""How long a refused call waits, its request unread, before the UNAUTHENTICATED status (see _refuse)."""
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -185,34 +184,39 @@ class TokenServerInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as `handler` that refuses the call (UNAUTHENTICATED) at once;
-    only a bidirectional call has its first message read (and dropped) first - see refuse_bidi."""
+    """A handler that refuses the call (UNAUTHENTICATED) without reading a byte of its request.
+
+    Whatever kind the method is, the refusal is served by a request-*streaming* handler: grpc runs a
+    unary-request handler only after it has received (buffered and deserialised) the whole request,
+    up to the server's message size limit, so an anonymous peer could make the node hold hundreds of
+    MiB per call. A streaming handler that never iterates its requests leaves them unread; HTTP/2 flow
+    control stops the peer after one window (64 KiB). The response kind does not matter on the wire:
+    a refused call carries no response message, only the status.
+    """
     message = f"{method}: missing or wrong cluster token"
 
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def refuse(_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await _refuse(context, message)
 
-    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def refuse_stream(_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        await _refuse(context, message)
         yield  # pragma: no cover - makes this an async generator, as response-streaming handlers are
 
-    async def refuse_bidi(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        # Aborting while the client's first message is still arriving makes grpc core end the stream
-        # with INTERNAL instead of this status; take (and drop) that one message, bounded in time.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(anext(aiter(requests)), REFUSE_READ_TIMEOUT_S)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator, as response-streaming handlers are
+    if handler is not None and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    # unknown methods too: still answer UNAUTHENTICATED, revealing nothing about the API
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
-    if handler is None:  # unknown method: still answer UNAUTHENTICATED, revealing nothing about the API
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse_bidi)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+
+async def _refuse(context: grpc.aio.ServicerContext, message: str) -> None:
+    # grpc's asyncio client turns a write that fails because the call already ended into INTERNAL
+    # ("Failed execute_batch: SendMessageOperation") instead of the status the server sent. Its first
+    # writes complete locally within milliseconds (grpc core buffers a message and flow control holds
+    # it unread), so a short pause before the status gives the caller the real reason - UNAUTHENTICATED -
+    # without this side ever reading the request. Nothing here can be waited on instead: observing the
+    # peer's message would mean reading it.
+    await asyncio.sleep(REFUSE_GRACE_S)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,11 +19,14 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from afd.wire import frames
 from afd.wire.frames import MalformedFrame
 
 SERVICE = "afd.v1.FfnData"
 METHOD = f"/{SERVICE}/Exchange"
 _TAG = b"\x0a"  # field 1, wire type 2 (length-delimited)
+ENVELOPE_OVERHEAD = 1 + 10
+"""Bytes a DataFrame adds around its frame: the tag and a length varint (at most 10 bytes)."""
 
 
 def _varint(value: int) -> bytes:
@@ -92,6 +95,16 @@ def exchange_handler(
 def exchange_call(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
     """The client side of FfnData.Exchange on `channel`, carrying raw serialised DataFrames."""
     return channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+
+
+def max_exchange_message_bytes(max_frame_bytes: int) -> int:
+    """The largest serialised DataFrame whose frame carries at most `max_frame_bytes` of tensors.
+
+    The frame may add its prefix and a header (the slack `frames.unpack` allows), the envelope its tag
+    and length. A server's receive limit set to this refuses anything larger before it is handed over,
+    rather than the 257 MiB "frame limit plus a generous MiB" a blanket limit would allow.
+    """
+    return max_frame_bytes + frames.MAX_HEADER_BYTES + frames.PREFIX.size + 64 + ENVELOPE_OVERHEAD
 
 
 def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from afd.errors import ConfigError
+from afd.wire import auth
 from afd.wire.auth import AUTH_HEADER, ClusterAuth, TokenServerInterceptor, read_token_file
 
 TOKEN = "0123456789abcdef-cluster"
@@ -34,6 +35,16 @@ class FakeContext:
         raise Aborted
 
 
+class Untouchable:
+    """Requests of a refused call: reading them is the defect."""
+
+    def __aiter__(self) -> Any:
+        raise AssertionError("a refused call's request was read")
+
+    def __iter__(self) -> Any:
+        raise AssertionError("a refused call's request was read")
+
+
 def decide(method: str, metadata: tuple[tuple[str, str], ...], streaming: bool = False) -> tuple[str, Any]:
     """Run the interceptor; returns ("served", handler) or ("refused", status code)."""
     real = (
@@ -49,11 +60,13 @@ def decide(method: str, metadata: tuple[tuple[str, str], ...], streaming: bool =
         handler = await TokenServerInterceptor(TOKEN).intercept_service(continuation, Details(method, metadata))
         if handler is real:
             return "served", handler
-        assert (handler.request_streaming, handler.response_streaming) == (streaming, streaming)
+        # refused unread: always a request-streaming handler (grpc reads a unary request in full before
+        # its handler runs), whose requests are never touched
+        assert (handler.request_streaming, handler.response_streaming) == (True, streaming)
         context = FakeContext()
-        behaviour = handler.stream_stream if streaming else handler.unary_unary
+        behaviour = handler.stream_stream if streaming else handler.stream_unary
         with pytest.raises(Aborted):
-            result = behaviour(iter(()) if streaming else None, context)
+            result = behaviour(Untouchable(), context)
             if hasattr(result, "__anext__"):
                 await result.__anext__()
             else:
@@ -61,6 +74,11 @@ def decide(method: str, metadata: tuple[tuple[str, str], ...], streaming: bool =
         return "refused", context.code
 
     return asyncio.run(run())
+
+
+@pytest.fixture(autouse=True)
+def no_refusal_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "REFUSE_GRACE_S", 0.0)
 
 
 @pytest.mark.parametrize(

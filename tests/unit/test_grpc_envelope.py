@@ -52,3 +52,18 @@ def test_inconsistent_placement_is_a_config_error() -> None:
     broken = pb.Placement(num_experts=4, nodes=[pb.PlacementEntry(node_id="a", experts=[0, 1], mlp_share=1.0)])
     with pytest.raises(ConfigError, match="not placed"):
         placement_from_proto(broken)
+
+
+def test_exchange_message_limit_fits_the_largest_frame_and_no_more() -> None:
+    import torch
+
+    from afd.ffn_messages import FfnRequest
+    from afd.wire import frames
+
+    hidden = torch.zeros(64, 16)  # 4 KiB of tensors
+    header, tensors = frames.encode_request(FfnRequest(layer=0, hidden=hidden), seq=1, sender="attn-0")
+    parts, length = frames.pack_parts(header, tensors)
+    message = grpc_data.envelope(parts, length)
+    limit = grpc_data.max_exchange_message_bytes(hidden.numel() * hidden.element_size())
+    assert len(message) <= limit
+    assert limit < hidden.numel() * hidden.element_size() + 2**17, "frame limit plus envelope, not a blanket MiB"
