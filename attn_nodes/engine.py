@@ -152,7 +152,7 @@ class AttentionEngine:
                 self.sampler.sample(
                     group_logits,
                     [c.request.params for c in sampling],
-                    [c.request.generator for c in sampling],
+                    [c.request.next_token_generator() for c in sampling],
                 )
                 if sampling
                 else []

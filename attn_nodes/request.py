@@ -17,6 +17,20 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A well-mixed 63-bit seed for token `position` of a request seeded with `seed` (splitmix64 finaliser).
+
+    Neighbouring (seed, position) pairs give unrelated streams, unlike seed + position.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
 @dataclass(slots=True)
 class Request:
     """Prompt, output so far and progress through the KV cache."""
@@ -32,12 +46,17 @@ class Request:
     """"stop", "length" or "abort" once finished."""
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None
-    """Per-request generator when params.seed is set."""
 
-    def __post_init__(self) -> None:
-        if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+    def next_token_generator(self) -> torch.Generator | None:
+        """The generator for the next sampled token of a seeded request (None without a seed).
+
+        Seeded from (seed, output position) rather than advanced from one per-request stream, so that a
+        request migrated to another attention node with its output so far (resume tokens) samples exactly
+        what it would have sampled where it started; the stream state never has to travel.
+        """
+        if self.params.seed is None:
+            return None
+        return torch.Generator().manual_seed(position_seed(self.params.seed, len(self.output_token_ids)))
 
     @property
     def num_tokens(self) -> int:

@@ -70,3 +70,30 @@ def test_per_request_seed_is_reproducible_and_independent_of_batch():
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(RequestError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_seeded_request_resumed_elsewhere_samples_what_it_would_have(tiny_checkpoint):
+    """Migration re-prefills a request with its output so far on another engine; its seeded draws must go
+    on as if it had never moved (the generator is derived from (seed, position), not carried)."""
+    from attn_nodes.config import EngineConfig
+    from tests.engines import inprocess_engine
+
+    config = EngineConfig(block_size=4, num_kv_blocks=64, dtype="float32")
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=77, ignore_eos=True)
+    prompt = [3, 14, 15, 92]
+    whole = inprocess_engine(tiny_checkpoint("qwen3_moe"), 2, config).generate([prompt], params)[0]
+    other = inprocess_engine(tiny_checkpoint("qwen3_moe"), 2, config)  # a second node, fresh sampler state
+    request_id = other.add_request(prompt, params, "migrated", resume_output_token_ids=whole[:5])
+    rest: list[int] = []
+    while other.has_unfinished():
+        rest += [t for out in other.step() if out.request_id == request_id for t in out.new_token_ids]
+    assert whole[:5] + rest == whole
+    unseeded = SamplingParams(max_tokens=12, temperature=1.0, seed=78, ignore_eos=True)
+    assert inprocess_engine(tiny_checkpoint("qwen3_moe"), 2, config).generate([prompt], unseeded)[0] != whole
+
+
+def test_position_seeds_differ_for_neighbouring_seeds_and_positions():
+    from attn_nodes.request import position_seed
+
+    seeds = {position_seed(seed, position) for seed in range(50) for position in range(50)}
+    assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
