@@ -18,12 +18,47 @@ node_app = typer.Typer(no_args_is_help=True, help="Run one node of an AFD cluste
 
 ModelOption = Annotated[Path | None, typer.Option(help="HF checkpoint directory; the built-in demo model if omitted.")]
 TokenOption = Annotated[Path | None, typer.Option(help="File holding the shared cluster token.")]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Run without a cluster token: anyone who can reach this node may join the cluster or send it work.",
+    ),
+]
 ReadyOption = Annotated[Path | None, typer.Option(help="Write the bound port(s) here once serving.")]
 MicrobatchOption = Annotated[str, typer.Option(help="Microbatches per step: auto (router's plan) or a number.")]
 
 
 def _logging(name: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+
+
+def _cluster_auth(token_file: Path | None, insecure: bool) -> ClusterAuth:
+    """The node's ClusterAuth; exits (status 2) without a token unless `--insecure` says so explicitly.
+
+    A node without a token accepts every caller: a Register of a fake attention node, prompts, data frames.
+    Launchers (`afd up`, Ray, the k8s manifests) always pass a token; a node started by hand must too.
+    """
+    if token_file is not None and insecure:
+        raise typer.BadParameter("give --cluster-token-file or --insecure, not both")
+    if token_file is None and not insecure:
+        typer.echo(
+            "error: no --cluster-token-file given; refusing to start a node that accepts anyone. Pass the "
+            "cluster's token file (the same one on every node), or --insecure to run unauthenticated anyway.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if insecure:
+        logging.getLogger("afd.node").warning(
+            "INSECURE: no cluster token - any process that can reach this node's ports can join the cluster, "
+            "register nodes and send it work. Use --cluster-token-file outside single-user development."
+        )
+        return ClusterAuth()
+    try:
+        return ClusterAuth.from_config(token_file=token_file)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _microbatches(value: str) -> int | None:
@@ -50,6 +85,7 @@ def router_command(
     served_model_name: Annotated[str | None, typer.Option(help="Model name in the API.")] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="File with the API key clients must send.")] = None,
     cluster_token_file: TokenOption = None,
+    insecure: InsecureOption = False,
     max_model_len: Annotated[int | None, typer.Option(help="Context limit (default: the model's).")] = None,
     microbatches: MicrobatchOption = "auto",
     max_waiting: Annotated[int, typer.Option(help="Queued requests before 429.")] = 256,
@@ -62,6 +98,7 @@ def router_command(
     from router.server import RouterConfig, run_router
 
     _logging("router")
+    auth = _cluster_auth(cluster_token_file, insecure)
     config = RouterConfig(
         model=model or builtin_model_dir(),
         host=host,
@@ -69,7 +106,7 @@ def router_command(
         grpc_port=grpc_port,
         served_model_name=served_model_name,
         api_key=read_token_file(api_key_file) if api_key_file else None,
-        auth=ClusterAuth.from_config(token_file=cluster_token_file),
+        auth=auth,
         max_model_len=max_model_len,
         controller=ControllerConfig(node_timeout_s=node_timeout, microbatches=_microbatches(microbatches)),
         backend=BackendConfig(max_waiting=max_waiting),
@@ -94,6 +131,7 @@ def attention_command(
     kv_cache_gib: Annotated[float, typer.Option(help="KV cache memory.")] = 1.0,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     cluster_token_file: TokenOption = None,
+    insecure: InsecureOption = False,
     ready_file: ReadyOption = None,
 ) -> None:
     """An attention node: KV cache, attention halves, sampling."""
@@ -103,6 +141,7 @@ def attention_command(
     if device != "cpu":
         raise typer.BadParameter("only --device cpu is implemented for attention nodes in this release")
     _logging(node_id)
+    auth = _cluster_auth(cluster_token_file, insecure)
     config = AttentionNodeConfig(
         model=model or builtin_model_dir(),
         router=router,
@@ -113,7 +152,7 @@ def attention_command(
         transport=transport,  # type: ignore[arg-type]
         microbatches=_microbatches(microbatches),
         engine=EngineConfig(dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib),  # type: ignore[arg-type]
-        auth=ClusterAuth.from_config(token_file=cluster_token_file),
+        auth=auth,
         threads=threads,
         ready_file=ready_file,
     )
@@ -132,6 +171,7 @@ def ffn_command(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     cluster_token_file: TokenOption = None,
+    insecure: InsecureOption = False,
     ready_file: ReadyOption = None,
 ) -> None:
     """An FFN node: a shard of every layer's experts and MLP slices; returns partial sums."""
@@ -145,6 +185,7 @@ def ffn_command(
     if threads:
         torch.set_num_threads(threads)
     _logging(node_id)
+    auth = _cluster_auth(cluster_token_file, insecure)
     load_builtin_acceptors()
     config = FfnServerConfig(
         model_dir=model or builtin_model_dir(),
@@ -152,7 +193,7 @@ def ffn_command(
         host=host,
         port=port,
         dtype=dtype,
-        auth=ClusterAuth.from_config(token_file=cluster_token_file),
+        auth=auth,
     )
     attachment = ClusterAttachment(router=router, advertise_host=advertise_host)
     _run(run_ffn_node(config, attachment, ready_file))

@@ -4,14 +4,22 @@ without a cluster token does not start unless told `--insecure`."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import grpc
+import pytest
+from typer.testing import CliRunner
 
 from afd.model_spec import ModelSpec
 from afd.wire import grpc_data
 from afd.wire.auth import ClusterAuth
-from tests.cluster_helpers import TEST_TOKEN, launch_ffn_server, write_token_file
+from orchestration.cli import app
+from tests.cluster_helpers import READY_TIMEOUT_S, REPO_ROOT, TEST_TOKEN, launch_ffn_server, write_token_file
 from tests.engines import uneven_placement
 
 MIB = 2**20
@@ -76,3 +84,71 @@ def test_unauthenticated_large_messages_are_refused_before_they_are_read(tiny_ch
             assert pb_grpc.FfnNodeStub(member).Status(pb.StatusRequest(), timeout=10).node_id == "ffn-0"
     finally:
         node.stop()
+
+
+# -- a node without a token --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["node", "router", "--http-port", "0", "--grpc-port", "0"],
+        ["node", "attn", "--router", "127.0.0.1:1", "--node-id", "attn-0"],
+        ["node", "ffn", "--router", "127.0.0.1:1", "--node-id", "ffn-0"],
+    ],
+    ids=["router", "attn", "ffn"],
+)
+def test_a_node_without_a_token_refuses_to_start(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "no --cluster-token-file" in result.output and "--insecure" in result.output
+
+
+def test_token_and_insecure_together_are_refused(tmp_path: Path) -> None:
+    args = ["node", "router", "--insecure", "--cluster-token-file", str(write_token_file(tmp_path))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "not both" in result.output
+
+
+def _spawn_node(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestration.cli", "node", *args],
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        )
+
+
+def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float = READY_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()):
+        assert process.poll() is None, f"exited with {process.returncode}:\n{log.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, f"not ready within {timeout} s:\n{log.read_text(errors='replace')}"
+        time.sleep(0.1)
+    return path.read_text()
+
+
+def test_insecure_nodes_start_and_say_so_loudly(tmp_path: Path) -> None:
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        router_ready, router_log = tmp_path / "router.json", tmp_path / "router.log"
+        router_args = ["router", "--insecure", "--http-port", "0", "--grpc-port", "0", "--ready-file"]
+        processes.append(_spawn_node([*router_args, str(router_ready)], router_log))
+        ports = json.loads(_wait_for(router_ready, processes[0], router_log))
+        ffn_ready, ffn_log = tmp_path / "ffn.ready", tmp_path / "ffn.log"
+        ffn_args = ["ffn", "--insecure", "--router", f"127.0.0.1:{ports['grpc_port']}", "--node-id", "ffn-0"]
+        processes.append(_spawn_node([*ffn_args, "--threads", "1", "--ready-file", str(ffn_ready)], ffn_log))
+        _wait_for(ffn_ready, processes[1], ffn_log)
+        for log in (router_log, ffn_log):
+            assert "INSECURE: no cluster token" in log.read_text(errors="replace")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)

@@ -95,6 +95,7 @@ def test_attention_node_with_nccl_and_no_gpu_refuses_to_start(builtin):
     if unavailable_reason() is None:
         pytest.skip("NCCL is usable here")
     args = ["node", "attn", "--router", "127.0.0.1:1", "--node-id", "a", "--transport", "nccl", "--model", str(builtin)]
+    args.append("--insecure")  # a node without a token refuses to start unless told so
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "error: NCCL" in result.output and "use the gloo, shm or grpc transport" in result.output
