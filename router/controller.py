@@ -56,6 +56,10 @@ class ControllerConfig:
     """Fixed microbatch count for every attention node; None = plan from capacity profiles (auto)."""
 
 
+RECENT_PLACEMENTS = 4
+"""Placements the controller remembers for mapping expert counts (an FFN node holds at most two)."""
+
+
 class Controller:
     def __init__(self, spec: ModelSpec, auth: ClusterAuth, metrics: RouterMetrics, config: ControllerConfig) -> None:
         self.spec = spec
@@ -71,6 +75,9 @@ class Controller:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._placement_changed = asyncio.Event()
         self._tasks: set[asyncio.Future] = set()
+        self._recent_placements: dict[int, ExpertPlacement] = {}
+        """Version -> placement, for the last RECENT_PLACEMENTS planned: FFN nodes report expert counts
+        under the version they computed with, which may be an older or a not yet committed one."""
         top_k = max((layer.moe.top_k for layer in spec.layers if layer.moe), default=0)
         self._top_k = top_k
 
@@ -135,7 +142,7 @@ class Controller:
             time.monotonic(),
         )
         node.placement_version = request.placement_version
-        self._record_load(node, load)
+        self._record_load(node, load, request.placement_version)
         response = pb.HeartbeatResponse(drain=node.state is NodeState.DRAINING)
         if self.placement is not None and request.placement_version < self.placement.version:
             response.placement.CopyFrom(self._placement_message(self.placement))
@@ -210,6 +217,7 @@ class Controller:
             placement = plan_placement(
                 self.spec.num_experts, pool_speeds(pool, "ffn"), previous=current, version=version
             )
+            self._remember(placement)
             log.info(
                 "placement v%d (%s): %s",
                 version,
@@ -316,14 +324,23 @@ class Controller:
         return plan_microbatches(costs)
 
     # ---- reporting -------------------------------------------------------------------------------------
-    def _record_load(self, node: NodeRecord, load: pb.NodeLoad) -> None:
+    def _remember(self, placement: ExpertPlacement) -> None:
+        self._recent_placements[placement.version] = placement
+        for version in sorted(self._recent_placements)[:-RECENT_PLACEMENTS]:
+            del self._recent_placements[version]
+
+    def _record_load(self, node: NodeRecord, load: pb.NodeLoad, version: int) -> None:
+        """`version`: the placement the node computed under; its expert counts are per expert it held then."""
         if node.role == "ffn":
             self.metrics.ffn_busy.labels(node.node_id).set(load.busy_fraction)
-            if self.placement is not None and node.node_id in self.placement.nodes:
-                held = self.placement.experts[self.placement.index(node.node_id)]
+            placement = self._recent_placements.get(version)
+            if placement is not None and node.node_id in placement.nodes:
+                held = placement.experts[placement.index(node.node_id)]
                 for expert, count in zip(held, load.expert_token_counts, strict=False):
                     if count:
                         self.metrics.expert_tokens.labels(str(expert)).inc(count)
+            elif any(load.expert_token_counts):
+                log.debug("dropped expert counts of %s under unknown placement v%d", node.node_id, version)
         for transfer in load.transfers:
             layer = str(transfer.layer)
             self.metrics.layer_round_trips.labels(layer).inc(transfer.round_trips)
