@@ -37,7 +37,7 @@ from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from afd.wire.placement_proto import placement_from_proto
-from attn_nodes.calibration import attention_us_per_token, device_description
+from attn_nodes.calibration import CALIBRATION_CONTEXT, attention_us_per_token, device_description
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
 from attn_nodes.request import RequestOutput
@@ -211,7 +211,7 @@ class AttentionNodeServer:
             device_memory_bytes=memory,
             device_count=count,
             attention_us_per_token=attention_us_per_token(self.engine.model),
-            attention_context_len=128,
+            attention_context_len=CALIBRATION_CONTEXT,
             kv_cache_blocks=self.engine.kv.num_blocks,
             kv_block_size=engine_config.block_size,
             max_num_seqs=engine_config.max_num_seqs,

@@ -374,6 +374,7 @@ class Controller:
                     "device_kind": node.capacity.device_kind,
                     "device_count": node.capacity.device_count,
                     "device_memory_bytes": node.capacity.device_memory_bytes,
+                    "measured_us": _measured_cost(node),
                     "num_running": node.load.num_running,
                     "num_waiting": node.load.num_waiting,
                     "kv_cache_usage": node.load.kv_cache_usage,
@@ -390,6 +391,15 @@ class Controller:
             "placement_version": placement.version if placement else None,
             "nodes": nodes,
         }
+
+
+def _measured_cost(node: NodeRecord) -> dict[str, float | int]:
+    """The start-up measurement behind a node's share: per token (attention, at a context length) or per
+    token-expert pair (FFN), microseconds per layer."""
+    capacity = node.capacity
+    if node.role == "attention":
+        return {"per_token": capacity.attention_us_per_token, "at_context_len": capacity.attention_context_len}
+    return {"per_token_expert": capacity.ffn_us_per_token_expert}
 
 
 def pool_speeds(nodes: list[NodeRecord], role: Role) -> dict[str, float]:

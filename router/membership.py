@@ -23,15 +23,25 @@ class Capacity:
     """A node's hardware and measured costs (CapacityProfile on the wire)."""
 
     device_kind: str = "cpu"
+    """What computes, as the node describes it ("NVIDIA H200", "cpu (8 threads)")."""
     device_memory_bytes: int = 0
+    """Memory of that device, bytes (host memory for a CPU node)."""
     device_count: int = 1
+    """Devices the node computes on."""
     attention_us_per_token: float = 0.0
+    """Attention nodes: measured microseconds per token per layer of a decode batch at attention_context_len."""
     attention_context_len: int = 0
+    """Context length, tokens, at which attention_us_per_token was measured."""
     ffn_us_per_token_expert: float = 0.0
+    """FFN nodes: measured microseconds per (token, expert) pair per layer."""
     link_bytes_per_second: float = 0.0
+    """Not measured yet (0): reserved for the data plane's own bandwidth figure."""
     kv_cache_blocks: int = 0
+    """Attention nodes: KV cache size, in blocks."""
     kv_block_size: int = 0
+    """Tokens per KV block."""
     max_num_seqs: int = 0
+    """Attention nodes: most requests in one decode batch."""
 
     def speed(self, role: Role) -> float:
         """Relative throughput for placement: inverse of the measured per-token cost (1.0 if unknown)."""
@@ -44,27 +54,38 @@ class Load:
     """Latest heartbeat figures."""
 
     num_running: int = 0
+    """Attention nodes: requests in the decode batch."""
     num_waiting: int = 0
+    """Attention nodes: requests queued for a batch slot or KV blocks."""
     kv_cache_usage: float = 0.0
+    """Attention nodes: share of KV blocks in use, 0..1."""
     busy_fraction: float = 0.0
+    """FFN nodes: share of wall time spent computing since the last heartbeat, 0..1."""
     generated_tokens: int = 0
+    """Monotonic since the node started: tokens generated (attention) or token rows computed (FFN)."""
 
 
 @dataclass(slots=True)
 class NodeRecord:
     node_id: str
+    """Unique in the cluster; a node that restarts registers under the same id."""
     role: Role
     address: str
+    """host:port of the node's gRPC server."""
     capacity: Capacity
     transports: tuple[str, ...] = ()
+    """Data planes the node speaks (grpc, gloo, shm, nccl)."""
     state: NodeState = NodeState.JOINING
     load: Load = field(default_factory=Load)
+    """From the latest heartbeat."""
     last_seen: float = field(default_factory=time.monotonic)
+    """time.monotonic() of the latest heartbeat, seconds."""
     placement_version: int = -1
     """Placement version the node last acknowledged."""
     inflight: int = 0
     """Requests the router currently streams from this node (attention nodes)."""
     tokens_per_s: float = 0.0
+    """Smoothed rate of generated_tokens, tokens per second."""
     _last_tokens: tuple[float, int] = (0.0, 0)
 
     def observe(self, load: Load, now: float) -> None:

@@ -49,3 +49,14 @@ def test_expert_counts_follow_the_reported_placement_version_not_the_current_one
     assert _expert_tokens(metrics) == {0: 5.0, n // 2 + 1: 3.0}
     asyncio.run(beat(7, [9] * (n // 2)))  # a version the router never planned: dropped, not misattributed
     assert _expert_tokens(metrics) == {0: 5.0, n // 2 + 1: 3.0}
+
+
+def test_status_shows_each_nodes_measured_cost_with_its_context_length(tiny_checkpoint):
+    spec = ModelSpec.from_pretrained(tiny_checkpoint("qwen3_moe"))
+    controller = Controller(spec, ClusterAuth(), RouterMetrics("m"), ControllerConfig())
+    attention = Capacity(attention_us_per_token=12.5, attention_context_len=128)
+    controller.membership.add(NodeRecord("attn-0", "attention", "127.0.0.1:1", attention, state=NodeState.READY))
+    controller.membership.add(NodeRecord("ffn-0", "ffn", "127.0.0.1:2", Capacity(ffn_us_per_token_expert=3.0)))
+    nodes = {n["node_id"]: n for n in controller.status()["nodes"]}
+    assert nodes["attn-0"]["measured_us"] == {"per_token": 12.5, "at_context_len": 128}
+    assert nodes["ffn-0"]["measured_us"] == {"per_token_expert": 3.0}
