@@ -343,8 +343,11 @@ class AttentionNodeServer:
         self._wake.set()
         return done
 
-    async def drain_and_stop(self, reason: str) -> None:
-        """Take no new requests, let running ones finish (or hand them back after the deadline), leave."""
+    async def drain_and_stop(self, reason: str, deadline_s: float | None = None) -> None:
+        """Take no new requests, let running ones finish (or hand them back after the deadline), leave.
+
+        deadline_s: how long running requests may take to finish; the configured drain_timeout_s when None.
+        """
         if self.draining:
             return
         self.draining = True
@@ -352,7 +355,7 @@ class AttentionNodeServer:
         if self._router is not None:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self._router.Leave(pb.LeaveRequest(node_id=self.config.node_id, reason=reason), timeout=10)
-        deadline = time.monotonic() + self.config.drain_timeout_s
+        deadline = time.monotonic() + (self.config.drain_timeout_s if deadline_s is None else deadline_s)
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for request_id, stream in list(self._streams.items()):
@@ -553,7 +556,8 @@ class _AttentionServicer(pb_grpc.AttentionNodeServicer):
         return pb.AbortResponse()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
-        self.node._background(self.node.drain_and_stop("drain requested"))
+        deadline = request.deadline_seconds if request.deadline_seconds > 0 else None
+        self.node._background(self.node.drain_and_stop("drain requested", deadline))
         return pb.DrainResponse(num_unfinished=len(self.node._streams))
 
     async def UpdatePlacement(
