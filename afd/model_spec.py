@@ -7,6 +7,7 @@ tensor names live in `afd.tensor_names`, keyed by `ModelSpec.family`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -431,3 +432,26 @@ def _parse_layer(family: Family, c: _Config, layer: int) -> LayerFfnSpec:
         shared_intermediate_size=moe_inter * c.int("n_shared_experts", default=0),
     )
     return LayerFfnSpec(kind="moe", moe=moe)
+
+
+FINGERPRINT_IGNORED_KEYS = frozenset({"_name_or_path", "transformers_version"})
+"""config.json keys that differ between saves of the same model and do not change what it computes."""
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Identity of a checkpoint's architecture: sha256 of its config.json, keys sorted, whitespace ignored.
+
+    Every node of a cluster must serve the same model; the router refuses a node whose fingerprint differs
+    from its own (RegisterRequest.model_fingerprint). It is a check against a wrong --model path, not a
+    content hash of the weights (hashing hundreds of GB at every start is not affordable).
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    kept = {key: value for key, value in config.items() if key not in FINGERPRINT_IGNORED_KEYS}
+    canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -29,7 +29,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from afd.errors import ConfigError, PeerError, RequestError
-from afd.model_spec import ModelSpec
+from afd.model_spec import ModelSpec, model_fingerprint
 from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
 from afd.transport.base import FfnTransport
@@ -255,6 +255,7 @@ class AttentionNodeServer:
             address=self.address,
             capacity=self._capacity,
             transports=[self.config.transport],
+            model_fingerprint=model_fingerprint(self.config.model),
         )
         while True:
             try:

@@ -22,7 +22,7 @@ import torch
 from afd.checkpoint import CheckpointReader
 from afd.dtypes import resolve_dtype
 from afd.errors import ConfigError
-from afd.model_spec import ModelSpec
+from afd.model_spec import ModelSpec, model_fingerprint
 from afd.tensor_names import TensorNames
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
@@ -72,6 +72,7 @@ class FfnClusterNode(FfnNodeServer):
             address=self.advertised,
             capacity=capacity,
             transports=["grpc", *sorted(self.acceptors)],
+            model_fingerprint=model_fingerprint(self.config.model_dir),
         )
         deadline = time.monotonic() + self.attachment.register_timeout_s
         while True:

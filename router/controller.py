@@ -61,8 +61,18 @@ RECENT_PLACEMENTS = 4
 
 
 class Controller:
-    def __init__(self, spec: ModelSpec, auth: ClusterAuth, metrics: RouterMetrics, config: ControllerConfig) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        auth: ClusterAuth,
+        metrics: RouterMetrics,
+        config: ControllerConfig,
+        model_fingerprint: str | None = None,
+    ) -> None:
+        """model_fingerprint: afd.model_spec.model_fingerprint of the served checkpoint; nodes registering
+        with another one are refused. None accepts any (a controller driven directly by tests)."""
         self.spec = spec
+        self.model_fingerprint = model_fingerprint
         self.auth = auth
         self.metrics = metrics
         self.config = config
@@ -110,6 +120,12 @@ class Controller:
         role = _ROLES.get(request.role)
         if role is None or not request.node_id or not request.address:
             raise ValueError("register needs node_id, address and role attention or ffn")
+        if self.model_fingerprint is not None and request.model_fingerprint != self.model_fingerprint:
+            raise ValueError(
+                f"node {request.node_id} serves a checkpoint with fingerprint "
+                f"{request.model_fingerprint or '(none)'}, the router serves {self.model_fingerprint}: "
+                "every node must be started with the same --model (its config.json differs)"
+            )
         record = NodeRecord(
             node_id=request.node_id,
             role=role,

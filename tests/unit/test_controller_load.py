@@ -60,3 +60,52 @@ def test_status_shows_each_nodes_measured_cost_with_its_context_length(tiny_chec
     nodes = {n["node_id"]: n for n in controller.status()["nodes"]}
     assert nodes["attn-0"]["measured_us"] == {"per_token": 12.5, "at_context_len": 128}
     assert nodes["ffn-0"]["measured_us"] == {"per_token_expert": 3.0}
+
+
+def test_register_refuses_a_node_whose_checkpoint_differs(tiny_checkpoint):
+    from afd.model_spec import model_fingerprint
+
+    directory = tiny_checkpoint("qwen3_moe")
+    ours = model_fingerprint(directory)
+    controller = Controller(
+        ModelSpec.from_pretrained(directory),
+        ClusterAuth(),
+        RouterMetrics("m"),
+        ControllerConfig(),
+        model_fingerprint=ours,
+    )
+
+    def register(fingerprint: str) -> None:
+        request = pb.RegisterRequest(
+            node_id="attn-0", role=pb.ROLE_ATTENTION, address="127.0.0.1:1", model_fingerprint=fingerprint
+        )
+        asyncio.run(controller.register(request))
+
+    for wrong in (model_fingerprint(tiny_checkpoint("llama")), ""):
+        try:
+            register(wrong)
+        except ValueError as exc:
+            assert "every node must be started with the same --model" in str(exc)
+        else:
+            raise AssertionError(f"fingerprint {wrong!r} was accepted")
+    assert controller.membership.get("attn-0") is None
+    register(ours)
+    assert controller.membership.get("attn-0") is not None
+
+
+def test_fingerprint_ignores_formatting_and_save_metadata_but_not_the_architecture(tmp_path, tiny_checkpoint):
+    import json
+    import shutil
+
+    from afd.model_spec import model_fingerprint
+
+    directory = tiny_checkpoint("qwen3_moe")
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["transformers_version"] = "0.0.0"
+    (copy / "config.json").write_text(json.dumps(config, indent=7, sort_keys=False))
+    assert model_fingerprint(copy) == model_fingerprint(directory)
+    config["num_hidden_layers"] += 1
+    (copy / "config.json").write_text(json.dumps(config))
+    assert model_fingerprint(copy) != model_fingerprint(directory)
