@@ -1,11 +1,6 @@
-"""The attention node process: the engine on its own thread, the AttentionNode gRPC service, and the
-router protocol (register, heartbeat, placement updates, drain and leave).
-
-The engine thread owns the engine: requests, aborts and placement changes reach it through an inbox
-and are applied between steps, so a placement switch is atomic for every step. When an FFN node fails
-mid-step the step raises PeerError; the node reports the peer to the router, keeps applying its inbox
-until a placement without that peer arrives, and runs the step again (the KV cache writes of a step are
-idempotent, so re-running it is safe).
+"""The attention node process: the AttentionNode gRPC service in front of the engine thread
+(attn_nodes/engine_thread.py), and the router protocol (register, heartbeat, placement updates, drain and
+leave).
 """
 
 from __future__ import annotations
@@ -14,9 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import queue
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,7 +23,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from afd.errors import ConfigError, PeerError, RequestError
 from afd.model_spec import ModelSpec, model_fingerprint
-from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
 from afd.transport.base import FfnTransport
 from afd.wire.auth import ClusterAuth
@@ -40,6 +32,7 @@ from afd.wire.placement_proto import placement_from_proto
 from attn_nodes.calibration import CALIBRATION_CONTEXT, attention_us_per_token, device_description
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
+from attn_nodes.engine_thread import EngineThread, OutputStream, RecoveryPlacement
 from attn_nodes.request import RequestOutput
 
 log = logging.getLogger("afd.attention")
@@ -91,29 +84,14 @@ class AttentionNodeConfig:
             raise ConfigError(f"microbatches must be >= 1, got {self.microbatches}")
 
 
-@dataclass(slots=True)
-class _Stream:
-    """Where one request's outputs go (the event loop side of a Generate call)."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
 class AttentionNodeServer:
     def __init__(self, config: AttentionNodeConfig) -> None:
         self.config = config
         self.engine: AttentionEngine | None = None
         self.transport: FfnTransport | None = None
+        self.engine_thread: EngineThread | None = None
         self.port: int | None = None
         self.draining = False
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
-        self._thread: threading.Thread | None = None
-        self._stop_engine = False
         self._grpc: grpc.aio.Server | None = None
         self._router: pb_grpc.RouterStub | None = None
         self._router_channel: grpc.aio.Channel | None = None
@@ -122,7 +100,6 @@ class AttentionNodeServer:
         self._closed = False
         self._capacity = pb.CapacityProfile()
         self._health: health.aio.HealthServicer | None = None
-        self._generated = 0
         self._tasks: set[asyncio.Future] = set()
 
     @property
@@ -153,8 +130,10 @@ class AttentionNodeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         self.port = config.auth.add_port(self._grpc, f"{config.host}:{config.port}")
         await self._grpc.start()
-        self._thread = threading.Thread(target=self._engine_loop, name=f"engine-{config.node_id}", daemon=True)
-        self._thread.start()
+        self.engine_thread = EngineThread(
+            self.engine, self.transport, config.node_id, config.recovery_timeout_s, self._report_failure
+        )
+        self.engine_thread.start()
         self._router_channel = config.auth.aio_channel(config.router)
         self._router = pb_grpc.RouterStub(self._router_channel)
         await self._register(config.register_timeout_s)
@@ -232,12 +211,10 @@ class AttentionNodeServer:
             self._heartbeat_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._heartbeat_task
-        self._stop_engine = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
-        for stream in list(self._streams.values()):
-            stream.put(PeerError(self.config.node_id, "attention node shut down"))
+        if self.engine_thread is not None:
+            await asyncio.to_thread(self.engine_thread.stop, 10)
+            for stream in list(self.engine_thread.streams.values()):
+                stream.put(PeerError(self.config.node_id, "attention node shut down"))
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         if self._router_channel is not None:
@@ -282,7 +259,7 @@ class AttentionNodeServer:
                 num_running=len(engine.scheduler.running),
                 num_waiting=len(engine.scheduler.waiting),
                 kv_cache_usage=engine.kv.usage,
-                generated_tokens=self._generated,
+                generated_tokens=self.generated,
             )
             for layer, trips, seconds, sent, received in engine.runner.transfers.take():
                 load.transfers.add(
@@ -312,9 +289,8 @@ class AttentionNodeServer:
                     self.offer_placement(response.placement)
                 except ConfigError as exc:
                     log.error("the router sent an unusable placement: %s", exc)
-            if self.config.microbatches is None and response.microbatches:
-                self._inbox.put(("microbatches", response.microbatches))
-                self._wake.set()
+            if self.config.microbatches is None and response.microbatches and self.engine_thread is not None:
+                self.engine_thread.set_microbatches(response.microbatches)
             if response.drain and not self.draining:
                 self._background(self.drain_and_stop("the router asked this node to drain"))
 
@@ -330,19 +306,14 @@ class AttentionNodeServer:
         once (it re-runs on the new placement) instead of after the reply timeout.
         """
         placement, addresses = placement_from_proto(message)
-        done: concurrent.futures.Future[int] = concurrent.futures.Future()
-        current = self.engine.placement if self.engine else None
-        if current is not None and placement.version <= current.version:
-            done.set_result(current.version)
-            return done
-        if self.transport is not None:
+        assert self.engine_thread is not None and self.transport is not None
+        current = self.engine_thread.engine.placement
+        if current is None or placement.version > current.version:
             for node in message.dead_nodes:
                 reason = f"declared dead by the router (placement v{placement.version} drops it)"
                 if self.transport.fail_peer(node, reason):
                     log.warning("stopped waiting on FFN node %s: %s", node, reason)
-        self._inbox.put(("placement", placement, addresses, done))
-        self._wake.set()
-        return done
+        return self.engine_thread.offer_placement(placement, addresses)
 
     async def drain_and_stop(self, reason: str, deadline_s: float | None = None) -> None:
         """Take no new requests, let running ones finish (or hand them back after the deadline), leave.
@@ -357,149 +328,53 @@ class AttentionNodeServer:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self._router.Leave(pb.LeaveRequest(node_id=self.config.node_id, reason=reason), timeout=10)
         deadline = time.monotonic() + (self.config.drain_timeout_s if deadline_s is None else deadline_s)
-        while self._streams and time.monotonic() < deadline:
+        while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for request_id, stream in list(self._streams.items()):
+        for request_id, stream in list(self.streams.items()):
             stream.put(PeerError(self.config.node_id, "attention node drained; the router migrates the request"))
             self.abort(request_id)
         self.request_stop()
 
-    # ---- requests --------------------------------------------------------------------------------------
+    # ---- requests (event loop side; the engine thread applies them between steps) ----------------------
+    @property
+    def streams(self) -> dict[str, OutputStream]:
+        """Requests being served -> where their outputs go."""
+        return self.engine_thread.streams if self.engine_thread is not None else {}
+
+    @property
+    def generated(self) -> int:
+        return self.engine_thread.generated if self.engine_thread is not None else 0
+
     def submit(
-        self, request_id: str, prompt: list[int], params: SamplingParams, resume: list[int], stream: _Stream
+        self, request_id: str, prompt: list[int], params: SamplingParams, resume: list[int], stream: OutputStream
     ) -> None:
-        self._streams[request_id] = stream
-        self._inbox.put(("add", request_id, prompt, params, resume))
-        self._wake.set()
+        assert self.engine_thread is not None, "submit() before start()"
+        self.engine_thread.submit(request_id, prompt, params, resume, stream)
 
     def abort(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self._inbox.put(("abort", request_id))
-            self._wake.set()
+        if self.engine_thread is not None:
+            self.engine_thread.abort(request_id)
 
-    # ---- engine thread ---------------------------------------------------------------------------------
-    def _engine_loop(self) -> None:
-        engine = self.engine
-        assert engine is not None
-        while not self._stop_engine:
-            self._apply_inbox()
-            if engine.placement is None or not engine.has_unfinished():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            try:
-                outputs = engine.step()
-            except PeerError as exc:
-                self._recover(exc)
-                continue
-            except Exception as exc:  # a bug must not leave clients hanging: fail this batch's requests
-                log.exception("engine step failed")
-                for request_id in list(engine.requests):
-                    self._fail(request_id, exc)
-                continue
-            for output in outputs:
-                self._deliver(output)
-
-    def _apply_inbox(self) -> None:
-        engine = self.engine
-        assert engine is not None
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            kind = item[0]
-            if kind == "add":
-                _, request_id, prompt, params, resume = item
-                if request_id not in self._streams:
-                    continue  # aborted before it started
-                try:
-                    engine.add_request(prompt, params, request_id, resume)
-                except RequestError as exc:
-                    self._fail(request_id, exc)
-            elif kind == "abort":
-                engine.abort(item[1])
-            elif kind == "placement":
-                _, placement, addresses, done = item
-                try:
-                    self._switch(placement, addresses)
-                except Exception as exc:  # e.g. a channel that cannot be opened: say so, keep the engine alive
-                    log.exception("placement v%d could not be applied", placement.version)
-                    done.set_exception(exc)
-                else:
-                    done.set_result(placement.version)
-            elif kind == "microbatches":
-                engine.microbatches = item[1]
-
-    def _switch(self, placement: ExpertPlacement, addresses: dict[str, str]) -> None:
-        engine = self.engine
-        assert engine is not None and self.transport is not None
-        current = engine.placement
-        if current is not None and placement.version <= current.version:
-            return
-        set_peers = getattr(self.transport, "set_peers", None)
-        if set_peers is not None:
-            set_peers({node: addresses[node] for node in placement.nodes})
-        engine.set_placement(placement)
-        log.info("attention node %s now on placement v%d", self.config.node_id, placement.version)
-
-    def _recover(self, error: PeerError) -> None:
-        """Report a failed FFN node and wait (applying the inbox) for a placement that avoids it."""
-        engine = self.engine
-        assert engine is not None
-        failed_version = engine.placement.version if engine.placement else -1
-        log.warning("step failed on FFN node %s: %s; asking the router for a new placement", error.peer, error)
+    def _report_failure(self, error: PeerError) -> concurrent.futures.Future[RecoveryPlacement]:
+        """Engine thread -> router: report the failed peer; resolves to the router's placement without it."""
         report = pb.PeerFailureReport(reporter_id=self.config.node_id, peer_id=error.peer, error=str(error))
-        reply = asyncio.run_coroutine_threadsafe(self._report(report), self.loop)
-        deadline = time.monotonic() + self.config.recovery_timeout_s
-        while time.monotonic() < deadline and not self._stop_engine:
-            self._apply_inbox()
-            placement = engine.placement
-            if placement is not None and placement.version > failed_version:
-                return
-            if reply.done() and reply.exception() is None and reply.result() is not None:
-                message = reply.result()
-                assert message is not None
-                if message.version > failed_version and message.nodes:
-                    try:
-                        placement_obj, addresses = placement_from_proto(message)
-                        self._switch(placement_obj, addresses)
-                        return
-                    except Exception:  # keep waiting: the next placement may be usable
-                        log.exception("the router's placement after the failure could not be applied")
-                        reply = concurrent.futures.Future()
-            self._wake.wait(0.05)
-            self._wake.clear()
-        for request_id in list(engine.requests):
-            self._fail(
-                request_id,
-                PeerError(error.peer, f"no placement without it after {self.config.recovery_timeout_s:.0f} s"),
-            )
+        return asyncio.run_coroutine_threadsafe(self._report(report), self.loop)
 
-    async def _report(self, report: pb.PeerFailureReport) -> pb.Placement | None:
+    async def _report(self, report: pb.PeerFailureReport) -> RecoveryPlacement:
         assert self._router is not None
         try:
             response = await self._router.ReportPeerFailure(report, timeout=self.config.recovery_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("could not report the failure to the router: %s", exc.details())
             return None
-        return response.placement
-
-    def _deliver(self, output: RequestOutput) -> None:
-        self._generated += len(output.new_token_ids)
-        stream = self._streams.get(output.request_id)
-        if stream is None:
-            return
-        if output.finished:
-            self._streams.pop(output.request_id, None)
-        stream.put(output)
-
-    def _fail(self, request_id: str, error: BaseException) -> None:
-        assert self.engine is not None
-        self.engine.abort(request_id)
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            stream.put(error)
+        message = response.placement
+        if not message.nodes:
+            return None
+        try:
+            return placement_from_proto(message)
+        except ConfigError as exc:
+            log.error("the router's placement after the failure is unusable: %s", exc)
+            return None
 
 
 class _AttentionServicer(pb_grpc.AttentionNodeServicer):
@@ -525,7 +400,7 @@ class _AttentionServicer(pb_grpc.AttentionNodeServicer):
             )
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = OutputStream(asyncio.get_running_loop(), asyncio.Queue())
         request_id = request.request_id
         node.submit(request_id, list(request.prompt_token_ids), params, list(request.resume_output_token_ids), stream)
         finished = False
@@ -559,7 +434,7 @@ class _AttentionServicer(pb_grpc.AttentionNodeServicer):
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         deadline = request.deadline_seconds if request.deadline_seconds > 0 else None
         self.node._background(self.node.drain_and_stop("drain requested", deadline))
-        return pb.DrainResponse(num_unfinished=len(self.node._streams))
+        return pb.DrainResponse(num_unfinished=len(self.node.streams))
 
     async def UpdatePlacement(
         self, request: pb.Placement, context: grpc.aio.ServicerContext
@@ -581,7 +456,7 @@ class _AttentionServicer(pb_grpc.AttentionNodeServicer):
                 num_running=len(engine.scheduler.running),
                 num_waiting=len(engine.scheduler.waiting),
                 kv_cache_usage=engine.kv.usage,
-                generated_tokens=node._generated,
+                generated_tokens=node.generated,
             ),
             placement_version=placement.version if placement else -1,
         )

@@ -42,6 +42,14 @@ class FfnTransport(ABC):
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         """Wait for every partial sum of `pending`; raises PeerError naming a node that failed."""
 
+    @abstractmethod
+    def set_peers(self, peers: Mapping[str, str]) -> None:
+        """Switch to the FFN nodes of a new placement (node id -> "host:port"); called between steps.
+
+        Links to new nodes are made, links to nodes no longer listed (or at a new address) are closed.
+        Raises PeerError naming a node that cannot be reached.
+        """
+
     def fail_peer(self, node: str, reason: str) -> int:
         """Stop waiting on FFN node `node`: whatever is awaited from it fails now with PeerError(`reason`).
 

@@ -23,6 +23,12 @@ class InProcessTransport(FfnTransport):
     def __init__(self, shards: Mapping[str, FfnComputer]) -> None:
         self.shards = dict(shards)
 
+    def set_peers(self, peers: Mapping[str, str]) -> None:
+        """The shards are fixed at construction; a placement may only name them (addresses are ignored)."""
+        unknown = sorted(set(peers) - set(self.shards))
+        if unknown:
+            raise PeerError(unknown[0], f"no such FFN shard in this process (have {sorted(self.shards)})")
+
     def dispatch(self, requests: Mapping[str, FfnRequest]) -> PendingCombine:
         partials = {}
         for node, request in requests.items():

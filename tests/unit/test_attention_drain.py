@@ -8,15 +8,18 @@ from pathlib import Path
 
 from afd.errors import PeerError
 from afd.wire.generated import afd_cluster_pb2 as pb
-from attn_nodes.server import AttentionNodeConfig, AttentionNodeServer, _AttentionServicer, _Stream
+from attn_nodes.engine_thread import EngineThread, OutputStream
+from attn_nodes.server import AttentionNodeConfig, AttentionNodeServer, _AttentionServicer
 
 
 def test_drain_hands_back_requests_still_running_at_the_requested_deadline():
     async def drain() -> tuple[float, object, int]:
-        # No engine or router needed: drain only waits for the streams, then hands them back and stops.
+        # No engine, transport or router needed: drain only waits for the streams, hands them back and stops
+        # (the engine thread is never started; it only queues the abort).
         node = AttentionNodeServer(AttentionNodeConfig(Path("unused"), "127.0.0.1:1", "attn-0", drain_timeout_s=60))
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        node._streams["never-finishes"] = stream
+        node.engine_thread = EngineThread(None, None, "attn-0", 1.0, lambda error: None)  # type: ignore[arg-type]
+        stream = OutputStream(asyncio.get_running_loop(), asyncio.Queue())
+        node.engine_thread.streams["never-finishes"] = stream
         started = time.monotonic()
         reply = await _AttentionServicer(node).Drain(pb.DrainRequest(deadline_seconds=0.3), None)
         await asyncio.wait_for(node.serve(), 10)  # returns once drain_and_stop asked the node to stop
