@@ -58,7 +58,10 @@ class StackedExperts:
         self._gate_up_rows = list(gate_up.unbind(0))
         self._down_rows = list(down.unbind(0))
         self.expert_tokens = [0] * self.num_local
-        """Tokens routed to each local expert since load (expert load metrics, hot-expert detection)."""
+        """Tokens routed to each local expert since load (expert load metrics, hot-expert detection).
+
+        The node's one place of counting them: only the thread that runs `forward` adds, the counts only
+        grow, and readers (FfnShard.expert_token_counts -> FfnNodeServer.take_load) take differences."""
         self.experts_hit = 0
         """Sum over calls of the experts that received at least one token (weight bytes actually read)."""
 

@@ -45,6 +45,8 @@ class ClusterAttachment:
     """How long to retry reaching the router at start-up."""
     leave_timeout_s: float = 120.0
     """How long a graceful leave waits for the router to move this node's experts."""
+    failure_report_timeout_s: float = 10.0
+    """How long a failed node waits for the router to take its report before it exits."""
 
 
 class FfnClusterNode(FfnNodeServer):
@@ -87,6 +89,14 @@ class FfnClusterNode(FfnNodeServer):
                 await asyncio.sleep(0.5)
         self._interval = max(0.05, response.heartbeat_interval_ms / 1000)
         self._heartbeat_task = asyncio.ensure_future(self._heartbeats(request))
+        self._heartbeat_task.add_done_callback(self._heartbeats_ended)
+
+    def _heartbeats_ended(self, task: asyncio.Task) -> None:
+        """Heartbeats only end by cancellation (shutdown); a node that stopped them otherwise would be
+        declared dead by the router while looking alive here, so that is a failure of the node."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.fail(task.exception() or RuntimeError("heartbeats ended"), "the heartbeat loop")
 
     def _measure_capacity(self) -> pb.CapacityProfile:
         spec = ModelSpec.from_pretrained(self.config.model_dir)
@@ -137,9 +147,16 @@ class FfnClusterNode(FfnNodeServer):
         task.add_done_callback(self._tasks.discard)
 
     async def before_shutdown(self) -> None:
-        """Ask the router to move this node's experts first, while this node still serves."""
+        """Ask the router to move this node's experts first, while this node still serves.
+
+        A failed node (see FfnNodeServer.fail) cannot serve while they move: it stops its heartbeats (which
+        would register it again) and reports itself dead, so the router re-places its experts at once
+        rather than after the heartbeat timeout.
+        """
         self.leaving = True
-        if self._router is not None:
+        if self.failure is not None:
+            await self._report_own_failure(self.failure)
+        elif self._router is not None:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self._router.Leave(
                     pb.LeaveRequest(node_id=self.config.node_id, reason="shutting down"),
@@ -151,6 +168,20 @@ class FfnClusterNode(FfnNodeServer):
                 await self._heartbeat_task
         if self._router_channel is not None:
             await self._router_channel.close(grace=None)
+
+    async def _report_own_failure(self, failure: BaseException) -> None:
+        task = self._heartbeat_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self._router is None:
+            return
+        report = pb.PeerFailureReport(reporter_id=self.config.node_id, peer_id=self.config.node_id, error=str(failure))
+        try:
+            await self._router.ReportPeerFailure(report, timeout=self.attachment.failure_report_timeout_s)
+        except grpc.aio.AioRpcError as exc:  # the router declares it dead after its heartbeat timeout anyway
+            log.warning("could not report this node's failure to the router: %s", exc.details())
 
 
 @torch.inference_mode()

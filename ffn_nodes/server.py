@@ -108,6 +108,14 @@ class StalePlacementError(AfdError, ValueError):
     """A request refers to a placement version this node does not hold (any more, or yet)."""
 
 
+class NodeFailure(AfdError, RuntimeError):
+    """The node's core (batch loop, compute, channel threads) failed unexpectedly; `serve()` raises it.
+
+    Such a node stops: a live-looking node that never answers a data frame would stall the cluster
+    until every peer's timeout. Its cause (`__cause__`) is the original exception.
+    """
+
+
 ChannelAcceptor = Callable[[ChannelRequest], ChannelOffer]
 """Called (on a worker thread) for OpenChannel with the acceptor's transport name; raise AfdError to refuse."""
 
@@ -182,15 +190,33 @@ class _Work:
 
 @dataclass(slots=True)
 class LoadCounters:
-    """What the node did since the counters were last taken (for heartbeats and Status)."""
+    """What the node did since the counters were last taken (for heartbeats and Status).
+
+    Written by the compute thread and swapped by `take_load(reset=True)`, both under
+    `FfnNodeServer._counters_lock`, so an add lands either in the period taken or in the next one.
+    Per-expert counts are not here: each shard counts its own (FfnShard.expert_token_counts).
+    """
 
     started: float = field(default_factory=time.monotonic)
+    """When this period began (monotonic clock)."""
     busy_s: float = 0.0
+    """Seconds the compute thread spent computing."""
     requests: int = 0
+    """Requests computed."""
     batches: int = 0
+    """Compute calls (M2N batches)."""
     tokens: int = 0
-    expert_tokens: torch.Tensor | None = None
-    """`[num_local_experts] int64`: token-expert pairs computed per local expert."""
+    """Token rows computed."""
+
+
+@dataclass(slots=True)
+class _ExpertBaseline:
+    """The reading of one shard's per-expert counts at the start of the current load period."""
+
+    version: int
+    """Placement version of the shard the reading is of."""
+    counts: list[int]
+    """FfnShard.expert_token_counts() then."""
 
 
 def _batch_key(request: FfnRequest) -> tuple[Any, ...]:
@@ -288,6 +314,16 @@ class FfnNodeServer:
         self.counters = LoadCounters()
         self.token_rows_total = 0
         """Token rows computed since start (monotonic; the router derives the FFN tokens/s from it)."""
+        self._counters_lock = threading.Lock()
+        """Guards `counters`, `token_rows_total` and `_expert_baseline` (compute thread vs event loop)."""
+        self._expert_baseline: _ExpertBaseline | None = None
+        self.failure: NodeFailure | None = None
+        """Set when the node's core failed (see `fail`); the node is stopping or stopped."""
+        self._pending: set[asyncio.Future[torch.Tensor]] = set()
+        """Replies submitted and not yet settled: failed at once if the node fails."""
+        self._failing: asyncio.Task[None] | None = None
+        self.queued_reply_bytes = 0
+        """Bytes of replies computed and not yet written to their gRPC streams (bounded by the in-flight slots)."""
         self._spec: ModelSpec | None = shard.spec if shard is not None else None
         self._server: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
@@ -352,36 +388,90 @@ class FfnNodeServer:
         log.info("FFN node %s serving on %s", self.config.node_id, self.address)
 
     async def serve(self) -> None:
-        """Wait until `shutdown` is called (or the server stops)."""
+        """Wait until `shutdown` has stopped the node; raises NodeFailure if it stopped because its core failed."""
         if self._stopped is None:
             raise RuntimeError("serve() before start()")
         await self._stopped.wait()
+        if self.failure is not None:
+            raise self.failure
 
     async def shutdown(self) -> None:
-        """Stop serving and release everything; idempotent and safe after a failed start."""
+        """Stop serving and release everything; idempotent and safe after a failed start.
+
+        A second call while the first is under way waits for it (a failure stops the node by itself while
+        its owner may call shutdown too).
+        """
         if self._shut_down:
+            if self._stopped is not None:
+                await self._stopped.wait()
             return
         self._shut_down = True
-        self._state = pb.NODE_STATE_LEFT
-        with contextlib.suppress(Exception):
-            await self.before_shutdown()
-        if self._health is not None:
+        if self.failure is None:
+            self._state = pb.NODE_STATE_LEFT
+        try:
             with contextlib.suppress(Exception):
-                await self._health.enter_graceful_shutdown()
-        for channels in self._channels.values():
-            for channel in channels:
-                channel.stop()
-        self._channels.clear()
-        if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace_s)
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._batcher
-        if self._compute is not None:
-            self._compute.shutdown(wait=False, cancel_futures=True)
-        if self._stopped is not None:
-            self._stopped.set()
+                await self.before_shutdown()
+            if self._health is not None:
+                with contextlib.suppress(Exception):
+                    await self._health.enter_graceful_shutdown()
+            for channels in self._channels.values():
+                for channel in channels:
+                    channel.stop()
+            self._channels.clear()
+            if self._server is not None:
+                await self._server.stop(self.config.shutdown_grace_s)
+            if self._batcher is not None:
+                self._batcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._batcher
+            if self._compute is not None:
+                self._compute.shutdown(wait=False, cancel_futures=True)
+        finally:
+            if self._stopped is not None:
+                self._stopped.set()
+
+    # -- failure -------------------------------------------------------------------------------
+
+    def fail(self, error: BaseException, where: str) -> None:
+        """Stop the node because `where` (its batch loop, a channel thread...) failed with `error`.
+
+        Callable from any thread. Logs the traceback at once, then on the event loop: fails every pending
+        reply (peers get ERROR frames and recover through the router instead of waiting for their timeout),
+        turns health NOT_SERVING and shuts down (FfnClusterNode reports itself to the router); `serve()`
+        then raises NodeFailure, so the process exits non-zero. Later failures while stopping are only logged.
+        """
+        log.critical("FFN node %s: %s failed; the node stops", self.config.node_id, where, exc_info=error)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._fail_on_loop(error, where)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the node is gone anyway
+                loop.call_soon_threadsafe(self._fail_on_loop, error, where)
+
+    def _fail_on_loop(self, error: BaseException, where: str) -> None:
+        if self.failure is not None or self._shut_down:
+            return
+        failure = NodeFailure(f"FFN node {self.config.node_id}: {where} failed: {type(error).__name__}: {error}")
+        failure.__cause__ = error
+        self.failure = failure
+        self._state = pb.NODE_STATE_DEAD
+        reason = PeerError(self.config.node_id, f"the node failed and stops ({where}: {type(error).__name__}: {error})")
+        for reply in list(self._pending):
+            if not reply.done():
+                reply.set_exception(reason)
+        self._pending.clear()
+        self._failing = asyncio.ensure_future(self._stop_after_failure())
+
+    async def _stop_after_failure(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._set_health(False)  # first: health checkers see it before the router hears of it
+        await self.shutdown()
 
     async def after_start(self) -> None:
         """Hook: runs once the port is bound and serving (e.g. register with the router)."""
@@ -403,12 +493,15 @@ class FfnNodeServer:
         While a placement change propagates, attention nodes still on the old table address local ids of
         the old version: keeping one previous shard computes those correctly instead of with the wrong
         experts. Frames are range-checked against the larger of the two; each group against its own.
+
+        Nothing here touches what the compute thread writes: each shard counts its own expert tokens, and
+        the load reports count from this shard's reading now (what the previous shard computed since the
+        last report is for the old expert layout, which the router no longer maps: it is not reported).
         """
         if self.shard is not None and self.shard.placement.version != shard.placement.version:
             self.previous_shard = self.shard
         self.shard = shard
-        local = len(shard.placement.experts[shard.placement.index(self.config.node_id)])
-        held = [len(s.placement.experts[s.placement.index(self.config.node_id)]) for s in self.held_shards().values()]
+        held = [s.num_local_experts for s in self.held_shards().values()]
         self.limits = FrameLimits.for_model(
             shard.spec,
             max_local_experts=max(held),
@@ -417,8 +510,10 @@ class FfnNodeServer:
             # hidden states in another dtype than the weights are a misconfigured peer: say so up front
             allowed_dtypes=frozenset({dtype_name(shard.dtype)}),
         )
-        self.counters.expert_tokens = torch.zeros(local, dtype=torch.int64)
-        self._state = pb.NODE_STATE_READY
+        with self._counters_lock:
+            self._expert_baseline = _ExpertBaseline(shard.placement.version, shard.expert_token_counts())
+        if self.failure is None:
+            self._state = pb.NODE_STATE_READY
 
     def held_shards(self) -> dict[int, FfnShard]:
         """Placement version -> shard, for the current shard and the previous one (if any)."""
@@ -435,7 +530,8 @@ class FfnNodeServer:
         async with self._load_lock:
             shard = await asyncio.to_thread(self._load_shard, placement)
             self._install(shard)
-        await self._set_health(True)
+        if self.failure is None:  # a failed node stays NOT_SERVING
+            await self._set_health(True)
         return shard
 
     async def _set_health(self, serving: bool) -> None:
@@ -448,13 +544,27 @@ class FfnNodeServer:
     # -- batching ------------------------------------------------------------------------------
 
     def submit(self, request: FfnRequest) -> asyncio.Future[torch.Tensor]:
-        """Queue `request` for the next batch (event loop thread only)."""
+        """Queue `request` for the next batch (event loop thread only); fails at once on a failed node."""
         assert self._loop is not None and self._queue is not None
         reply: asyncio.Future[torch.Tensor] = self._loop.create_future()
+        if self.failure is not None:
+            reply.set_exception(PeerError(self.config.node_id, "the node failed and stops"))
+            return reply
+        self._pending.add(reply)
+        reply.add_done_callback(self._pending.discard)
         self._queue.put_nowait(_Work(request, reply))
         return reply
 
     async def _batch_loop(self) -> None:
+        """The node's core: an unexpected exception here is fatal (`fail`), never a silently dead task."""
+        try:
+            await self._batch_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.fail(exc, "the batch loop")
+
+    async def _batch_forever(self) -> None:
         assert self._queue is not None and self._loop is not None
         while True:
             first = await self._queue.get()
@@ -480,76 +590,96 @@ class FfnNodeServer:
                     work.reply.set_result(result)
 
     def _timed_compute(self, shards: dict[int, FfnShard], batch: list[_Work]) -> list[torch.Tensor | Exception]:
+        """Compute `batch` (compute thread). Per-expert counts are taken by the shards' experts as they compute."""
         start = time.perf_counter()
         requests = [work.request for work in batch]
         results = compute_batch(shards, requests)
-        counters = self.counters
-        counters.busy_s += time.perf_counter() - start
-        counters.batches += 1
-        counters.requests += len(requests)
-        counters.tokens += sum(r.num_tokens for r in requests)
-        self.token_rows_total += sum(r.num_tokens for r in requests)
-        current = self.shard
-        if counters.expert_tokens is not None and current is not None:
-            for request, result in zip(requests, results, strict=True):
-                if isinstance(result, Exception) or request.placement_version != current.placement.version:
-                    continue
-                if request.expert_ids is not None and request.expert_ids.numel():
-                    ids = request.expert_ids[request.expert_ids >= 0].long()
-                    counters.expert_tokens += torch.bincount(ids, minlength=len(counters.expert_tokens))
+        elapsed = time.perf_counter() - start
+        rows = sum(r.num_tokens for r in requests)
+        with self._counters_lock:  # take_load may be swapping the counters right now
+            counters = self.counters
+            counters.busy_s += elapsed
+            counters.batches += 1
+            counters.requests += len(requests)
+            counters.tokens += rows
+            self.token_rows_total += rows
         return results
 
     def take_load(self, reset: bool = False) -> pb.NodeLoad:
-        """The load since the counters were last reset (busy fraction, tokens per local expert)."""
-        counters = self.counters
+        """The load since the counters were last reset: busy fraction, and token-expert pairs per local
+        expert of the current shard. With `reset` a new period starts, atomically with the compute thread."""
+        shard = self.shard
+        experts: list[int] = []
+        with self._counters_lock:
+            counters = self.counters
+            rows = self.token_rows_total
+            if reset:
+                self.counters = LoadCounters()
+            if shard is not None:
+                now = shard.expert_token_counts()
+                baseline = self._expert_baseline
+                if baseline is not None and baseline.version == shard.placement.version:
+                    experts = [count - before for count, before in zip(now, baseline.counts, strict=True)]
+                else:
+                    experts = now
+                if reset:
+                    self._expert_baseline = _ExpertBaseline(shard.placement.version, now)
         elapsed = max(time.monotonic() - counters.started, 1e-9)
-        experts = counters.expert_tokens
-        layers = self.shard.spec.num_layers if self.shard is not None else 1
-        load = pb.NodeLoad(
+        layers = shard.spec.num_layers if shard is not None else 1
+        return pb.NodeLoad(
             busy_fraction=min(1.0, counters.busy_s / elapsed),
-            expert_token_counts=experts.tolist() if experts is not None else [],
-            generated_tokens=self.token_rows_total // layers,  # tokens whose whole FFN stack ran here
+            expert_token_counts=experts,
+            generated_tokens=rows // layers,  # tokens whose whole FFN stack ran here
         )
-        if reset:
-            size = len(experts) if experts is not None else 0
-            self.counters = LoadCounters(expert_tokens=torch.zeros(size, dtype=torch.int64))
-        return load
 
     # -- data plane: gRPC streams --------------------------------------------------------------
 
     async def _exchange(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
-        outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        outbox = _StreamOutbox(self, self.config.max_in_flight_per_stream)
         reader = asyncio.ensure_future(self._read_stream(request_iterator, outbox, peer))
         try:
             while True:
-                message = await outbox.get()
+                message = await outbox.queue.get()
                 if message is None:
                     break
-                await context.write(message)
+                try:
+                    await context.write(message)  # waits while the peer does not read (HTTP/2 flow control)
+                finally:
+                    outbox.written(message)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+            outbox.close()
 
-    async def _read_stream(
-        self, request_iterator: AsyncIterator[bytes], outbox: asyncio.Queue[bytes | None], peer: str
-    ) -> None:
-        slots = asyncio.Semaphore(self.config.max_in_flight_per_stream)
+    async def _read_stream(self, request_iterator: AsyncIterator[bytes], outbox: _StreamOutbox, peer: str) -> None:
         answering: set[asyncio.Task[None]] = set()
         try:
             async for message in request_iterator:
-                await slots.acquire()
+                await outbox.slots.acquire()  # given back once this request's reply is written
                 task = asyncio.ensure_future(self._answer(message, outbox, peer))
                 answering.add(task)
                 task.add_done_callback(answering.discard)
-                task.add_done_callback(lambda _: slots.release())
             if answering:
                 await asyncio.gather(*answering, return_exceptions=True)
         finally:
-            outbox.put_nowait(None)
+            for task in answering:  # the stream is gone (or ended early): nobody will read these replies
+                task.cancel()
+            outbox.queue.put_nowait(None)
 
-    async def _answer(self, message: bytes, outbox: asyncio.Queue[bytes | None], peer: str) -> None:
+    async def _answer(self, message: bytes, outbox: _StreamOutbox, peer: str) -> None:
+        """Answer one request frame with exactly one reply in `outbox` (which keeps the frame's slot until
+        the reply is written)."""
+        try:
+            reply = await self._reply_to(message, peer)
+        except BaseException:  # cancelled with the stream: no reply, give the slot back
+            outbox.slots.release()
+            raise
+        outbox.put(reply)
+
+    async def _reply_to(self, message: bytes, peer: str) -> bytes:
+        """The serialised DataFrame answering `message`: a partial sum, or an ERROR frame."""
         node = self.config.node_id
         frame: memoryview | None = None
         try:
@@ -561,16 +691,15 @@ class FfnNodeServer:
         except (FrameError, PeerError) as exc:
             seq = packed_frame_seq(frame) if frame is not None else UNKNOWN
             log.warning("bad frame from %s (seq %d): %s", peer, seq, exc)
-            outbox.put_nowait(grpc_data.envelope_bytes(_error_frame(str(exc), UNKNOWN, UNKNOWN, seq, node)))
-            return
+            return grpc_data.envelope_bytes(_error_frame(str(exc), UNKNOWN, UNKNOWN, seq, node))
         try:
             partial = await self.submit(request)
             parts, length = pack_parts(*encode_response(partial, header.layer, header.microbatch, header.seq, node))
-            outbox.put_nowait(grpc_data.envelope(parts, length))
+            return grpc_data.envelope(parts, length)
         except Exception as exc:
             log.warning("request seq %d from %s failed: %s", header.seq, peer, exc)
             error = _error_frame(f"{type(exc).__name__}: {exc}", header.layer, header.microbatch, header.seq, node)
-            outbox.put_nowait(grpc_data.envelope_bytes(error))
+            return grpc_data.envelope_bytes(error)
 
     # -- data plane: pairwise channels ---------------------------------------------------------
 
@@ -598,6 +727,43 @@ def _error_frame(message: str, layer: int, microbatch: int, seq: int, node: str)
     return b"".join(parts)
 
 
+class _StreamOutbox:
+    """The replies of one Exchange stream waiting to be written, and the slots that bound them.
+
+    A request frame takes a slot before the stream is read further, and gives it back only once its reply
+    has been written to the stream. A peer that stops reading therefore holds at most `slots` requests and
+    replies on this node; after that the node stops reading its frames and HTTP/2 flow control stops the
+    peer's sends (back-pressure), while other streams are served as before.
+    """
+
+    def __init__(self, server: FfnNodeServer, slots: int) -> None:
+        self.server = server
+        self.slots = asyncio.Semaphore(slots)
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        """At most `slots` replies (each holds its slot) and the end marker None."""
+        self.closed = False
+
+    def put(self, reply: bytes) -> None:
+        if self.closed:  # the stream is gone: drop the reply and its slot
+            self.slots.release()
+            return
+        self.server.queued_reply_bytes += len(reply)
+        self.queue.put_nowait(reply)
+
+    def written(self, reply: bytes) -> None:
+        """`reply` left the queue (written, or the write failed): its slot is free again."""
+        self.server.queued_reply_bytes -= len(reply)
+        self.slots.release()
+
+    def close(self) -> None:
+        """The stream ended: forget the replies nobody will write."""
+        self.closed = True
+        while not self.queue.empty():
+            reply = self.queue.get_nowait()
+            if reply is not None:
+                self.written(reply)
+
+
 class _ChannelServer:
     """Serves frames arriving on one pairwise channel: a receive thread submits, a send thread answers in order."""
 
@@ -614,9 +780,27 @@ class _ChannelServer:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        thread = threading.Thread(target=self._receive, name=f"channel-recv-{self.peer}", daemon=True)
+        thread = threading.Thread(
+            target=self._guarded(self._receive, "receive"), name=f"channel-recv-{self.peer}", daemon=True
+        )
         self._threads.append(thread)
         thread.start()
+
+    def _guarded(self, body: Callable[[], None], role: str) -> Callable[[], None]:
+        """`body` as a thread target whose unexpected exception stops the node (FfnNodeServer.fail), unless
+        the channel is being stopped anyway (a blocked call interrupted by close)."""
+
+        def run() -> None:
+            try:
+                body()
+            except Exception as exc:
+                if self._stop.is_set():
+                    log.debug("channel %s thread of %s ended while stopping: %s", role, self.peer, exc)
+                    return
+                self.stop()
+                self.server.fail(exc, f"the {role} thread of the channel from {self.peer}")
+
+        return run
 
     def stop(self) -> None:
         self._stop.set()
@@ -633,7 +817,9 @@ class _ChannelServer:
         except Exception:
             log.exception("channel from %s could not be connected", self.peer)
             return
-        sender = threading.Thread(target=self._send, name=f"channel-send-{self.peer}", daemon=True)
+        sender = threading.Thread(
+            target=self._guarded(self._send, "send"), name=f"channel-send-{self.peer}", daemon=True
+        )
         self._threads.append(sender)
         sender.start()
         poll = self.server.config.channel_poll_s
@@ -693,15 +879,17 @@ class _ChannelServer:
             if item is None or self.channel is None:
                 return
             layer, microbatch, seq, outcome = item
-            try:
-                if isinstance(outcome, str):
-                    self.channel.send(*encode_error(outcome, layer, microbatch, seq, node))
-                    continue
+            if isinstance(outcome, str):
+                reply = encode_error(outcome, layer, microbatch, seq, node)
+            else:
                 try:
                     partial = outcome.result()
-                    self.channel.send(*encode_response(partial, layer, microbatch, seq, node))
-                except (AfdError, RuntimeError, ValueError) as exc:
-                    self.channel.send(*encode_error(f"{type(exc).__name__}: {exc}", layer, microbatch, seq, node))
+                except Exception as exc:  # this request failed (or was cancelled): its own ERROR frame
+                    reply = encode_error(f"{type(exc).__name__}: {exc}", layer, microbatch, seq, node)
+                else:
+                    reply = encode_response(partial, layer, microbatch, seq, node)
+            try:
+                self.channel.send(*reply)
             except PeerError as exc:
                 log.info("channel to %s failed: %s", self.peer, exc)
                 self.stop()
@@ -808,7 +996,7 @@ def write_ready_file(path: Path, port: int) -> None:
 
 
 async def run_server(config: FfnServerConfig, ready_file: Path | None = None) -> None:
-    """Start, serve until SIGTERM/SIGINT, shut down."""
+    """Start, serve until SIGTERM/SIGINT, shut down; raises NodeFailure (exit status 2) if the node's core failed."""
     server = FfnNodeServer(config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -820,6 +1008,8 @@ async def run_server(config: FfnServerConfig, ready_file: Path | None = None) ->
             write_ready_file(ready_file, server.port or 0)
         serving = asyncio.ensure_future(server.serve())
         await asyncio.wait([serving, asyncio.ensure_future(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()  # re-raises NodeFailure
     finally:
         await server.shutdown()
 

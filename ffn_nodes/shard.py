@@ -88,6 +88,25 @@ class FfnShard:
             layers.append(shard)
         return cls(spec, placement, node_id, layers)
 
+    @property
+    def num_local_experts(self) -> int:
+        """Routed experts this node holds per MoE layer under this shard's placement."""
+        return len(self.placement.experts[self.placement.index(self.node_id)])
+
+    def expert_token_counts(self) -> list[int]:
+        """Token-expert pairs computed per local expert since load, summed over layers.
+
+        The one place they are counted is StackedExperts.forward (the compute thread); this only reads
+        them. Each count only grows, so a reader takes differences between two readings, and a reading
+        that races an add merely moves that add into the next difference.
+        """
+        totals = [0] * self.num_local_experts
+        for layer in self.layers:
+            if layer.experts is not None:
+                for expert, count in enumerate(list(layer.experts.expert_tokens)):  # list(): one copy under the GIL
+                    totals[expert] += count
+        return totals
+
     def compute(self, request: FfnRequest) -> torch.Tensor:
         """Partial sum `[num_tokens, hidden_size]` (hidden dtype) of this node's share of `request.layer`."""
         if not 0 <= request.layer < len(self.layers):

@@ -185,11 +185,11 @@ def test_requests_arriving_together_are_computed_as_one_batch(qwen3):
         assert server._loop is not None
         results = asyncio.run_coroutine_threadsafe(submit_together(), server._loop).result(REPLY_TIMEOUT_S)
         assert server.counters.requests == 4 and server.counters.batches == 1, "arrived together, computed together"
-        for request, result in zip(requests, results, strict=True):
-            torch.testing.assert_close(result, server.shard.compute(request), atol=1e-5, rtol=1e-5)
-        load = server.take_load(reset=True)
+        load = server.take_load(reset=True)  # before the reference computes below, which the shard counts too
         assert sum(load.expert_token_counts) == sum(int((r.expert_ids >= 0).sum()) for r in requests)  # type: ignore[operator]
         assert server.counters.requests == 0
+        for request, result in zip(requests, results, strict=True):
+            torch.testing.assert_close(result, server.shard.compute(request), atol=1e-5, rtol=1e-5)
 
 
 def test_control_service_health_and_reload(qwen3):
