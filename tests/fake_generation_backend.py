@@ -1,0 +1,73 @@
+"""A GenerationBackend without a cluster, for tests of the router's HTTP layer.
+
+Generates prompt[-1]+1, +2, ... (mod vocab), `per_event` tokens per event, optionally `delay_s` apart, and
+keeps the bookkeeping the real backend's nodes report: requests running now (also exported as
+`vllm:num_requests_running`, as the controller does from heartbeats), aborts seen, the peak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from router.backend import GenerationRequest, Overloaded, TokenEvent
+from router.metrics import RouterMetrics
+
+
+class FakeBackend:
+    def __init__(self, vocab: int, metrics: RouterMetrics | None = None, delay_s: float = 0.0, per_event: int = 2):
+        self.vocab = vocab
+        self.metrics = metrics
+        self.delay_s = delay_s
+        self.per_event = per_event
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.seen: list[GenerationRequest] = []
+        self.overloaded = False
+        self.fail_with: BaseException | None = None
+        """Raised on the first event (a bug inside the backend)."""
+        self.changed = asyncio.Event()
+        """Set whenever `running` changes (for waits with a deadline instead of sleeps)."""
+
+    def _update(self) -> None:
+        if self.metrics is not None:
+            self.metrics.num_requests_running.labels(self.metrics.model_name).set(len(self.running))
+        self.changed.set()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if self.overloaded:
+            raise Overloaded("the router queue is full (2 waiting)")
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.seen.append(request)
+        self.running.add(request.request_id)
+        self._update()
+        try:
+            produced, token = 0, request.prompt_token_ids[-1]
+            while True:
+                batch = []
+                for _ in range(self.per_event):
+                    token = (token + 1) % self.vocab
+                    batch.append(token)
+                    produced += 1
+                    if token in request.params.stop_token_ids:
+                        yield TokenEvent(batch, True, "stop")
+                        return
+                    if produced >= request.params.max_tokens:
+                        yield TokenEvent(batch, True, "length")
+                        return
+                yield TokenEvent(batch)
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self.running.discard(request.request_id)
+            self._update()
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Until no request is running; raises TimeoutError after `timeout` seconds."""
+        async with asyncio.timeout(timeout):
+            while self.running:
+                self.changed.clear()
+                await self.changed.wait()
