@@ -4,6 +4,10 @@
 of them (by its own handle) on Ctrl-C or `afd down`. Other commands reach the launcher through a small
 control endpoint on 127.0.0.1 whose address and secret are kept in a state file under the user cache.
 Nodes authenticate to each other with a cluster token generated for this launch.
+
+The processes never outlive the launcher: each holds the read end of the launcher's lifeline pipe and
+stops itself when the launcher is gone (orchestration/lifeline.py). Their pids and start times are
+kept in `processes.json` in the work directory, so `afd down` can stop them when the launcher is stuck.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from afd.builtin_model import builtin_model_dir, cache_root
 from afd.errors import AfdError, ConfigError
+from orchestration.lifeline import LAUNCHER_FD_ENV, ProcessRecord, write_records
 from orchestration.router_view import cluster_view, wait_until_ready
 from router.microbatch_plan import parse_microbatches
 
@@ -84,6 +90,8 @@ class LocalCluster:
     http_port: int | None = None
     grpc_port: int | None = None
     _next_index: dict[str, int] = field(default_factory=lambda: {"attn": 0, "ffn": 0})
+    _lifeline: tuple[int, int] | None = None
+    """(read, write) ends of the lifeline pipe; children inherit only the read end."""
 
     @property
     def api_url(self) -> str:
@@ -97,9 +105,26 @@ class LocalCluster:
     def _spawn(self, node_id: str, role: str, args: list[str]) -> NodeHandle:
         log_path = self.workdir / f"{node_id}.log"
         command = [sys.executable, "-m", "orchestration.cli", "node", role, *args]
+        if self._lifeline is None:
+            self._lifeline = os.pipe()  # both ends close-on-exec: only pass_fds hands the read end on
+        read_end = self._lifeline[0]
+        env = {**os.environ, LAUNCHER_FD_ENV: str(read_end)}
         with open(log_path, "wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        return NodeHandle(node_id, role, process, log_path)
+            # a session of its own: a Ctrl-C in the launcher's terminal reaches the launcher only, which
+            # stops the nodes in order; the lifeline, not the session, ties the node to the launcher
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(read_end,), env=env
+            )
+        handle = NodeHandle(node_id, role, process, log_path)
+        self._record(extra=[handle])
+        return handle
+
+    def _record(self, extra: Sequence[NodeHandle] = ()) -> None:
+        """Write processes.json: the launcher and every process it started that still runs."""
+        handles = [*([self.router] if self.router else []), *self.nodes.values(), *extra]
+        records = [ProcessRecord.of("launcher", os.getpid())]
+        records += [ProcessRecord.of(h.node_id, h.process.pid) for h in handles if h.process.poll() is None]
+        write_records(self.workdir, [r for r in records if r is not None])
 
     def _threads(self) -> int:
         if self.config.threads_per_node:
@@ -211,6 +236,8 @@ class LocalCluster:
                 handle.process.kill()
                 handle.process.wait()
             self.nodes.pop(handle.node_id, None)
+        if stopping:
+            self._record()
 
     def cluster(self) -> dict[str, Any]:
         return cluster_view(self.base_url)
@@ -241,6 +268,11 @@ class LocalCluster:
                     handle.process.wait()
         self.nodes.clear()
         self.router = None
+        self._record()
+        if self._lifeline is not None:
+            for end in self._lifeline:
+                os.close(end)
+            self._lifeline = None
 
     def remove_workdir(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

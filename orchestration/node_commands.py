@@ -12,6 +12,7 @@ import typer
 from afd.builtin_model import builtin_model_dir
 from afd.errors import AfdError, ConfigError
 from afd.wire.auth import ClusterAuth, read_token_file
+from orchestration.lifeline import watch_launcher
 from router.microbatch_plan import parse_microbatches
 
 node_app = typer.Typer(no_args_is_help=True, help="Run one node of an AFD cluster (router, attention or FFN).")
@@ -29,8 +30,10 @@ ReadyOption = Annotated[Path | None, typer.Option(help="Write the bound port(s) 
 MicrobatchOption = Annotated[str, typer.Option(help="Microbatches per step: auto (router's plan) or a number.")]
 
 
-def _logging(name: str) -> None:
+def _setup_process(name: str) -> None:
+    """Log lines tagged with `name`; if a launcher started this process, exit when the launcher is gone."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    watch_launcher()  # started by `afd up`: stop when it is gone (a no-op when started by hand)
 
 
 def _cluster_auth(token_file: Path | None, insecure: bool) -> ClusterAuth:
@@ -97,7 +100,7 @@ def router_command(
     from router.controller import ControllerConfig
     from router.server import RouterConfig, run_router
 
-    _logging("router")
+    _setup_process("router")
     auth = _cluster_auth(cluster_token_file, insecure)
     config = RouterConfig(
         model=model or builtin_model_dir(),
@@ -140,7 +143,7 @@ def attention_command(
 
     if device != "cpu":
         raise typer.BadParameter("only --device cpu is implemented for attention nodes in this release")
-    _logging(node_id)
+    _setup_process(node_id)
     auth = _cluster_auth(cluster_token_file, insecure)
     config = AttentionNodeConfig(
         model=model or builtin_model_dir(),
@@ -184,7 +187,7 @@ def ffn_command(
         raise typer.BadParameter("only --device cpu is implemented for FFN nodes in this release")
     if threads:
         torch.set_num_threads(threads)
-    _logging(node_id)
+    _setup_process(node_id)
     auth = _cluster_auth(cluster_token_file, insecure)
     load_builtin_acceptors()
     config = FfnServerConfig(

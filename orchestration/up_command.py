@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import threading
@@ -16,9 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from afd.errors import AfdError
+from orchestration.lifeline import ProcessRecord, read_records, start_ticks, stop_recorded
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig, state_path
 
 console = Console()
+DOWN_ANSWER_TIMEOUT_S = 10.0
+"""How long `afd down` waits for the launcher to acknowledge before stopping the processes itself."""
 
 
 class Launcher(Protocol):
@@ -101,8 +105,23 @@ def _state(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _recorded_processes(state: dict[str, Any]) -> list[ProcessRecord]:
+    """What the cluster's launcher started and still runs (from its work directory), the launcher last."""
+    records: list[ProcessRecord] = []
+    if state.get("workdir"):
+        try:
+            records = read_records(Path(state["workdir"]))
+        except ValueError as exc:
+            console.print(f"[yellow]warning:[/yellow] {exc}")
+    launcher = state.get("launcher")
+    if launcher:
+        records.append(ProcessRecord("launcher", int(launcher["pid"]), int(launcher["start_ticks"])))
+    ordered = [r for r in records if r.name != "launcher"] + [r for r in records if r.name == "launcher"][-1:]
+    return [r for r in ordered if r.alive()]
+
+
 def _launcher_alive(name: str) -> bool:
-    """Whether a launcher answers for `name`; removes the state file a crashed launcher left behind."""
+    """Whether a cluster `name` is running; removes the state file of one whose processes are all gone."""
     path = state_path(name)
     if not path.is_file():
         return False
@@ -111,6 +130,8 @@ def _launcher_alive(name: str) -> bool:
         httpx.get(state["control_url"] + "/status", headers={"Authorization": f"Bearer {state['secret']}"}, timeout=2)
         return True
     except httpx.HTTPError:
+        if _recorded_processes(state):  # a stuck launcher, or nodes left behind: `afd down` stops them
+            return True
         path.unlink(missing_ok=True)
         return False
 
@@ -214,7 +235,12 @@ def up(
         control.start()
         path = state_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"control_url": control.url, "secret": control.secret, "api_url": launcher.api_url}))
+        state = {"control_url": control.url, "secret": control.secret, "api_url": launcher.api_url}
+        # what `afd down` needs when this launcher cannot answer: its own identity and its work directory
+        # (processes.json there lists what it started)
+        me = {"pid": os.getpid(), "start_ticks": start_ticks(os.getpid())}
+        state |= {"workdir": str(launcher.workdir), "launcher": me}
+        path.write_text(json.dumps(state))
         path.chmod(0o600)
         print_cluster(launcher.cluster())
         console.print(f"OpenAI API: [bold]{launcher.api_url}[/bold]   (node logs: {launcher.workdir})")
@@ -275,6 +301,22 @@ def status(
 
 
 def down(name: Annotated[str, typer.Option(help="Cluster name.")] = "default") -> None:
-    """Stop a running cluster (every process its `afd up` started)."""
-    _control(name, "POST", "/down")
-    console.print(f"cluster {name!r} is stopping")
+    """Stop a running cluster (every process its `afd up` started), even one whose launcher is gone."""
+    state = _state(name)
+    headers = {"Authorization": f"Bearer {state['secret']}"}
+    try:
+        response = httpx.post(state["control_url"] + "/down", headers=headers, timeout=DOWN_ANSWER_TIMEOUT_S)
+        if response.status_code == 200:
+            console.print(f"cluster {name!r} is stopping")
+            return
+        reason = f"it answered {response.status_code}"
+    except httpx.HTTPError as exc:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    console.print(f"the launcher of {name!r} does not answer ({reason}); stopping its processes by pid")
+    recorded = _recorded_processes(state)
+    # the nodes and the router first, by pid; then the stuck launcher (it would otherwise stop them itself)
+    stopped = stop_recorded([r for r in recorded if r.name != "launcher"])
+    stopped += stop_recorded([r for r in recorded if r.name == "launcher"])
+    state_path(name).unlink(missing_ok=True)
+    names = ", ".join(f"{r.name} (pid {r.pid})" for r in stopped) or "nothing was still running"
+    console.print(f"cluster {name!r} stopped: {names}")
