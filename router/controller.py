@@ -1,4 +1,8 @@
-"""The control plane: membership, the expert placement table and its live changes, node selection.
+"""The control plane: membership, the expert placement table and its live changes.
+
+Which attention node takes a request is a policy's choice (router/policies), among the healthy nodes the
+controller offers it; how many microbatches each attention node runs is router/microbatch_plan.py's;
+heartbeat loads become metrics in router/load_metrics.py.
 
 Every change of the FFN pool (a node joins, drains or dies) is one reconfiguration, serialised by a lock:
 1. plan the new placement (minimal movement, proportional to node speed), version v+1;
@@ -13,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,9 +31,11 @@ from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from afd.wire.placement_proto import placement_to_proto
 from router.expert_placement import plan_placement
-from router.membership import Capacity, Load, Membership, NodeRecord, NodeState, Role
+from router.load_metrics import LoadMetrics
+from router.membership import Capacity, Load, Membership, NodeRecord, NodeState, Role, pool_speeds
 from router.metrics import RouterMetrics
-from router.microbatch_plan import cpu_nodes_share_one_host, plan_microbatches, step_costs
+from router.microbatch_plan import plan_for_node
+from router.policies import LeastPressurePolicy, LoadBalancingPolicy
 
 log = logging.getLogger("afd.router")
 
@@ -56,10 +61,6 @@ class ControllerConfig:
     """Fixed microbatch count for every attention node; None = plan from capacity profiles (auto)."""
 
 
-RECENT_PLACEMENTS = 4
-"""Placements the controller remembers for mapping expert counts (an FFN node holds at most two)."""
-
-
 class Controller:
     def __init__(
         self,
@@ -68,9 +69,11 @@ class Controller:
         metrics: RouterMetrics,
         config: ControllerConfig,
         model_fingerprint: str | None = None,
+        policy: LoadBalancingPolicy | None = None,
     ) -> None:
         """model_fingerprint: afd.model_spec.model_fingerprint of the served checkpoint; nodes registering
-        with another one are refused. None accepts any (a controller driven directly by tests)."""
+        with another one are refused. None accepts any (a controller driven directly by tests).
+        policy: how requests are spread over attention nodes (least pressure when None)."""
         self.spec = spec
         self.model_fingerprint = model_fingerprint
         self.auth = auth
@@ -85,9 +88,8 @@ class Controller:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._placement_changed = asyncio.Event()
         self._tasks: set[asyncio.Future] = set()
-        self._recent_placements: dict[int, ExpertPlacement] = {}
-        """Version -> placement, for the last RECENT_PLACEMENTS planned: FFN nodes report expert counts
-        under the version they computed with, which may be an older or a not yet committed one."""
+        self.load_metrics = LoadMetrics(metrics, self.membership)
+        self.policy: LoadBalancingPolicy = policy or LeastPressurePolicy()
         top_k = max((layer.moe.top_k for layer in spec.layers if layer.moe), default=0)
         self._top_k = top_k
 
@@ -141,7 +143,7 @@ class Controller:
             task = asyncio.ensure_future(self._join_ffn(record, replaced is not None))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._update_node_metrics()
+        self.load_metrics.count_nodes()
         return pb.RegisterResponse(
             heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
             placement=self._placement_message(self.placement),
@@ -158,7 +160,7 @@ class Controller:
             time.monotonic(),
         )
         node.placement_version = request.placement_version
-        self._record_load(node, load, request.placement_version)
+        self.load_metrics.record(node, load, request.placement_version)
         response = pb.HeartbeatResponse(drain=node.state is NodeState.DRAINING)
         if self.placement is not None and request.placement_version < self.placement.version:
             response.placement.CopyFrom(self._placement_message(self.placement))
@@ -176,7 +178,7 @@ class Controller:
             node.state = NodeState.DRAINING
             await self.rebalance(f"{node.node_id} leaves")
         node.state = NodeState.LEFT if node.role == "ffn" else NodeState.DRAINING
-        self._update_node_metrics()
+        self.load_metrics.count_nodes()
         return pb.LeaveResponse()
 
     async def report_peer_failure(self, request: pb.PeerFailureReport) -> pb.PeerFailureResponse:
@@ -187,7 +189,7 @@ class Controller:
         node = self.membership.get(node_id)
         if node is not None and node.role == "attention":
             node.state = NodeState.LEFT
-            self._update_node_metrics()
+            self.load_metrics.count_nodes()
 
     # ---- failures --------------------------------------------------------------------------------------
     async def declare_dead(self, node_id: str, why: str) -> None:
@@ -198,7 +200,7 @@ class Controller:
             return
         log.warning("node %s declared dead: %s", node_id, why)
         node.state = NodeState.DEAD
-        self._update_node_metrics()
+        self.load_metrics.count_nodes()
         if node.role == "ffn":
             await self.rebalance(f"{node_id} died")
 
@@ -218,49 +220,49 @@ class Controller:
             await self.rebalance(f"{node.node_id} joins")
 
     async def rebalance(self, reason: str, force: bool = False) -> None:
-        """Make the placement match the live FFN pool (joining + ready nodes)."""
+        """Make the placement match the live FFN pool (joining + ready nodes).
+
+        Nodes that fail to load their share are declared dead and the plan is made again without them,
+        until every node of a plan has loaded it (or no FFN node is left).
+        """
         async with self._reconfigure:
-            pool = [n for n in self.membership.of_role("ffn", NodeState.JOINING, NodeState.READY)]
-            current = self.placement
-            if not force and current is not None and set(current.nodes) == {n.node_id for n in pool}:
-                return
-            if not pool:
-                log.error("no FFN node left (%s): requests wait until one joins", reason)
-                self.placement = None
-                return
-            self._last_version += 1
-            version = self._last_version
-            placement = plan_placement(
-                self.spec.num_experts, pool_speeds(pool, "ffn"), previous=current, version=version
-            )
-            self._remember(placement)
-            log.info(
-                "placement v%d (%s): %s",
-                version,
-                reason,
-                dict(zip(placement.nodes, map(len, placement.experts), strict=True)),
-            )
-            failed = await self._broadcast_ffn(placement)
-            if failed:
+            while True:
+                pool = self.membership.of_role("ffn", NodeState.JOINING, NodeState.READY)
+                current = self.placement
+                if not force and current is not None and set(current.nodes) == {n.node_id for n in pool}:
+                    return
+                if not pool:
+                    log.error("no FFN node left (%s): requests wait until one joins", reason)
+                    self.placement = None
+                    return
+                self._last_version += 1
+                placement = plan_placement(
+                    self.spec.num_experts, pool_speeds(pool, "ffn"), previous=current, version=self._last_version
+                )
+                self.load_metrics.remember(placement)
+                log.info(
+                    "placement v%d (%s): %s",
+                    placement.version,
+                    reason,
+                    dict(zip(placement.nodes, map(len, placement.experts), strict=True)),
+                )
+                failed = await self._broadcast_ffn(placement)
+                if not failed:
+                    break
                 for node_id, error in failed.items():
                     node = self.membership.get(node_id)
                     if node is not None:
                         node.state = NodeState.DEAD
-                    log.warning("FFN node %s failed to load v%d: %s", node_id, version, error)
-                self._reconfigure.release()
-                try:
-                    await self.rebalance(f"{reason}; load failed on {sorted(failed)}")
-                finally:
-                    await self._reconfigure.acquire()
-                return
+                    log.warning("FFN node %s failed to load v%d: %s", node_id, placement.version, error)
+                reason, force = f"{reason}; load failed on {sorted(failed)}", False
             for node in pool:
                 node.state = NodeState.READY
             self.placement = placement
-            self.metrics.placement_version.set(version)
+            self.metrics.placement_version.set(placement.version)
             await self._broadcast_attention(placement)
             self._placement_changed.set()
             self._placement_changed = asyncio.Event()
-            self._update_node_metrics()
+            self.load_metrics.count_nodes()
 
     async def _call_all(
         self, nodes: list[NodeRecord], call: Callable[[NodeRecord], Awaitable[Any]]
@@ -298,83 +300,21 @@ class Controller:
 
     # ---- request placement -----------------------------------------------------------------------------
     def pick_attention_node(self, exclude: set[str] = frozenset()) -> NodeRecord | None:  # type: ignore[assignment]
-        """The ready attention node with the least work per unit of speed that is on the current placement."""
+        """The policy's choice among the ready attention nodes on the current placement (None: no capacity)."""
         version = self.placement.version if self.placement else None
+        if version is None:
+            return None
         candidates = [
             n
             for n in self.membership.of_role("attention")
-            if n.node_id not in exclude and version is not None and n.placement_version >= version
+            if n.node_id not in exclude and n.placement_version >= version
         ]
-        if not candidates:
-            return None
-
-        speeds = pool_speeds(candidates, "attention")
-
-        def pressure(node: NodeRecord) -> float:
-            kv_full = node.load.kv_cache_usage > 0.95
-            queued = max(node.inflight, node.load.num_running + node.load.num_waiting)
-            return (queued + 1) / speeds[node.node_id] * (4.0 if kv_full else 1.0)
-
-        return min(candidates, key=pressure)
+        return self.policy.select(candidates) if candidates else None
 
     def microbatches_for(self, node: NodeRecord) -> int:
         if self.config.microbatches is not None:
             return self.config.microbatches
-        ffn = self.membership.of_role("ffn")
-        if not ffn:
-            return 1
-        attention = (node.address, node.capacity.device_kind)
-        if cpu_nodes_share_one_host(attention, [(n.address, n.capacity.device_kind) for n in ffn]):
-            return 1
-        ffn_cost = sum(n.capacity.ffn_us_per_token_expert for n in ffn) / len(ffn)
-        tokens = max(1, node.load.num_running or node.capacity.max_num_seqs or 1)
-        costs = step_costs(
-            tokens,
-            node.capacity.attention_us_per_token,
-            ffn_cost,
-            self._top_k,
-            len(ffn),
-            self.spec.hidden_size,
-            node.capacity.link_bytes_per_second,
-        )
-        return plan_microbatches(costs)
-
-    # ---- reporting -------------------------------------------------------------------------------------
-    def _remember(self, placement: ExpertPlacement) -> None:
-        self._recent_placements[placement.version] = placement
-        for version in sorted(self._recent_placements)[:-RECENT_PLACEMENTS]:
-            del self._recent_placements[version]
-
-    def _record_load(self, node: NodeRecord, load: pb.NodeLoad, version: int) -> None:
-        """`version`: the placement the node computed under; its expert counts are per expert it held then."""
-        if node.role == "ffn":
-            self.metrics.ffn_busy.labels(node.node_id).set(load.busy_fraction)
-            placement = self._recent_placements.get(version)
-            if placement is not None and node.node_id in placement.nodes:
-                held = placement.experts[placement.index(node.node_id)]
-                for expert, count in zip(held, load.expert_token_counts, strict=False):
-                    if count:
-                        self.metrics.expert_tokens.labels(str(expert)).inc(count)
-            elif any(load.expert_token_counts):
-                log.debug("dropped expert counts of %s under unknown placement v%d", node.node_id, version)
-        for transfer in load.transfers:
-            layer = str(transfer.layer)
-            self.metrics.layer_round_trips.labels(layer).inc(transfer.round_trips)
-            self.metrics.layer_round_trip_seconds.labels(layer).inc(transfer.seconds)
-            self.metrics.activation_bytes.labels("attention_to_ffn").inc(transfer.bytes_sent)
-            self.metrics.activation_bytes.labels("ffn_to_attention").inc(transfer.bytes_received)
-        attention = self.membership.of_role("attention", NodeState.READY, NodeState.DRAINING)
-        model = self.metrics.model_name
-        self.metrics.num_requests_running.labels(model).set(sum(n.load.num_running for n in attention))
-        self.metrics.num_requests_waiting.labels(model).set(sum(n.load.num_waiting for n in attention))
-        if attention:
-            usage = sum(n.load.kv_cache_usage for n in attention) / len(attention)
-            self.metrics.kv_cache_usage.labels(model).set(usage)
-
-    def _update_node_metrics(self) -> None:
-        self.metrics.nodes.clear()
-        for (role, state), count in self.membership.counts().items():
-            self.metrics.nodes.labels(role, state).set(count)
+        return plan_for_node(node, self.membership.of_role("ffn"), self._top_k, self.spec.hidden_size)
 
     def status(self) -> dict[str, Any]:
         placement = self.placement
@@ -416,19 +356,6 @@ def _measured_cost(node: NodeRecord) -> dict[str, float | int]:
     if node.role == "attention":
         return {"per_token": capacity.attention_us_per_token, "at_context_len": capacity.attention_context_len}
     return {"per_token_expert": capacity.ffn_us_per_token_expert}
-
-
-def pool_speeds(nodes: list[NodeRecord], role: Role) -> dict[str, float]:
-    """Relative speed per node, one figure per device kind (the median of its nodes' measurements).
-
-    Start-up calibrations of identical machines differ by noise (and by who else was busy at that
-    moment); a figure per hardware kind keeps identical nodes identical and different ones apart.
-    """
-    by_kind: dict[str, list[float]] = {}
-    for node in nodes:
-        by_kind.setdefault(node.capacity.device_kind, []).append(node.capacity.speed(role))
-    kind_speed = {kind: statistics.median(speeds) for kind, speeds in by_kind.items()}
-    return {node.node_id: kind_speed[node.capacity.device_kind] for node in nodes}
 
 
 def _capacity(message: pb.CapacityProfile) -> Capacity:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -137,3 +138,16 @@ class Membership:
             key = (node.role, node.state.value)
             out[key] = out.get(key, 0) + 1
         return out
+
+
+def pool_speeds(nodes: list[NodeRecord], role: Role) -> dict[str, float]:
+    """Relative speed per node, one figure per device kind (the median of its nodes' measurements).
+
+    Start-up calibrations of identical machines differ by noise (and by who else was busy at that
+    moment); a figure per hardware kind keeps identical nodes identical and different ones apart.
+    """
+    by_kind: dict[str, list[float]] = {}
+    for node in nodes:
+        by_kind.setdefault(node.capacity.device_kind, []).append(node.capacity.speed(role))
+    kind_speed = {kind: statistics.median(speeds) for kind, speeds in by_kind.items()}
+    return {node.node_id: kind_speed[node.capacity.device_kind] for node in nodes}

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from afd.errors import ConfigError
+from router.membership import NodeRecord
 
 MAX_MICROBATCHES = 4
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -91,3 +92,27 @@ def cpu_nodes_share_one_host(attention: tuple[str, str], ffn: Sequence[tuple[str
         and attention[1].startswith("cpu")
         and all(kind.startswith("cpu") and _host(address) == host for address, kind in ffn)
     )
+
+
+def plan_for_node(node: NodeRecord, ffn_pool: Sequence[NodeRecord], top_k: int, hidden_size: int) -> int:
+    """Microbatches for attention node `node` against the FFN nodes `ffn_pool`, from their capacity profiles.
+
+    The step is sized at the node's current batch (or its batch limit when idle).
+    """
+    if not ffn_pool:
+        return 1
+    attention = (node.address, node.capacity.device_kind)
+    if cpu_nodes_share_one_host(attention, [(n.address, n.capacity.device_kind) for n in ffn_pool]):
+        return 1
+    ffn_cost = sum(n.capacity.ffn_us_per_token_expert for n in ffn_pool) / len(ffn_pool)
+    tokens = max(1, node.load.num_running or node.capacity.max_num_seqs or 1)
+    costs = step_costs(
+        tokens,
+        node.capacity.attention_us_per_token,
+        ffn_cost,
+        top_k,
+        len(ffn_pool),
+        hidden_size,
+        node.capacity.link_bytes_per_second,
+    )
+    return plan_microbatches(costs)

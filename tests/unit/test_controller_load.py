@@ -34,7 +34,7 @@ def test_expert_counts_follow_the_reported_placement_version_not_the_current_one
         n, ("ffn-0", "ffn-1"), (tuple(range(n // 2, n)), tuple(range(n // 2))), (1.0, 1.0), version=11
     )
     for placement in (old, new):
-        controller._remember(placement)
+        controller.load_metrics.remember(placement)
     controller.placement = new
     controller.membership.add(NodeRecord("ffn-0", "ffn", "127.0.0.1:1", Capacity(), state=NodeState.READY))
 
