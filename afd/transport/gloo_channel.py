@@ -5,7 +5,15 @@ size at start-up, and FFN nodes join and leave at run time. A `ProcessGroupGloo`
 `PrefixStore` needs only the two ends, so an FFN process holds one small group per attention node that
 talks to it, and a new pair costs one TCP connection. The attention node hosts a `TCPStore`
 (`GlooStoreServer`, one per attention node, shared by its pairs under distinct prefixes); the rendezvous
-bytes carried by FfnNode.OpenChannel are that store's host, port and the pair's key prefix.
+bytes carried by FfnNode.OpenChannel are that store's host, port, the pair's key prefix and secret.
+
+A TCPStore has no authentication: anyone who reaches its port can list, set and delete its keys, the
+pair-rendezvous keys included. So the store listens on the attention node's host only (a socket bound
+here and handed to the store, which would otherwise listen on every interface), and a formed pair is
+authenticated before it carries a frame: each end sends an HMAC of the pair's prefix and its rank keyed
+with a per-pair random secret, which travels only in the rendezvous bytes over the authenticated
+control plane (FfnNode.OpenChannel). An end that cannot prove it holds the secret - a third party that
+took a rank's slot in the store - is refused, and that pair never forms.
 
 On the wire a frame starts with an *envelope* message: header length, the byte size of every tensor that
 follows, and the header. A small frame (up to INLINE_FRAME_BYTES, e.g. one decode microbatch of a small
@@ -31,9 +39,14 @@ import atexit
 import collections
 import contextlib
 import datetime
+import hashlib
+import hmac
 import math
+import os
 import queue
 import re
+import secrets
+import socket
 import struct
 import threading
 import uuid
@@ -76,6 +89,11 @@ _DATA_TAG = 1
 """Envelopes and tensor payloads travel on separate gloo tags (slots), so the receiver can post the next
 envelope's receive ahead of time without it matching the current frame's tensors."""
 _PREFIX = re.compile(r"afd-gloo/[0-9a-f]{32}/")
+_AUTH_TAG = 2
+"""The pair's authentication messages travel on a tag of their own, before any envelope or payload."""
+PAIR_SECRET_BYTES = 32
+"""Random bytes of a pair's secret (sent hex-encoded in the rendezvous)."""
+_SECRET = re.compile(f"[0-9a-f]{{{2 * PAIR_SECRET_BYTES}}}")
 _SOURCE_LOCATION = re.compile(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*")
 _FOREVER = datetime.timedelta(days=365)
 """gloo has no "no timeout"; a year is as good as forever and still far from overflowing its clock."""
@@ -115,9 +133,25 @@ class GlooStoreServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None) -> None:
         """`host`: address to bind (and to advertise unless `advertise_host` is given); port 0 = ephemeral."""
         self.host = advertise_host or host
-        self._store: dist.TCPStore | None = dist.TCPStore(
-            host, port, None, True, datetime.timedelta(seconds=60), wait_for_workers=False
-        )
+        # TCPStore(host, ...) as a server listens on every interface whatever `host` says; a socket
+        # bound to `host` and handed over (master_listen_fd, libuv backend) is the one way to scope it
+        listening = _listen(host, port)
+        bound_port = int(listening.getsockname()[1])
+        fd = listening.detach()  # the store owns the descriptor from here on
+        try:
+            self._store: dist.TCPStore | None = dist.TCPStore(
+                host,
+                bound_port,
+                None,
+                True,
+                datetime.timedelta(seconds=60),
+                wait_for_workers=False,
+                master_listen_fd=fd,
+                use_libuv=True,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
         self.port = int(self._store.port)
 
     @property
@@ -134,6 +168,24 @@ class GlooStoreServer:
         self._store = None
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on `host`:`port` only (port 0: an ephemeral one)."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listening = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot resolve the gloo store address {host}:{port}: {exc}") from None
+    try:
+        listening.bind(address)
+        listening.listen(128)
+    except OSError as exc:
+        listening.close()
+        raise ConfigError(f"cannot listen for the gloo store on {host}:{port}: {exc}") from None
+    return listening
+
+
 class GlooListener(ChannelListener):
     """Rank 0 of one pair (the attention side)."""
 
@@ -142,13 +194,17 @@ class GlooListener(ChannelListener):
         self.options = options
         self._server = server
         self._prefix = f"afd-gloo/{uuid.uuid4().hex}/"
+        self._secret = secrets.token_hex(PAIR_SECRET_BYTES)
 
     @property
     def rendezvous(self) -> bytes:
-        return pack_rendezvous("gloo", {"host": self._server.host, "port": self._server.port, "prefix": self._prefix})
+        fields: dict[str, str | int] = {"host": self._server.host, "port": self._server.port}
+        fields |= {"prefix": self._prefix, "secret": self._secret}
+        return pack_rendezvous("gloo", fields)
 
     def accept(self, timeout: float) -> GlooChannel:
         group = _form_group(self.peer, self._server.store, self._prefix, 0, self._server.host, timeout)
+        _authenticate_pair(self.peer, group, 0, self._secret, self._prefix, timeout)
         return GlooChannel(self.peer, group, 0, self.options)
 
     def close(self) -> None:
@@ -157,10 +213,12 @@ class GlooListener(ChannelListener):
 
 def check_gloo_rendezvous(rendezvous: bytes) -> dict[str, Any]:
     """The fields of gloo rendezvous bytes; raises RendezvousError naming what is wrong."""
-    fields = unpack_rendezvous(rendezvous, "gloo", {"host": str, "port": int, "prefix": str})
+    fields = unpack_rendezvous(rendezvous, "gloo", {"host": str, "port": int, "prefix": str, "secret": str})
     host, port, prefix = fields["host"], fields["port"], fields["prefix"]
     if not 0 < port < 65536 or not _PREFIX.fullmatch(prefix) or not 0 < len(host) <= 255:
         raise RendezvousError(f"gloo rendezvous names an invalid store {host!r}:{port} / {prefix!r}")
+    if not _SECRET.fullmatch(fields["secret"]):
+        raise RendezvousError(f"gloo rendezvous secret must be {2 * PAIR_SECRET_BYTES} lower-case hex digits")
     return fields
 
 
@@ -175,6 +233,7 @@ def connect_gloo(rendezvous: bytes, peer: str, options: GlooOptions | None = Non
     except (RuntimeError, OSError) as exc:
         raise PeerError(peer, f"cannot reach its gloo store at {host}:{port}: {_first_line(exc)}") from None
     group = _form_group(peer, store, fields["prefix"], 1, local, options.connect_timeout)
+    _authenticate_pair(peer, group, 1, fields["secret"], fields["prefix"], options.connect_timeout)
     return GlooChannel(peer, group, 1, options)
 
 
@@ -186,6 +245,35 @@ def _form_group(peer: str, store: dist.Store, prefix: str, rank: int, hostname: 
         return cast(_PairGroup, ProcessGroupGloo(dist.PrefixStore(prefix, store), rank, 2, gloo_options))
     except RuntimeError as exc:
         raise PeerError(peer, f"did not form a gloo pair within {timeout:.1f}s: {_first_line(exc)}") from None
+
+
+def _pair_proof(secret: str, prefix: str, rank: int) -> bytes:
+    """What `rank` of the pair under `prefix` sends to prove it holds the pair's secret."""
+    return hmac.new(bytes.fromhex(secret), f"afd-gloo-pair {prefix} rank {rank}".encode(), hashlib.sha256).digest()
+
+
+def _authenticate_pair(peer: str, group: _PairGroup, rank: int, secret: str, prefix: str, timeout: float) -> None:
+    """Exchange proofs with the other end of a freshly formed pair; raises PeerError (and the group is
+    dropped) unless the other end proves it holds the same secret.
+
+    The proofs differ per rank and per prefix (fresh for every pair), so one seen on the wire is of no
+    use for another pair or for the other rank.
+    """
+    mine = torch.frombuffer(bytearray(_pair_proof(secret, prefix, rank)), dtype=torch.uint8)
+    theirs = torch.zeros(len(mine), dtype=torch.uint8)
+    wait = datetime.timedelta(seconds=timeout)
+    try:
+        with _WAITS.inside():
+            received = group.recv([theirs], 1 - rank, _AUTH_TAG)
+            sent = group.send([mine], 1 - rank, _AUTH_TAG)
+            received.wait(wait)
+            if not hmac.compare_digest(theirs.numpy().tobytes(), _pair_proof(secret, prefix, 1 - rank)):
+                raise PeerError(peer, "gloo pair refused: the other end does not hold the pair's secret")
+            sent.wait(wait)
+    except PeerError:
+        raise
+    except RuntimeError as exc:  # gloo's errors (timeouts, a closed connection, a size mismatch)
+        raise PeerError(peer, f"gloo pair not authenticated within {timeout:.1f}s: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

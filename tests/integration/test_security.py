@@ -4,18 +4,29 @@ without a cluster token does not start unless told `--insecure`."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+import msgpack
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroupGloo
 from typer.testing import CliRunner
 
+from afd.errors import PeerError
 from afd.model_spec import ModelSpec
+from afd.transport.channel import Channel
+from afd.transport.gloo_channel import GlooStoreServer
 from afd.wire import grpc_data
 from afd.wire.auth import ClusterAuth
 from orchestration.cli import app
@@ -152,3 +163,66 @@ def test_insecure_nodes_start_and_say_so_loudly(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+
+
+# -- the gloo pair store -------------------------------------------------------------------------------
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) with a socket listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.rpartition(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_gloo_store_listens_on_the_node_host_only() -> None:
+    store = GlooStoreServer("127.0.0.1")
+    try:
+        assert _listening_addresses(store.port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0 or [::]
+    finally:
+        store.close()
+
+
+def test_gloo_pairing_without_the_secret_is_refused() -> None:
+    """A third party on 127.0.0.1 that knows the store and the pair's prefix (a TCPStore lists its keys to
+    anyone) takes the FFN rank: the attention end refuses the pair instead of sending it frames."""
+    store = GlooStoreServer("127.0.0.1")
+    listener = store.listener("ffn-0")
+    fields = msgpack.unpackb(listener.rendezvous)
+    accepted: list[object] = []
+
+    def accept() -> None:
+        try:
+            accepted.append(listener.accept(20))
+        except PeerError as exc:
+            accepted.append(exc)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    client = dist.TCPStore(fields["host"], fields["port"], None, False, datetime.timedelta(seconds=20))
+    options = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    options._timeout = datetime.timedelta(seconds=20)
+    impostor: Any = ProcessGroupGloo(dist.PrefixStore(fields["prefix"], client), 1, 2, options)
+    try:
+        # what it can send: anything but a proof keyed with the secret it never saw
+        guess = torch.zeros(32, dtype=torch.uint8)
+        sink = torch.zeros(32, dtype=torch.uint8)
+        works = [impostor.send([guess], 0, 2), impostor.recv([sink], 0, 2)]
+        acceptor.join(30)
+        assert not acceptor.is_alive()
+        assert len(accepted) == 1 and isinstance(accepted[0], PeerError), accepted
+        assert "does not hold the pair's secret" in str(accepted[0])
+        del works
+    finally:
+        for channel in accepted:
+            if isinstance(channel, Channel):
+                channel.close()
+        del impostor
+        store.close()

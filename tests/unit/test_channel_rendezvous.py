@@ -10,7 +10,7 @@ from afd.transport.gloo_channel import GlooOptions, check_gloo_rendezvous
 from afd.transport.rendezvous import RendezvousError, pack_rendezvous
 from afd.transport.shm_channel import ShmOptions, check_shm_rendezvous, connect_shm
 
-GOOD_GLOO = {"host": "127.0.0.1", "port": 29500, "prefix": "afd-gloo/" + "0" * 32 + "/"}
+GOOD_GLOO = {"host": "127.0.0.1", "port": 29500, "prefix": "afd-gloo/" + "0" * 32 + "/", "secret": "ab" * 32}
 TOKEN = "1" * 32
 GOOD_SHM = {"socket": f"afd-{TOKEN}-sock", "a2f": f"afd-{TOKEN}-a2f", "f2a": f"afd-{TOKEN}-f2a", "ring_bytes": 1 << 20}
 
@@ -32,6 +32,8 @@ def test_well_formed_rendezvous_are_accepted():
         msgpack.packb({**GOOD_GLOO, "backend": "gloo", "port": "29500"}),  # wrong type
         pack_rendezvous("gloo", {**GOOD_GLOO, "port": 70000}),
         pack_rendezvous("gloo", {**GOOD_GLOO, "prefix": "../../etc/"}),
+        pack_rendezvous("gloo", {**GOOD_GLOO, "secret": "ab" * 31}),  # a short secret
+        pack_rendezvous("gloo", {**GOOD_GLOO, "secret": "AB" * 32}),  # not lower-case hex
         pack_rendezvous("shm", GOOD_SHM),  # another backend's rendezvous
     ],
 )
