@@ -29,6 +29,7 @@ from typing import Any
 
 from afd.builtin_model import builtin_model_dir, cache_root
 from afd.errors import AfdError, ConfigError
+from afd.wire.auth import read_token_file
 from orchestration.lifeline import LAUNCHER_FD_ENV, ProcessRecord, write_records
 from orchestration.router_view import cluster_view, wait_until_ready
 from router.microbatch_plan import parse_microbatches
@@ -58,6 +59,10 @@ class LocalClusterConfig:
     """Model name in the API."""
     api_key_file: Path | None = None
     """File with the API key clients must send (open API when None)."""
+    max_request_body_bytes: int | None = None
+    """HTTP request bodies above this get a 413 (the router's default when None)."""
+    protect_metrics: bool = False
+    """Require the API key on /metrics too."""
     threads_per_node: int | None = None
     """torch threads per attention/FFN process; cores / nodes when None."""
     dtype: str = "auto"
@@ -152,6 +157,10 @@ class LocalCluster:
             args += ["--served-model-name", config.served_model_name]
         if config.api_key_file:
             args += ["--api-key-file", str(config.api_key_file)]
+        if config.max_request_body_bytes is not None:
+            args += ["--max-request-body-bytes", str(config.max_request_body_bytes)]
+        if config.protect_metrics:
+            args += ["--protect-metrics"]
         self.router = self._spawn("router", "router", args)
         self._wait_file(ready, self.router)
         ports = json.loads(ready.read_text())
@@ -239,8 +248,12 @@ class LocalCluster:
         if stopping:
             self._record()
 
+    @property
+    def _api_key(self) -> str | None:
+        return read_token_file(self.config.api_key_file) if self.config.api_key_file else None
+
     def cluster(self) -> dict[str, Any]:
-        return cluster_view(self.base_url)
+        return cluster_view(self.base_url, self._api_key)
 
     def wait_until_ready(self, node_ids: set[str]) -> None:
         """Until every node in `node_ids` is ready in the router's view and the API answers health checks."""
@@ -251,7 +264,7 @@ class LocalCluster:
                 if handle.process.poll() is not None:
                     raise AfdError(f"{node_id} exited with {handle.process.returncode}:\n{self.tail(handle)}")
 
-        wait_until_ready(self.base_url, node_ids, self.config.start_timeout_s, check_alive)
+        wait_until_ready(self.base_url, node_ids, self.config.start_timeout_s, check_alive, self._api_key)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every process this launcher started: nodes first, then the router; idempotent."""

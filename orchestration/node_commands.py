@@ -94,6 +94,12 @@ def router_command(
     max_waiting: Annotated[int, typer.Option(help="Queued requests before 429.")] = 256,
     node_timeout: Annotated[float, typer.Option(help="Seconds without heartbeat before a node is dead.")] = 6.0,
     ready_file: ReadyOption = None,
+    max_request_body_bytes: Annotated[
+        int, typer.Option(min=1, help="HTTP request bodies above this get a 413 (default 2 MiB).")
+    ] = 2 * 1024 * 1024,
+    protect_metrics: Annotated[
+        bool, typer.Option(help="Require the API key on /metrics too (open by default, as in vLLM).")
+    ] = False,
 ) -> None:
     """The router: OpenAI API, admission, placement and membership."""
     from router.cluster_backend import BackendConfig
@@ -114,6 +120,8 @@ def router_command(
         controller=ControllerConfig(node_timeout_s=node_timeout, microbatches=_microbatches(microbatches)),
         backend=BackendConfig(max_waiting=max_waiting),
         ready_file=ready_file,
+        max_request_body_bytes=max_request_body_bytes,
+        protect_metrics=protect_metrics,
     )
     _run(run_router(config))
 

@@ -198,6 +198,10 @@ def up(
     host: Annotated[str, typer.Option(help="Interface every process binds.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="OpenAI API port (0 = any free).")] = 8000,
     api_key_file: Annotated[Path | None, typer.Option(help="File with the API key clients must send.")] = None,
+    max_request_body_bytes: Annotated[
+        int | None, typer.Option(min=1, help="HTTP request bodies above this get a 413 (router default 2 MiB).")
+    ] = None,
+    protect_metrics: Annotated[bool, typer.Option(help="Require the API key on /metrics too.")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads per node (default: cores / nodes).")] = None,
     name: Annotated[str, typer.Option(help="Cluster name for afd scale/status/down.")] = "default",
     demo: Annotated[bool, typer.Option(help="Run a short serving benchmark against the cluster, then stop.")] = False,
@@ -217,6 +221,8 @@ def up(
         host=host,
         http_port=port,
         api_key_file=api_key_file,
+        max_request_body_bytes=max_request_body_bytes,
+        protect_metrics=protect_metrics,
         threads_per_node=threads,
     )
     launcher: Any

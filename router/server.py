@@ -29,7 +29,7 @@ from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from router.cluster_backend import BackendConfig, ClusterBackend
 from router.controller import Controller, ControllerConfig
 from router.metrics import RouterMetrics
-from router.openai_api import ApiConfig, OpenAIService, create_app
+from router.openai_api import DEFAULT_MAX_REQUEST_BODY_BYTES, ApiConfig, OpenAIService, create_app
 
 log = logging.getLogger("afd.router")
 
@@ -60,10 +60,16 @@ class RouterConfig:
     """Admission and migration settings."""
     ready_file: Path | None = None
     """Written with {"http_port", "grpc_port"} once both servers listen."""
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    """HTTP request bodies above this get a 413 before they are read in full."""
+    protect_metrics: bool = False
+    """Require the API key on /metrics as well (vLLM leaves it open for Prometheus; so do we by default)."""
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"no config.json in model directory {self.model}")
+        if self.max_request_body_bytes < 1:
+            raise ConfigError(f"--max-request-body-bytes must be >= 1, got {self.max_request_body_bytes}")
 
 
 class _RouterServicer(pb_grpc.RouterServicer):
@@ -106,6 +112,7 @@ class RouterServer:
         self._closed = False
         self.controller: Controller | None = None
         self.backend: ClusterBackend | None = None
+        self._service: OpenAIService | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -116,9 +123,15 @@ class RouterServer:
         metrics = RouterMetrics(name)
         self.controller = Controller(spec, config.auth, metrics, config.controller)
         self.backend = ClusterBackend(self.controller, config.backend)
-        service = OpenAIService(
-            ApiConfig(name, max_len, spec.vocab_size, config.api_key), tokenizer, self.backend, metrics, self._status
+        api = ApiConfig(
+            name,
+            max_len,
+            spec.vocab_size,
+            config.api_key,
+            max_request_body_bytes=config.max_request_body_bytes,
+            protect_metrics=config.protect_metrics,
         )
+        self._service = service = OpenAIService(api, tokenizer, self.backend, metrics, self._status)
         self._grpc = grpc.aio.server(interceptors=config.auth.server_interceptors())
         pb_grpc.add_RouterServicer_to_server(_RouterServicer(self.controller), self._grpc)
         health_servicer = health.aio.HealthServicer()
@@ -182,6 +195,8 @@ class RouterServer:
             await self._grpc.stop(grace=1.0)
         if self.controller is not None:
             await self.controller.close()
+        if self._service is not None:
+            self._service.close()
 
 
 async def run_router(config: RouterConfig) -> None:
