@@ -13,7 +13,7 @@ import torch
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
-from attn_nodes.routing import Routing
+from attn_nodes.moe_gate import Routing
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ from afd.tensor_names import TensorNames
 from attn_nodes.attention import GqaAttention, MlaAttention, rms_norm
 from attn_nodes.attention_metadata import AttentionMetadata
 from attn_nodes.rope import RotaryEmbedding
-from attn_nodes.routing import GateWeights, Routing, route
+from attn_nodes.moe_gate import GateWeights, Routing, route
 
 
 @dataclass(slots=True)
