@@ -530,11 +530,11 @@ class RayCluster:
                 self._wait_until_gone({node.node_id for node in stopping})
 
     def cluster(self) -> dict[str, Any]:
-        return cluster_view(self.base_url)
+        return cluster_view(self.base_url, self._api_key)
 
     def wait_until_ready(self, node_ids: set[str]) -> None:
         """Until every node in `node_ids` is ready on the current placement and the API answers health checks."""
-        wait_until_ready(self.base_url, node_ids, self.config.start_timeout_s)
+        wait_until_ready(self.base_url, node_ids, self.config.start_timeout_s, api_key=self._api_key)
 
     def _wait_until_gone(self, node_ids: set[str]) -> None:
         """Until the router no longer counts the removed nodes as serving (an FFN node's experts moved away)."""

@@ -17,17 +17,21 @@ from afd.errors import AfdError
 POLL_S = 0.2
 
 
-def cluster_view(base_url: str) -> dict[str, Any]:
-    """The router's /afd/v1/cluster: nodes (role, state, experts, placement version...) and the placement."""
-    response = httpx.get(f"{base_url}/afd/v1/cluster", timeout=5)
+def cluster_view(base_url: str, api_key: str | None = None) -> dict[str, Any]:
+    """The router's /afd/v1/cluster: nodes (role, state, experts, placement version...) and the placement.
+
+    It lists node addresses, so a router with an API key wants the key here too.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    response = httpx.get(f"{base_url}/afd/v1/cluster", headers=headers, timeout=5)
     response.raise_for_status()
     return response.json()
 
 
-def nodes_ready(base_url: str, node_ids: Iterable[str]) -> bool:
+def nodes_ready(base_url: str, node_ids: Iterable[str], api_key: str | None = None) -> bool:
     """Every node of `node_ids` ready on the current placement, and the API healthy; False if unreachable."""
     try:
-        view = cluster_view(base_url)
+        view = cluster_view(base_url, api_key)
         healthy = httpx.get(f"{base_url}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
@@ -40,7 +44,11 @@ def nodes_ready(base_url: str, node_ids: Iterable[str]) -> bool:
 
 
 def wait_until_ready(
-    base_url: str, node_ids: set[str], timeout_s: float, check: Callable[[], None] = lambda: None
+    base_url: str,
+    node_ids: set[str],
+    timeout_s: float,
+    check: Callable[[], None] = lambda: None,
+    api_key: str | None = None,
 ) -> None:
     """Poll until `nodes_ready`; `check` runs each round and raises to give up early (e.g. a node exited).
 
@@ -49,7 +57,7 @@ def wait_until_ready(
     deadline = time.monotonic() + timeout_s
     while True:
         check()
-        if nodes_ready(base_url, node_ids):
+        if nodes_ready(base_url, node_ids, api_key):
             return
         if time.monotonic() > deadline:
             raise AfdError(f"nodes {sorted(node_ids)} not ready within {timeout_s:.0f} s")
