@@ -1,0 +1,73 @@
+"""schemathesis against the router's /openapi.json (issue 15 item 12): the spec must describe the server.
+
+Generated requests, schema-valid (positive) and schema-violating (negative), go to the router app (ASGI, in
+this process) with a fake generation backend. Checked on every answer: no 5xx, the status is documented for
+the operation, the content type and body match the documented response, and a request that violates the
+schema is refused (not answered 200 — `n: 1.0` and `prompt: [[false]]` were). Not checked: that every
+schema-valid request is accepted; a prompt longer than the context, an unknown model name or n > 1 are
+schema-valid and refused with a documented 400/404.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from afd.builtin_model import builtin_model_dir  # noqa: E402
+from afd.tokenizer import Tokenizer  # noqa: E402
+from router.metrics import RouterMetrics  # noqa: E402
+from router.openai_api import ApiConfig, OpenAIService, create_app  # noqa: E402
+from tests.fake_generation_backend import FakeBackend  # noqa: E402
+
+EXAMPLES_PER_OPERATION = 400
+"""Per operation (the four GETs have nothing to vary); all six took 28 s on the shared 2-core dev machine."""
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+
+
+# The spec does not depend on the tokenizer, so the app is built at import (schemathesis needs the schema
+# to parametrize); the tokenizer (which writes the built-in model) is loaded by the fixture before any call.
+METRICS = RouterMetrics("afd-demo")
+BACKEND = FakeBackend(1, METRICS)
+SERVICE = OpenAIService(
+    ApiConfig("afd-demo", 256, 1, max_request_body_bytes=256 * 1024), None, BACKEND, METRICS, lambda: {"nodes": []}
+)
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(SERVICE, ready=lambda: True))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tokenizer(tmp_path_factory):
+    tokenizer = Tokenizer.from_pretrained(builtin_model_dir(tmp_path_factory.mktemp("cache")))
+    assert tokenizer is not None
+    SERVICE.tokenizer = tokenizer
+    SERVICE.config.vocab_size = BACKEND.vocab = tokenizer.vocab_size
+    yield
+    SERVICE.close()
+
+
+@pytest.mark.slow
+@schema.parametrize()
+@settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
+def test_the_server_answers_as_its_openapi_spec_says(case):
+    case.call_and_validate(checks=CHECKS)
