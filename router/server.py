@@ -21,7 +21,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from afd.errors import ConfigError
-from afd.model_spec import ModelSpec
+from afd.model_spec import ModelSpec, model_fingerprint
 from afd.tokenizer import Tokenizer
 from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
@@ -121,7 +121,9 @@ class RouterServer:
         name = config.served_model_name or Path(config.model).resolve().name
         max_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         metrics = RouterMetrics(name)
-        self.controller = Controller(spec, config.auth, metrics, config.controller)
+        self.controller = Controller(
+            spec, config.auth, metrics, config.controller, model_fingerprint=model_fingerprint(config.model)
+        )
         self.backend = ClusterBackend(self.controller, config.backend)
         api = ApiConfig(
             name,
