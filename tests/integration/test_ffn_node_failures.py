@@ -5,6 +5,7 @@ stops reading. Each server runs in this process (tests/cluster_helpers.ffn_serve
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from afd.wire.event_loop import EventLoopThread
 from afd.wire.frames import OutOfRange, encode_request, pack
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
+from ffn_nodes import server as server_module
 from ffn_nodes.node import ClusterAttachment, FfnClusterNode
 from ffn_nodes.server import FfnNodeServer, FfnServerConfig, NodeFailure, StalePlacementError
 from tests.cluster_helpers import READY_TIMEOUT_S, ffn_server_in_thread
@@ -312,3 +314,17 @@ def test_a_failed_cluster_node_reports_itself_dead_and_stops_heartbeating(qwen3)
         loop.run(node.shutdown(), 30)
         loop.run(router.stop(None), 10)
         loop.stop()
+
+
+def test_the_node_process_exits_non_zero_when_its_core_fails(qwen3, tmp_path: Path, monkeypatch) -> None:
+    """`python -m ffn_nodes.server`'s main: a failure after start ends serve() and main returns 2, not 0."""
+    directory, spec = qwen3
+    placement_file = tmp_path / "placement.json"
+    placement_file.write_text(json.dumps(ExpertPlacement.balanced(spec.num_experts, [NODE]).to_dict()))
+
+    async def fail_once_started(self: FfnNodeServer) -> None:
+        self.fail(RuntimeError("injected bug"), "a test")
+
+    monkeypatch.setattr(FfnNodeServer, "after_start", fail_once_started)
+    argv = ["--model", str(directory), "--node-id", NODE, "--placement-file", str(placement_file), "--port", "0"]
+    assert server_module.main(argv) == 2
