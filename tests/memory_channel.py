@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from afd.errors import PeerError
-from afd.transport.channel import Channel, SpecsFromHeader
+from afd.transport.channel import Channel, ChannelTimeout, SpecsFromHeader
 
 _CLOSED = object()
 
@@ -31,7 +31,7 @@ class MemoryChannel(Channel):
         try:
             item = self.inbox.get(timeout=None if math.isinf(timeout) else timeout)
         except queue.Empty:
-            raise PeerError(self.peer, f"no frame within {timeout}s") from None
+            raise ChannelTimeout(self.peer, f"no frame within {timeout}s") from None
         if item is _CLOSED:
             self.inbox.put(_CLOSED)
             raise PeerError(self.peer, "closed the channel")

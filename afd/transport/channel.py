@@ -15,17 +15,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from afd.errors import PeerError
+from afd.wire.frames import TensorSpec
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """Shape and dtype of one tensor announced by a frame header."""
+__all__ = ["Channel", "ChannelTimeout", "SpecsFromHeader", "TensorSpec"]
 
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+
+class ChannelTimeout(PeerError):
+    """No frame arrived within `recv`'s timeout; the channel is intact and the next `recv` may succeed.
+
+    Every other PeerError from a channel means it is closed or broken: a serving loop polls on this one
+    and ends on the others, instead of guessing from how long the call took.
+    """
 
 
 #: Parses and validates a header, returning the specs of the tensors that follow it (raises on a bad header).
@@ -46,7 +50,8 @@ class Channel(ABC):
     @abstractmethod
     def recv(self, specs: SpecsFromHeader, timeout: float) -> tuple[bytes, list[torch.Tensor]]:
         """Receive one frame within `timeout` seconds (`math.inf`: until one arrives or the channel closes);
-        raises PeerError (naming the peer) on timeout, on the peer's death and when either end closes."""
+        raises ChannelTimeout when no frame came in time, PeerError (naming the peer) on the peer's death and
+        when either end closes."""
 
     @abstractmethod
     def close(self) -> None:

@@ -15,8 +15,9 @@ with a per-pair random secret, which travels only in the rendezvous bytes over t
 control plane (FfnNode.OpenChannel). An end that cannot prove it holds the secret - a third party that
 took a rank's slot in the store - is refused, and that pair never forms.
 
-On the wire a frame starts with an *envelope* message: header length, the byte size of every tensor that
-follows, and the header. A small frame (up to INLINE_FRAME_BYTES, e.g. one decode microbatch of a small
+On the wire a frame starts with an *envelope* message: the envelope fields of afd/transport/envelope.py
+(header length, the byte size of every tensor that follows, flag INLINE), then the header. A small
+frame (up to INLINE_FRAME_BYTES, e.g. one decode microbatch of a small
 model, or the 64 KiB latency probe) carries its tensors inside the envelope too, so it costs one gloo
 message — each extra message costs a round of gloo's receive-ready handshake, about 0.1 ms here. A large
 frame sends each tensor's raw bytes as its own message (bfloat16 travels as uint8, gloo only moves bytes),
@@ -47,7 +48,6 @@ import queue
 import re
 import secrets
 import socket
-import struct
 import threading
 import uuid
 import weakref
@@ -60,7 +60,15 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroupGloo
 
 from afd.errors import ConfigError, PeerError
-from afd.transport.channel import Channel, SpecsFromHeader
+from afd.transport.channel import Channel, ChannelTimeout, SpecsFromHeader
+from afd.transport.envelope import (
+    FIELDS,
+    EnvelopeKind,
+    MalformedEnvelope,
+    check_frame,
+    pack_envelope,
+    parse_envelope,
+)
 from afd.transport.rendezvous import (
     ChannelListener,
     RendezvousError,
@@ -75,13 +83,8 @@ INLINE_FRAME_BYTES = 128 * 1024
 envelope may hold, so a header is at most this size minus the fixed fields."""
 ENVELOPES_AHEAD = 8
 """Envelope receives kept posted ahead of the reader (see GlooChannel._fill_posted)."""
-MAX_TENSORS = 8
-"""Most tensors one frame may carry (their sizes live in the envelope)."""
-_ENVELOPE = struct.Struct(f"<qqq{MAX_TENSORS}q")
-"""Header length (or CLOSE), tensor count, 1 if the tensors are inline, byte size of each tensor."""
-MAX_HEADER_BYTES = 64 * 1024
-_CLOSE = -1
-_CLOSE_ACK = -2
+INLINE = 1
+"""Envelope flag: the tensors' bytes follow the header inside the envelope message."""
 EXIT_GRACE_S = 2.0
 """At interpreter exit, how long open channels get to finish the gloo waits of their threads (see _WAITS)."""
 _ENVELOPE_TAG = 0
@@ -457,13 +460,10 @@ class GlooChannel(Channel):
     # -- sending ------------------------------------------------------------------------------------
 
     def send(self, header: bytes, tensors: Sequence[torch.Tensor]) -> None:
-        if len(tensors) > MAX_TENSORS:
-            raise ValueError(f"a gloo frame carries at most {MAX_TENSORS} tensors, got {len(tensors)}")
-        if len(header) > MAX_HEADER_BYTES:
-            raise ValueError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        check_frame(header, len(tensors), "gloo")
         payload = [_as_bytes(t) for t in tensors]
         sizes = [p.numel() for p in payload]
-        inline = _ENVELOPE.size + len(header) + sum(sizes) <= INLINE_FRAME_BYTES
+        inline = FIELDS.size + len(header) + sum(sizes) <= INLINE_FRAME_BYTES
         envelope = self._envelope(header, sizes, payload if inline else [])
         messages = [envelope] if inline else [envelope, *(p for p in payload if p.numel())]
         if not self._sends.reserve():
@@ -482,14 +482,15 @@ class GlooChannel(Channel):
             raise
 
     @staticmethod
-    def _envelope(header: bytes, sizes: list[int], inline: list[torch.Tensor], code: int | None = None) -> torch.Tensor:
-        """The first message of a frame: fixed fields, header, then the tensors' bytes if `inline`."""
-        total = _ENVELOPE.size + len(header) + sum(t.numel() for t in inline)
+    def _envelope(
+        header: bytes, sizes: list[int], inline: list[torch.Tensor], kind: int = EnvelopeKind.FRAME
+    ) -> torch.Tensor:
+        """The first message of a frame: envelope fields, header, then the tensors' bytes if `inline`."""
+        total = FIELDS.size + len(header) + sum(t.numel() for t in inline)
         envelope = torch.empty(total, dtype=torch.uint8)
-        fields = [len(header) if code is None else code, len(sizes), int(bool(inline)), *sizes]
-        fields += [0] * (MAX_TENSORS - len(sizes))
-        envelope[: _ENVELOPE.size] = torch.frombuffer(bytearray(_ENVELOPE.pack(*fields)), dtype=torch.uint8)
-        offset = _ENVELOPE.size
+        fields = pack_envelope(kind, len(header), sizes, INLINE if inline else 0)
+        envelope[: FIELDS.size] = torch.frombuffer(bytearray(fields), dtype=torch.uint8)
+        offset = FIELDS.size
         if header:
             envelope[offset : offset + len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
         offset += len(header)
@@ -518,25 +519,28 @@ class GlooChannel(Channel):
     def _recv(self, specs: SpecsFromHeader, timeout: float) -> tuple[bytes, list[torch.Tensor]]:
         group = self._usable()
         envelope = self._wait_envelope(group, timeout)
-        header_len, count, inline, *all_sizes = _ENVELOPE.unpack(envelope[: _ENVELOPE.size].numpy().tobytes())
-        if header_len not in (_CLOSE, _CLOSE_ACK) and not self._closed:
+        try:
+            kind, header_len, sizes, flags = parse_envelope(
+                envelope[: FIELDS.size].numpy().tobytes(), self.options.max_message_bytes
+            )
+        except MalformedEnvelope as exc:
+            raise self._fail(f"sent a malformed envelope: {exc}") from None
+        if kind == EnvelopeKind.FRAME and not self._closed:
             self._fill_posted(group)
-        if header_len == _CLOSE:
+        if kind == EnvelopeKind.CLOSE:
             self._broken = "the peer closed the channel"
             if not self._closed:
-                self._post_control(group, _CLOSE_ACK)  # ends the closer's own pending receive
+                self._post_control(group, EnvelopeKind.CLOSE_ACK)  # ends the closer's own pending receive
             raise PeerError(self.peer, "closed the channel")
-        if header_len == _CLOSE_ACK:
+        if kind == EnvelopeKind.CLOSE_ACK:
             self._broken = "closed"
             raise PeerError(self.peer, "channel is closed")
-        sizes = all_sizes[:count] if 0 <= count <= MAX_TENSORS else []
-        if not 0 <= header_len <= MAX_HEADER_BYTES or len(sizes) != count or inline not in (0, 1):
-            raise self._fail(f"sent a malformed envelope (header {header_len} bytes, {count} tensors)")
-        if any(not 0 <= s <= self.options.max_message_bytes for s in sizes):
-            raise self._fail(f"announced tensors of {sizes} bytes (limit {self.options.max_message_bytes})")
-        if inline and _ENVELOPE.size + header_len + sum(sizes) > INLINE_FRAME_BYTES:
+        inline = flags & INLINE
+        if flags & ~INLINE:
+            raise self._fail(f"sent an envelope with unknown flags {flags:#x}")
+        if inline and FIELDS.size + header_len + sum(sizes) > INLINE_FRAME_BYTES:
             raise self._fail("announced an inline frame larger than an envelope")
-        header = bytes(envelope[_ENVELOPE.size : _ENVELOPE.size + header_len].numpy())
+        header = bytes(envelope[FIELDS.size : FIELDS.size + header_len].numpy())
         try:
             tensor_specs = list(specs(header))
             expected = [math.prod(s.shape) * s.dtype.itemsize for s in tensor_specs]
@@ -549,7 +553,7 @@ class GlooChannel(Channel):
         tensors = [torch.empty(s.shape, dtype=s.dtype) for s in tensor_specs]
         targets = [t.view(-1).view(torch.uint8) for t in tensors if t.numel()]
         if inline:
-            offset = _ENVELOPE.size + header_len
+            offset = FIELDS.size + header_len
             for target in targets:
                 target.copy_(envelope[offset : offset + target.numel()])
                 offset += target.numel()
@@ -603,7 +607,7 @@ class GlooChannel(Channel):
             _WAITS.add()
             self._waiter().put(pending)
         if not pending.done.wait(None if math.isinf(timeout) else max(timeout, 0.0)):
-            raise PeerError(self.peer, f"no frame within {timeout:.1f}s")
+            raise ChannelTimeout(self.peer, f"no frame within {timeout:.1f}s")
         self._posted_envelopes.popleft()
         if pending.error is not None:
             raise self._fail(f"connection lost ({pending.error})")
@@ -655,8 +659,8 @@ class GlooChannel(Channel):
         self._broken = self._broken or reason
         return PeerError(self.peer, reason)
 
-    def _post_control(self, group: _PairGroup, code: int) -> None:
-        envelope = self._envelope(b"", [], [], code=code)
+    def _post_control(self, group: _PairGroup, kind: int) -> None:
+        envelope = self._envelope(b"", [], [], kind=kind)
         with contextlib.suppress(RuntimeError):  # the pair is already gone: nothing to tell
             self._control.append((group.send([envelope], self._peer_rank, _ENVELOPE_TAG), envelope))
 
@@ -672,7 +676,7 @@ class GlooChannel(Channel):
                 return
             self._closed = True
             if self._broken is None and self._group is not None:
-                self._post_control(self._group, _CLOSE)
+                self._post_control(self._group, EnvelopeKind.CLOSE)
             self._sends.queue.put(None)
             if self._waits is not None:
                 self._waits.put(None)  # the waiter exits once its current wait ends

@@ -8,7 +8,7 @@ cannot issue), an eventfd/futex doorbell (Linux-only, and still needs a liveness
 out tensors that view the ring (their lifetime would pin ring space for as long as the caller keeps
 them).
 
-Each ring is a byte stream. The writer copies a frame — prefix (magic, header length, payload length),
+Each ring is a byte stream. The writer copies a frame — envelope (afd/transport/envelope.py: sizes of every tensor),
 header, then every tensor's raw bytes back to back — into the ring and rings the doorbell with its new
 head position (8 bytes on the socket) at the end of the frame and every `chunk_bytes`; the reader copies
 out and answers with its tail position (credit) every `chunk_bytes` and before it sleeps. The socket
@@ -44,17 +44,13 @@ import numpy as np
 import torch
 
 from afd.errors import ConfigError, PeerError
-from afd.transport.channel import Channel, SpecsFromHeader
+from afd.transport.channel import Channel, ChannelTimeout, SpecsFromHeader
+from afd.transport.envelope import FIELDS, EnvelopeKind, MalformedEnvelope, check_frame, pack_envelope, parse_envelope
 from afd.transport.rendezvous import ChannelListener, RendezvousError, pack_rendezvous, unpack_rendezvous
 from afd.wire.frames import PayloadMismatch
 
-_PREFIX = struct.Struct("<4sIQ")
-"""Magic, header length, payload length (the tensors, each padded to _ALIGN bytes); the header follows,
-padded so that the payload starts aligned."""
-_MAGIC = b"AFDS"
 _POSITION = struct.Struct("<Q")
 """A doorbell message: the sender's new head (notice) or the receiver's new tail (credit)."""
-MAX_HEADER_BYTES = 64 * 1024
 _FOREVER_S = 1e7
 """A socket timeout that never expires in practice (a fixed value, so the timeout is rarely reset)."""
 _ALIGN = 8
@@ -327,11 +323,9 @@ class ShmChannel(Channel):
 
     def send(self, header: bytes, tensors: Sequence[torch.Tensor]) -> None:
         """Copies the frame into the ring: the caller may change the tensors as soon as this returns."""
-        if len(header) > MAX_HEADER_BYTES:
-            raise ValueError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        check_frame(header, len(tensors), "shm")
         payload = [_as_bytes(t) for t in tensors]
-        payload_len = sum(_padded(p.nbytes) for p in payload)
-        head = _PREFIX.pack(_MAGIC, len(header), payload_len) + header
+        head = pack_envelope(EnvelopeKind.FRAME, len(header), [p.nbytes for p in payload]) + header
         head += bytes(_padded(len(head)) - len(head))
         with self._send_lock:
             writer = self._usable(self._writer)
@@ -358,21 +352,26 @@ class ShmChannel(Channel):
             io = self.options.io_timeout
             start = reader.tail
             try:
-                prefix = reader.take(_PREFIX.size)
+                prefix = reader.take(FIELDS.size)
                 if prefix is None:
-                    prefix = np.empty(_PREFIX.size, dtype=np.uint8)
-                    reader.read(prefix, _PREFIX.size, timeout, f"no frame within {timeout:.1f}s")
+                    prefix = np.empty(FIELDS.size, dtype=np.uint8)
+                    reader.read(prefix, FIELDS.size, timeout, f"no frame within {timeout:.1f}s")
             except _WaitTimeout as exc:
                 if reader.tail != start:
                     raise self._fail(str(exc)) from None
-                raise PeerError(self.peer, f"no frame within {timeout:.1f}s") from None
+                raise ChannelTimeout(self.peer, f"no frame within {timeout:.1f}s") from None
             except PeerError as exc:
                 raise self._fail(str(exc)) from None
-            magic, header_len, payload_len = _PREFIX.unpack(prefix.tobytes())
-            if magic != _MAGIC or header_len > MAX_HEADER_BYTES or payload_len > self.options.max_frame_bytes:
-                raise self._fail(f"sent a corrupt frame prefix (magic {magic!r}, header {header_len} bytes)")
             try:
-                head_len = _padded(_PREFIX.size + header_len) - _PREFIX.size
+                envelope = parse_envelope(prefix.tobytes(), self.options.max_frame_bytes)
+            except MalformedEnvelope as exc:
+                raise self._fail(f"sent a corrupt frame envelope: {exc}") from None
+            header_len = envelope.header_length
+            payload_len = sum(_padded(n) for n in envelope.sizes)
+            if envelope.kind != EnvelopeKind.FRAME or payload_len > self.options.max_frame_bytes:
+                raise self._fail(f"sent a corrupt frame envelope (kind {envelope.kind}, {payload_len} payload bytes)")
+            try:
+                head_len = _padded(FIELDS.size + header_len) - FIELDS.size
                 raw_header = reader.take(head_len)
                 if raw_header is None:
                     raw_header = np.empty(head_len, dtype=np.uint8)
@@ -381,8 +380,10 @@ class ShmChannel(Channel):
                 try:
                     tensor_specs = list(specs(header))
                     sizes = [math.prod(s.shape) * s.dtype.itemsize for s in tensor_specs]
-                    if sum(_padded(n) for n in sizes) != payload_len:
-                        raise PayloadMismatch(f"header announces tensors of {sizes} bytes, the frame has {payload_len}")
+                    if sizes != envelope.sizes:
+                        raise PayloadMismatch(
+                            f"header announces tensors of {sizes} bytes, envelope says {envelope.sizes}"
+                        )
                 except Exception:
                     reader.read(None, payload_len, io, "rejected frame cut short")
                     reader.settle(io)

@@ -39,7 +39,15 @@ from afd.dtypes import COMPUTE_DTYPES
 from afd.errors import AfdError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
-from afd.transport.channel import TensorSpec
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Shape and dtype of one tensor announced by a frame header."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
 
 FRAME_VERSION = 1
 """Bumped on any incompatible change of the header; a peer speaking another version is refused."""

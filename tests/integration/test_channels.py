@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from afd.errors import PeerError
-from afd.transport.channel import Channel, TensorSpec
+from afd.transport.channel import Channel, ChannelTimeout, TensorSpec
 from afd.transport.gloo_channel import GlooStoreServer
 from afd.transport.rendezvous import ChannelListener, establish
 from afd.transport.shm_channel import SHM_DIR, ShmListener, ShmOptions
@@ -141,7 +141,7 @@ def test_bad_header_costs_one_frame_not_the_channel(backend, pair):
 def test_recv_timeout_names_peer_and_leaves_channel_usable(backend, pair):
     attention, ffn = pair(backend)
     started = time.monotonic()
-    with pytest.raises(PeerError, match="no frame within") as error:
+    with pytest.raises(ChannelTimeout, match="no frame within") as error:
         ffn.recv(specs, 0.3)
     assert error.value.peer == "test-attn"
     assert time.monotonic() - started < 5.0
@@ -169,6 +169,7 @@ def test_close_ends_a_receive_blocked_on_the_other_side(backend, pair):
     receiver.join(10.0)
     assert not receiver.is_alive()
     assert isinstance(outcome[0], PeerError) and outcome[0].peer == "test-attn"
+    assert not isinstance(outcome[0], ChannelTimeout), "a closed channel must not read as an idle one"
     with pytest.raises(PeerError):
         attention.send(b"", [])
 

@@ -15,23 +15,19 @@ import pytest
 import torch
 
 from afd.errors import AfdError, ConfigError
+from afd.transport.envelope import FIELDS, EnvelopeKind, MalformedEnvelope, pack_envelope
 from afd.transport.nccl import channel as nccl_channel
 from afd.transport.nccl import library
 from afd.transport.nccl.channel import (
-    CLOSE,
-    ENVELOPE,
     ENVELOPE_BYTES,
-    FRAME,
     HEADER_ROOM,
-    MAX_TENSORS,
     PAIR_ID_BYTES,
-    MalformedEnvelope,
     NcclChannel,
     NcclOptions,
     check_nccl_rendezvous,
     nccl_rendezvous,
-    pack_envelope,
-    parse_envelope,
+    pack_first_message,
+    parse_first_message,
 )
 from afd.transport.nccl.library import (
     Communicator,
@@ -480,45 +476,26 @@ def test_a_failed_send_still_closes_the_group(fake, nccl):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_envelope_round_trips_with_the_header_inline():
-    packed = pack_envelope(FRAME, b"header-bytes", [4096, 0, 12])
+def test_first_message_carries_the_header_when_it_fits():
+    packed = pack_first_message(EnvelopeKind.FRAME, b"header-bytes", [4096, 0, 12])
     assert len(packed) <= ENVELOPE_BYTES
-    envelope = parse_envelope(packed + bytes(ENVELOPE_BYTES - len(packed)), max_message_bytes=1 << 20)
-    assert envelope == (FRAME, 12, [4096, 0, 12], b"header-bytes")
+    first = parse_first_message(packed + bytes(ENVELOPE_BYTES - len(packed)), max_message_bytes=1 << 20)
+    assert first.envelope == (EnvelopeKind.FRAME, 12, [4096, 0, 12], 0)
+    assert first.header == b"header-bytes"
 
 
-def test_a_header_too_long_for_the_envelope_travels_separately():
+def test_a_header_too_long_for_the_first_message_travels_separately():
     header = b"h" * (HEADER_ROOM + 1)
-    packed = pack_envelope(FRAME, header, [8])
-    assert len(packed) == ENVELOPE.size
-    envelope = parse_envelope(packed, max_message_bytes=1 << 20)
-    assert envelope.header is None and envelope.header_length == HEADER_ROOM + 1
-    assert parse_envelope(pack_envelope(CLOSE, b"", []), 1).kind == CLOSE
+    packed = pack_first_message(EnvelopeKind.FRAME, header, [8])
+    assert len(packed) == FIELDS.size
+    first = parse_first_message(packed, max_message_bytes=1 << 20)
+    assert first.header is None and first.envelope.header_length == HEADER_ROOM + 1
+    assert parse_first_message(pack_first_message(EnvelopeKind.CLOSE, b"", []), 1).envelope.kind == EnvelopeKind.CLOSE
 
 
-@pytest.mark.parametrize(
-    ("fields", "match"),
-    [
-        ((b"XXXX", FRAME, 0, 0), "bad envelope"),
-        ((b"AFDN", 9, 0, 0), "bad envelope"),
-        ((b"AFDN", FRAME, -1, 0), "-1-byte header"),
-        ((b"AFDN", FRAME, 0, MAX_TENSORS + 1), "9 tensors"),
-        ((b"AFDN", FRAME, 0, 1, -5), r"tensors of \[-5\] bytes"),
-        ((b"AFDN", FRAME, 0, 1, (1 << 20) + 1), "limit 1048576"),
-        ((b"AFDN", FRAME, 100, 0), "cut short inside its header"),
-    ],
-)
-def test_malformed_envelopes_are_refused(fields, match):
-    padded = (*fields, *[0] * (4 + MAX_TENSORS - len(fields)))
-    with pytest.raises(MalformedEnvelope, match=match):
-        parse_envelope(ENVELOPE.pack(*padded), max_message_bytes=1 << 20)
-    with pytest.raises(MalformedEnvelope, match="shorter"):
-        parse_envelope(b"AFDN", max_message_bytes=1)
-
-
-def test_pack_refuses_more_tensors_than_an_envelope_holds():
-    with pytest.raises(ValueError, match=f"at most {MAX_TENSORS} tensors"):
-        pack_envelope(FRAME, b"", [1] * (MAX_TENSORS + 1))
+def test_a_first_message_cut_inside_its_header_is_refused():
+    with pytest.raises(MalformedEnvelope, match="cut short inside its header"):
+        parse_first_message(pack_envelope(EnvelopeKind.FRAME, 100, []), max_message_bytes=1 << 20)
 
 
 def test_rendezvous_carries_the_pair_id():

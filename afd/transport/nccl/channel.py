@@ -12,8 +12,8 @@ issue order, so a receive posted while waiting for a reply would hold back the n
 behind it, and the pair would deadlock. One communicator per direction makes each one single-threaded
 and its operations strictly ordered.
 
-On the wire a frame is a fixed ENVELOPE_BYTES message (magic, kind, header length, byte size of each
-tensor, and the msgpack header itself when it fits), then the header on its own if it did not fit,
+On the wire a frame is a fixed ENVELOPE_BYTES message (the envelope fields of afd/transport/envelope.py,
+and the msgpack header itself when it fits), then the header on its own if it did not fit,
 then the tensors' bytes as one group of ncclSend/ncclRecv. The receiver reads the envelope back to the
 host, validates the header with the caller's `specs` before allocating anything, and posts receives
 straight into the result tensors. Everything travels as uint8: the envelope's byte sizes decide the
@@ -44,7 +44,6 @@ import collections
 import contextlib
 import logging
 import math
-import struct
 import threading
 import time
 import weakref
@@ -55,7 +54,16 @@ from typing import NamedTuple
 import torch
 
 from afd.errors import ConfigError, PeerError
-from afd.transport.channel import Channel, SpecsFromHeader
+from afd.transport.channel import Channel, ChannelTimeout, SpecsFromHeader
+from afd.transport.envelope import (
+    FIELDS,
+    Envelope,
+    EnvelopeKind,
+    MalformedEnvelope,
+    check_frame,
+    pack_envelope,
+    parse_envelope,
+)
 from afd.transport.nccl.library import (
     NCCL_UNIQUE_ID_BYTES,
     Communicator,
@@ -75,15 +83,9 @@ log = logging.getLogger(__name__)
 PAIR_ID_BYTES = 2 * NCCL_UNIQUE_ID_BYTES
 """A pair's unique id: the ncclUniqueId of the attention->FFN communicator, then the FFN->attention one."""
 ENVELOPE_BYTES = 4096
-"""Size of every frame's first message; headers up to ENVELOPE_BYTES - ENVELOPE.size ride inside it."""
-MAX_TENSORS = 8
-MAX_HEADER_BYTES = 64 * 1024
-ENVELOPE = struct.Struct(f"<4sqqq{MAX_TENSORS}q")
-"""Magic, kind, header length, tensor count, byte size of each tensor (unused slots 0)."""
-HEADER_ROOM = ENVELOPE_BYTES - ENVELOPE.size
-MAGIC = b"AFDN"
-FRAME = 1
-CLOSE = 2
+"""Size of every frame's first message (the envelope fields, and the header when it fits)."""
+HEADER_ROOM = ENVELOPE_BYTES - FIELDS.size
+"""Headers up to this many bytes ride inside the envelope message; longer ones follow as their own."""
 MAX_LOOPBACK_QUEUE = 1024
 """Loopback only: most messages `send` may queue before a `recv` takes them."""
 _LOCK_WAIT_S = 5.0
@@ -114,45 +116,28 @@ class NcclOptions:
             raise ConfigError("NcclOptions.max_pending_frames and max_message_bytes must be >= 1")
 
 
-class Envelope(NamedTuple):
-    """A decoded envelope."""
+class FirstMessage(NamedTuple):
+    """The envelope message of an NCCL frame, decoded."""
 
-    kind: int
-    header_length: int
-    sizes: list[int]
-    """Byte size of each tensor of the frame."""
+    envelope: Envelope
     header: bytes | None
-    """The header, if it fitted in the envelope; else it follows as a message of its own."""
+    """The header, if it fitted in the envelope message; else it follows as a message of its own."""
 
 
-class MalformedEnvelope(ValueError):
-    """An envelope that no AFD sender could have written: the channel is out of step."""
-
-
-def pack_envelope(kind: int, header: bytes, sizes: Sequence[int]) -> bytes:
-    if len(sizes) > MAX_TENSORS:
-        raise ValueError(f"an NCCL frame carries at most {MAX_TENSORS} tensors, got {len(sizes)}")
-    fields = ENVELOPE.pack(MAGIC, kind, len(header), len(sizes), *sizes, *[0] * (MAX_TENSORS - len(sizes)))
+def pack_first_message(kind: int, header: bytes, sizes: Sequence[int]) -> bytes:
+    """The envelope fields, then the header when it fits in HEADER_ROOM (zero-padded to ENVELOPE_BYTES on send)."""
+    fields = pack_envelope(kind, len(header), sizes)
     return fields + (header if len(header) <= HEADER_ROOM else b"")
 
 
-def parse_envelope(data: bytes, max_message_bytes: int) -> Envelope:
-    """Decode and bound-check the first bytes of an envelope; raises MalformedEnvelope."""
-    if len(data) < ENVELOPE.size:
-        raise MalformedEnvelope(f"envelope of {len(data)} bytes is shorter than {ENVELOPE.size}")
-    magic, kind, header_length, count, *all_sizes = ENVELOPE.unpack_from(data)
-    if magic != MAGIC or kind not in (FRAME, CLOSE):
-        raise MalformedEnvelope(f"bad envelope (magic {magic!r}, kind {kind})")
-    if not 0 <= header_length <= MAX_HEADER_BYTES or not 0 <= count <= MAX_TENSORS:
-        raise MalformedEnvelope(f"envelope announces a {header_length}-byte header and {count} tensors")
-    sizes = all_sizes[:count]
-    if any(not 0 <= size <= max_message_bytes for size in sizes):
-        raise MalformedEnvelope(f"envelope announces tensors of {sizes} bytes (limit {max_message_bytes})")
-    inline = header_length <= HEADER_ROOM
-    if inline and len(data) < ENVELOPE.size + header_length:
+def parse_first_message(data: bytes, max_message_bytes: int) -> FirstMessage:
+    """Decode and bound-check an envelope message; raises MalformedEnvelope."""
+    envelope = parse_envelope(data, max_message_bytes)
+    if envelope.header_length > HEADER_ROOM:
+        return FirstMessage(envelope, None)
+    if len(data) < FIELDS.size + envelope.header_length:
         raise MalformedEnvelope("envelope is cut short inside its header")
-    header = bytes(data[ENVELOPE.size : ENVELOPE.size + header_length]) if inline else None
-    return Envelope(kind, header_length, sizes, header)
+    return FirstMessage(envelope, bytes(data[FIELDS.size : FIELDS.size + envelope.header_length]))
 
 
 def byte_buffer(tensor: torch.Tensor) -> DeviceBuffer:
@@ -297,10 +282,7 @@ class NcclChannel(Channel):
 
     def send(self, header: bytes, tensors: Sequence[torch.Tensor]) -> None:
         """Post one frame and return; raises PeerError if earlier frames were not taken in time."""
-        if len(tensors) > MAX_TENSORS:
-            raise ValueError(f"an NCCL frame carries at most {MAX_TENSORS} tensors, got {len(tensors)}")
-        if len(header) > MAX_HEADER_BYTES:
-            raise ValueError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        check_frame(header, len(tensors), "NCCL")
         with self._send.lock:
             self._usable(self._send)
             payload = [self._as_bytes(tensor) for tensor in tensors]
@@ -309,7 +291,7 @@ class NcclChannel(Channel):
             if too_large:
                 raise ValueError(f"tensors of {too_large} bytes exceed max_message_bytes={limit}")
             self._reserve_slot()
-            self._post_frame(FRAME, header, payload)
+            self._post_frame(EnvelopeKind.FRAME, header, payload)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the peer has taken every frame sent so far (within `timeout`, default io_timeout)."""
@@ -354,7 +336,7 @@ class NcclChannel(Channel):
         with torch.cuda.device(self.device):
             stream.wait_stream(producer)  # the tensors are written by work queued on the caller's stream
             with torch.cuda.stream(stream):
-                envelope = pack_envelope(kind, header, [p.numel() for p in payload])
+                envelope = pack_first_message(kind, header, [p.numel() for p in payload])
                 groups = [[self._to_device(envelope, ENVELOPE_BYTES, keep)]]
                 if len(header) > HEADER_ROOM:
                     groups.append([self._to_device(header, len(header), keep)])
@@ -402,16 +384,17 @@ class NcclChannel(Channel):
         with self._recv.lock:
             self._usable(self._recv)
             if not self._await_envelope(timeout):
-                raise PeerError(self.peer, f"no frame within {timeout:.1f}s")
+                raise ChannelTimeout(self.peer, f"no frame within {timeout:.1f}s")
             try:
-                envelope = parse_envelope(self._envelope_host.numpy().tobytes(), self.options.max_message_bytes)
+                first = parse_first_message(self._envelope_host.numpy().tobytes(), self.options.max_message_bytes)
             except MalformedEnvelope as exc:
                 raise self._break(f"sent a malformed frame ({exc})", self._recv) from None
-            if envelope.kind == CLOSE:
+            envelope = first.envelope
+            if envelope.kind != EnvelopeKind.FRAME:
                 self._broken = self._broken or "the peer closed the channel"
                 raise PeerError(self.peer, "closed the channel")
             deadline = time.monotonic() + self.options.io_timeout
-            header = envelope.header
+            header = first.header
             if header is None:
                 header = self._receive_header(envelope.header_length, deadline)
             try:
@@ -615,7 +598,7 @@ class NcclChannel(Channel):
     def _say_goodbye(self) -> None:
         """Send CLOSE and give it and the frames before it close_grace to be taken (send lock held)."""
         try:
-            self._post_frame(CLOSE, b"", [], closing=True)
+            self._post_frame(EnvelopeKind.CLOSE, b"", [], closing=True)
             deadline = time.monotonic() + self.options.close_grace
             for frame in self._in_flight:
                 if not self._wait(self._send, frame.done.query, deadline, stop=_never):

@@ -32,7 +32,8 @@ import torch
 
 from afd.errors import PeerError
 from afd.transport.channel import TensorSpec
-from afd.transport.nccl.channel import MAX_TENSORS, NcclChannel, NcclListener, NcclOptions, connect_nccl
+from afd.transport.envelope import MAX_TENSORS
+from afd.transport.nccl.channel import NcclChannel, NcclListener, NcclOptions, connect_nccl
 from afd.transport.nccl.library import load_library, unavailable_reason
 from afd.wire.frames import WIRE_DTYPES, dtype_name
 
