@@ -8,12 +8,9 @@ cannot issue), an eventfd/futex doorbell (Linux-only, and still needs a liveness
 out tensors that view the ring (their lifetime would pin ring space for as long as the caller keeps
 them).
 
-Each ring is a byte stream. The writer copies a frame — envelope (afd/transport/envelope.py: sizes of every tensor),
-header, then every tensor's raw bytes back to back — into the ring and rings the doorbell with its new
-head position (8 bytes on the socket) at the end of the frame and every `chunk_bytes`; the reader copies
-out and answers with its tail position (credit) every `chunk_bytes` and before it sleeps. The socket
-syscalls order the memory accesses on both sides, and the socket doubles as the liveness signal: a peer
-that exits or dies closes it, so a blocked reader or writer sees EOF at once and raises PeerError.
+A frame crosses its direction's ring (afd/transport/shm_ring.py: the byte stream, its doorbell and the
+receive buffers) as the envelope (afd/transport/envelope.py: sizes of every tensor), the header, then
+every tensor's raw bytes back to back, each tensor starting at a multiple of 8 bytes.
 
 Set-up: the attention node creates both segments and a listening socket in the abstract namespace; the
 FFN node attaches, connects and says so; the attention node then unlinks the segments at once. From that
@@ -30,11 +27,9 @@ import mmap
 import os
 import re
 import socket
-import struct
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -47,12 +42,9 @@ from afd.errors import ConfigError, PeerError
 from afd.transport.channel import Channel, ChannelTimeout, SpecsFromHeader
 from afd.transport.envelope import FIELDS, EnvelopeKind, MalformedEnvelope, check_frame, pack_envelope, parse_envelope
 from afd.transport.rendezvous import ChannelListener, RendezvousError, pack_rendezvous, unpack_rendezvous
+from afd.transport.shm_ring import BufferPool, Doorbell, RingReader, RingWriter, WaitTimeout
 from afd.wire.frames import PayloadMismatch
 
-_POSITION = struct.Struct("<Q")
-"""A doorbell message: the sender's new head (notice) or the receiver's new tail (credit)."""
-_FOREVER_S = 1e7
-"""A socket timeout that never expires in practice (a fixed value, so the timeout is rarely reset)."""
 _ALIGN = 8
 """Tensors start at multiples of this within a frame's payload, so received views are aligned."""
 SHM_DIR = "/dev/shm"
@@ -113,179 +105,6 @@ def _map(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-class _WaitTimeout(PeerError):
-    """Nothing arrived in time; the stream is still in step if no byte of the frame was read."""
-
-
-class _Doorbell:
-    """One end of a ring's socket: sends positions, waits for the other end's latest position."""
-
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        self.sock = sock
-        self.peer = peer
-        self._partial = b""
-        self._timeout: float | None = None
-
-    def _set_timeout(self, timeout: float) -> None:
-        # settimeout costs two fcntl calls each time; skip it while the value stays put (the common case).
-        value = _FOREVER_S if math.isinf(timeout) else max(timeout, 1e-4)
-        if value != self._timeout:
-            self.sock.settimeout(value)
-            self._timeout = value
-
-    def ring(self, position: int, timeout: float) -> None:
-        try:
-            self._set_timeout(timeout)
-            self.sock.sendall(_POSITION.pack(position))
-        except TimeoutError:
-            raise PeerError(self.peer, "does not drain its shared-memory doorbell") from None
-        except OSError as exc:
-            raise PeerError(self.peer, f"shared-memory doorbell failed ({exc}); the peer closed or died") from None
-
-    def wait(self, timeout: float, what: str) -> int:
-        """The newest position the peer sent, blocking up to `timeout` seconds (math.inf: no limit)."""
-        self._set_timeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            raise _WaitTimeout(self.peer, what) from None
-        except OSError as exc:
-            raise PeerError(self.peer, f"shared-memory doorbell failed ({exc}); the peer closed or died") from None
-        if not data:
-            raise PeerError(self.peer, "closed the channel (or exited)")
-        data = self._partial + data
-        whole = len(data) // _POSITION.size * _POSITION.size
-        self._partial = data[whole:]
-        if whole == 0:
-            return -1
-        return _POSITION.unpack_from(data, whole - _POSITION.size)[0]
-
-
-class _RingWriter:
-    def __init__(self, ring: np.ndarray, doorbell: _Doorbell, chunk: int) -> None:
-        self.ring = ring
-        self.doorbell = doorbell
-        self.chunk = chunk
-        self.capacity = len(ring)
-        self.head = 0
-        """Bytes written since the start (monotonic); the ring offset is head % capacity."""
-        self.tail = 0
-        """Bytes the reader has credited back."""
-        self.notified = 0
-
-    def write(self, data: np.ndarray, deadline: float) -> None:
-        """Copy `data` (flat uint8) into the ring, waiting for credit when it is full."""
-        done, total = 0, len(data)
-        while done < total:
-            free = self.capacity - (self.head - self.tail)
-            if free == 0:
-                self.flush(deadline)
-                self.tail = max(self.tail, self.doorbell.wait(deadline - time.monotonic(), "no ring space in time"))
-                continue
-            start = self.head % self.capacity
-            n = min(total - done, free, self.capacity - start, self.chunk)
-            self.ring[start : start + n] = data[done : done + n]
-            self.head += n
-            done += n
-            if self.head - self.notified >= self.chunk:
-                self.flush(deadline)
-
-    def flush(self, deadline: float) -> None:
-        if self.head > self.notified:
-            self.doorbell.ring(self.head, deadline - time.monotonic())
-            self.notified = self.head
-
-
-class _RingReader:
-    def __init__(self, ring: np.ndarray, doorbell: _Doorbell, chunk: int) -> None:
-        self.ring = ring
-        self.doorbell = doorbell
-        self.chunk = chunk
-        self.capacity = len(ring)
-        self.tail = 0
-        """Bytes consumed since the start (monotonic)."""
-        self.head = 0
-        """Bytes the writer has announced."""
-        self.credited = 0
-
-    def take(self, count: int) -> np.ndarray | None:
-        """The next `count` bytes as a view of the ring if they are already there and contiguous (no wait)."""
-        start = self.tail % self.capacity
-        if self.head - self.tail < count or start + count > self.capacity:
-            return None
-        self.tail += count
-        return self.ring[start : start + count]
-
-    def settle(self, timeout: float) -> None:
-        """Credit what was consumed once a chunk's worth has accumulated."""
-        if self.tail - self.credited >= self.chunk:
-            self.doorbell.ring(self.tail, timeout)
-            self.credited = self.tail
-
-    def read(self, out: np.ndarray | None, count: int, timeout: float, what: str) -> None:
-        """Copy the next `count` bytes into `out` (flat uint8), or drop them if `out` is None.
-
-        Credit goes back every `chunk` bytes only: with chunk < capacity a full ring always has credit on
-        its way, and the writer's socket never fills with credits it has no reason to read.
-        """
-        deadline = time.monotonic() + timeout
-        done = 0
-        while done < count:
-            available = self.head - self.tail
-            if available == 0:
-                self.head = max(self.head, self.doorbell.wait(deadline - time.monotonic(), what))
-                continue
-            start = self.tail % self.capacity
-            n = min(count - done, available, self.capacity - start)
-            if out is not None:
-                out[done : done + n] = self.ring[start : start + n]
-            self.tail += n
-            done += n
-            if self.tail - self.credited >= self.chunk:
-                self.doorbell.ring(self.tail, deadline - time.monotonic())
-                self.credited = self.tail
-
-
-class _BufferPool:
-    """Recycles large receive buffers.
-
-    A fresh multi-MiB allocation is a new mmap whose every page faults on first write, which halves the
-    receiver's copy rate; a recycled one is already mapped. A buffer returns to the pool when the last
-    tensor viewing it is freed (a finalizer on the view the tensors hold), so callers keep full ownership.
-    """
-
-    MIN_BYTES = 1 << 20
-    """Smaller payloads come from malloc's own free lists, which are warm anyway."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._pooled = 0
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A writable uint8 array of exactly `nbytes`."""
-        if nbytes < self.MIN_BYTES:
-            return np.empty(nbytes, dtype=np.uint8)
-        size_class = 1 << (nbytes - 1).bit_length()
-        with self._lock:
-            spare = self._free.get(size_class)
-            base = spare.pop() if spare else None
-            if base is not None:
-                self._pooled -= base.nbytes
-        if base is None:
-            base = np.empty(size_class, dtype=np.uint8)
-        view = base[:nbytes]
-        weakref.finalize(view, self._give_back, base)
-        return view
-
-    def _give_back(self, base: np.ndarray) -> None:
-        with self._lock:
-            if self._pooled + base.nbytes <= self.max_bytes:
-                self._free.setdefault(base.nbytes, []).append(base)
-                self._pooled += base.nbytes
-
-
 def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
@@ -313,11 +132,11 @@ class ShmChannel(Channel):
         self._sockets = sockets
         out_ring = np.frombuffer(rings[0], dtype=np.uint8, count=options.ring_bytes)
         in_ring = np.frombuffer(rings[1], dtype=np.uint8, count=options.ring_bytes)
-        self._writer: _RingWriter | None = _RingWriter(out_ring, _Doorbell(sockets[0], peer), options.chunk_bytes)
-        self._reader: _RingReader | None = _RingReader(in_ring, _Doorbell(sockets[1], peer), options.chunk_bytes)
+        self._writer: RingWriter | None = RingWriter(out_ring, Doorbell(sockets[0], peer), options.chunk_bytes)
+        self._reader: RingReader | None = RingReader(in_ring, Doorbell(sockets[1], peer), options.chunk_bytes)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._buffers = _BufferPool(options.pooled_bytes)
+        self._buffers = BufferPool(options.pooled_bytes)
         self._broken: str | None = None
         self._closed = False
 
@@ -329,7 +148,7 @@ class ShmChannel(Channel):
         head += bytes(_padded(len(head)) - len(head))
         with self._send_lock:
             writer = self._usable(self._writer)
-            assert isinstance(writer, _RingWriter)
+            assert isinstance(writer, RingWriter)
             deadline = time.monotonic() + self.options.io_timeout
             try:
                 writer.write(np.frombuffer(head, dtype=np.uint8), deadline)
@@ -348,7 +167,7 @@ class ShmChannel(Channel):
         """
         with self._recv_lock:
             reader = self._usable(self._reader)
-            assert isinstance(reader, _RingReader)
+            assert isinstance(reader, RingReader)
             io = self.options.io_timeout
             start = reader.tail
             try:
@@ -356,7 +175,7 @@ class ShmChannel(Channel):
                 if prefix is None:
                     prefix = np.empty(FIELDS.size, dtype=np.uint8)
                     reader.read(prefix, FIELDS.size, timeout, f"no frame within {timeout:.1f}s")
-            except _WaitTimeout as exc:
+            except WaitTimeout as exc:
                 if reader.tail != start:
                     raise self._fail(str(exc)) from None
                 raise ChannelTimeout(self.peer, f"no frame within {timeout:.1f}s") from None
@@ -406,7 +225,7 @@ class ShmChannel(Channel):
                 offset += _padded(nbytes)
             return header, tensors
 
-    def _usable(self, end: _RingWriter | _RingReader | None) -> _RingWriter | _RingReader:
+    def _usable(self, end: RingWriter | RingReader | None) -> RingWriter | RingReader:
         if self._closed or end is None:
             raise PeerError(self.peer, "channel is closed")
         if self._broken is not None:
