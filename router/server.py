@@ -26,10 +26,12 @@ from afd.tokenizer import Tokenizer
 from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
+from router.api_config import DEFAULT_MAX_REQUEST_BODY_BYTES, ApiConfig
 from router.cluster_backend import BackendConfig, ClusterBackend
 from router.controller import Controller, ControllerConfig
+from router.http_app import create_app
 from router.metrics import RouterMetrics
-from router.openai_api import DEFAULT_MAX_REQUEST_BODY_BYTES, ApiConfig, OpenAIService, create_app
+from router.openai_service import OpenAIService
 
 log = logging.getLogger("afd.router")
 

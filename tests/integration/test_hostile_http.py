@@ -29,8 +29,10 @@ import uvicorn
 
 from afd.builtin_model import builtin_model_dir
 from afd.tokenizer import Tokenizer
+from router.api_config import ApiConfig
+from router.http_app import create_app
 from router.metrics import RouterMetrics
-from router.openai_api import ApiConfig, OpenAIService, create_app
+from router.openai_service import OpenAIService
 from tests.fake_generation_backend import FakeBackend
 
 KEY = "sk-hostile"

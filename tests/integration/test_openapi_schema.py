@@ -25,8 +25,10 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from afd.builtin_model import builtin_model_dir  # noqa: E402
 from afd.tokenizer import Tokenizer  # noqa: E402
+from router.api_config import ApiConfig  # noqa: E402
+from router.http_app import create_app  # noqa: E402
 from router.metrics import RouterMetrics  # noqa: E402
-from router.openai_api import ApiConfig, OpenAIService, create_app  # noqa: E402
+from router.openai_service import OpenAIService  # noqa: E402
 from tests.fake_generation_backend import FakeBackend  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 400
