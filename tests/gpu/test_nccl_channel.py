@@ -18,14 +18,16 @@ import torch
 
 from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
-from afd.transport.nccl.library import Communicator, load_library, tensor_buffer, unavailable_reason
+from afd.transport.nccl.communicator import Communicator
+from afd.transport.nccl.library import load_library, tensor_buffer, unavailable_reason
 from afd.wire.frames import FrameLimits, decode_header, encode_request, request_from_frame
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"NCCL unavailable: {REASON}")]
 
 if REASON is None:  # importing these is harmless anywhere, but only meaningful with a GPU
-    from afd.transport.nccl.channel import HEADER_ROOM, NcclChannel, NcclListener, NcclOptions
+    from afd.transport.nccl.channel import NcclChannel, NcclListener, NcclOptions
+    from afd.transport.nccl.first_message import HEADER_ROOM
     from afd.transport.nccl.selftest import header_specs, make_header, open_pair, pair_supported, read_header
 
 DEVICE = 0

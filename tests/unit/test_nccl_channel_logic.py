@@ -34,7 +34,8 @@ import torch
 from afd.errors import PeerError
 from afd.transport.channel import TensorSpec
 from afd.transport.nccl import channel as nccl_channel
-from afd.transport.nccl.channel import HEADER_ROOM, NcclChannel, NcclListener, NcclOptions, connect_nccl
+from afd.transport.nccl.channel import NcclChannel, NcclListener, NcclOptions, connect_nccl
+from afd.transport.nccl.first_message import HEADER_ROOM
 from afd.transport.nccl.library import NcclLibrary
 from afd.transport.nccl.selftest import (
     header_specs,

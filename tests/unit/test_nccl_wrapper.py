@@ -18,19 +18,10 @@ from afd.errors import AfdError, ConfigError
 from afd.transport.envelope import FIELDS, EnvelopeKind, MalformedEnvelope, pack_envelope
 from afd.transport.nccl import channel as nccl_channel
 from afd.transport.nccl import library
-from afd.transport.nccl.channel import (
-    ENVELOPE_BYTES,
-    HEADER_ROOM,
-    PAIR_ID_BYTES,
-    NcclChannel,
-    NcclOptions,
-    check_nccl_rendezvous,
-    nccl_rendezvous,
-    pack_first_message,
-    parse_first_message,
-)
+from afd.transport.nccl.channel import NcclChannel, NcclOptions
+from afd.transport.nccl.communicator import Communicator, poll_until
+from afd.transport.nccl.first_message import ENVELOPE_BYTES, HEADER_ROOM, pack_first_message, parse_first_message
 from afd.transport.nccl.library import (
-    Communicator,
     DataType,
     DeviceBuffer,
     NcclError,
@@ -38,8 +29,8 @@ from afd.transport.nccl.library import (
     NcclUnavailableError,
     UniqueId,
     nccl_dtype,
-    poll_until,
 )
+from afd.transport.nccl.pairing import PAIR_ID_BYTES, check_nccl_rendezvous, nccl_rendezvous
 from afd.transport.nccl.selftest import _sizes, make_header, read_header
 from afd.transport.rendezvous import RendezvousError, pack_rendezvous
 

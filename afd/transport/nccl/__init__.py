@@ -1,19 +1,13 @@
-"""NCCL data plane for GPU nodes: a ctypes binding of libnccl (library.py) and a pairwise channel (channel.py).
+"""NCCL data plane for GPU nodes: a ctypes binding of libnccl (library.py), one non-blocking communicator
+(communicator.py), how a pair meets (pairing.py), a frame's first message (first_message.py) and the
+pairwise channel (channel.py).
 
 Importing this package needs neither a GPU nor libnccl; using it does, and says so with
 NcclUnavailableError (`unavailable_reason()` tells ahead of time, e.g. for a test skip or a CLI).
 `python -m afd.transport.nccl.selftest` prints send/recv bandwidth on a CUDA machine.
 """
 
-from afd.transport.nccl.channel import (
-    PAIR_ID_BYTES,
-    NcclChannel,
-    NcclListener,
-    NcclOptions,
-    check_nccl_rendezvous,
-    connect_nccl,
-    nccl_rendezvous,
-)
+from afd.transport.nccl.channel import NcclChannel, NcclListener, NcclOptions, connect_nccl
 from afd.transport.nccl.library import (
     NcclError,
     NcclLibrary,
@@ -22,6 +16,7 @@ from afd.transport.nccl.library import (
     nccl_dtype,
     unavailable_reason,
 )
+from afd.transport.nccl.pairing import PAIR_ID_BYTES, check_nccl_rendezvous, nccl_rendezvous
 
 __all__ = [
     "PAIR_ID_BYTES",

@@ -1,26 +1,15 @@
 """An NCCL point-to-point channel between one attention node (rank 0) and one FFN node (rank 1).
 
-Set-up. The attention node calls `NcclChannel.create_unique_id()` and sends the bytes to the FFN node in
-FfnNode.OpenChannel (as `NcclListener.rendezvous`); both sides then build `NcclChannel(peer, unique_id,
-rank, device)`, which returns once the pair has formed or fails with PeerError after
-`NcclOptions.connect_timeout`. No world size beyond the pair exists, so FFN nodes come and go freely.
+How the two ends meet - the pair id, its rendezvous bytes, forming the two communicators - is
+afd/transport/nccl/pairing.py; a frame's first message (envelope and inline header) is first_message.py.
+This module holds the channel and its two ends (`NcclListener`, rank 0; `connect_nccl`, rank 1).
 
-Two communicators per pair, one per direction. The id is two ncclUniqueIds: attention->FFN and
-FFN->attention. With a single communicator, the sending thread and the receiving thread would share
-it, and an NCCL communicator is not thread-safe; worse, NCCL runs the kernels of one communicator in
-issue order, so a receive posted while waiting for a reply would hold back the next request's send
-behind it, and the pair would deadlock. One communicator per direction makes each one single-threaded
-and its operations strictly ordered.
+On the wire a frame is its first message (first_message.py), then the header on its own if it did not
+fit, then the tensors' bytes as one group of ncclSend/ncclRecv. The receiver validates the header with
+the caller's `specs` before allocating anything and posts receives straight into the result tensors.
+Sender and receiver post the same groups in the same order.
 
-On the wire a frame is a fixed ENVELOPE_BYTES message (the envelope fields of afd/transport/envelope.py,
-and the msgpack header itself when it fits), then the header on its own if it did not fit,
-then the tensors' bytes as one group of ncclSend/ncclRecv. The receiver reads the envelope back to the
-host, validates the header with the caller's `specs` before allocating anything, and posts receives
-straight into the result tensors. Everything travels as uint8: the envelope's byte sizes decide the
-counts on both sides, so a header lying about dtypes cannot make the two ends disagree. Sender and
-receiver post the same groups in the same order.
-
-Waiting and failure. Communicators are non-blocking (see library.py): every NCCL call returns at once
+Waiting and failure. Communicators are non-blocking (see communicator.py): every NCCL call returns at once
 and completion is watched through CUDA events and ncclCommGetAsyncError in `poll_until` loops with
 deadlines. `send` posts and returns; up to `max_pending_frames` frames may be in flight, each of which
 must be taken by the peer within `io_timeout`, or a later `send`/`flush` raises PeerError. `recv` waits
@@ -55,37 +44,43 @@ import torch
 
 from afd.errors import ConfigError, PeerError
 from afd.transport.channel import Channel, ChannelTimeout, SpecsFromHeader
-from afd.transport.envelope import (
-    FIELDS,
-    Envelope,
-    EnvelopeKind,
-    MalformedEnvelope,
-    check_frame,
-    pack_envelope,
-    parse_envelope,
+from afd.transport.envelope import EnvelopeKind, MalformedEnvelope, check_frame
+from afd.transport.nccl.communicator import Communicator, poll_until
+from afd.transport.nccl.first_message import (
+    ENVELOPE_BYTES,
+    HEADER_ROOM,
+    pack_first_message,
+    parse_first_message,
 )
 from afd.transport.nccl.library import (
     NCCL_UNIQUE_ID_BYTES,
-    Communicator,
     DataType,
     DeviceBuffer,
     NcclError,
-    NcclLibrary,
     load_library,
-    poll_until,
     require_cuda,
 )
-from afd.transport.rendezvous import ChannelListener, RendezvousError, pack_rendezvous, unpack_rendezvous
+from afd.transport.nccl.pairing import PAIR_ID_BYTES, check_nccl_rendezvous, form_communicators, nccl_rendezvous
+from afd.transport.rendezvous import ChannelListener
 from afd.wire.frames import PayloadMismatch
 
 log = logging.getLogger(__name__)
 
-PAIR_ID_BYTES = 2 * NCCL_UNIQUE_ID_BYTES
-"""A pair's unique id: the ncclUniqueId of the attention->FFN communicator, then the FFN->attention one."""
-ENVELOPE_BYTES = 4096
-"""Size of every frame's first message (the envelope fields, and the header when it fits)."""
-HEADER_ROOM = ENVELOPE_BYTES - FIELDS.size
-"""Headers up to this many bytes ride inside the envelope message; longer ones follow as their own."""
+__all__ = [
+    "ENVELOPE_BYTES",
+    "HEADER_ROOM",
+    "MAX_LOOPBACK_QUEUE",
+    "PAIR_ID_BYTES",
+    "NcclChannel",
+    "NcclListener",
+    "NcclOptions",
+    "check_nccl_rendezvous",
+    "connect_nccl",
+    "nccl_rendezvous",
+    "pack_first_message",
+    "parse_first_message",
+]
+
 MAX_LOOPBACK_QUEUE = 1024
 """Loopback only: most messages `send` may queue before a `recv` takes them."""
 _LOCK_WAIT_S = 5.0
@@ -114,30 +109,6 @@ class NcclOptions:
             raise ConfigError("NcclOptions timeouts must be > 0 (close_grace >= 0)")
         if self.max_pending_frames < 1 or self.max_message_bytes < 1:
             raise ConfigError("NcclOptions.max_pending_frames and max_message_bytes must be >= 1")
-
-
-class FirstMessage(NamedTuple):
-    """The envelope message of an NCCL frame, decoded."""
-
-    envelope: Envelope
-    header: bytes | None
-    """The header, if it fitted in the envelope message; else it follows as a message of its own."""
-
-
-def pack_first_message(kind: int, header: bytes, sizes: Sequence[int]) -> bytes:
-    """The envelope fields, then the header when it fits in HEADER_ROOM (zero-padded to ENVELOPE_BYTES on send)."""
-    fields = pack_envelope(kind, len(header), sizes)
-    return fields + (header if len(header) <= HEADER_ROOM else b"")
-
-
-def parse_first_message(data: bytes, max_message_bytes: int) -> FirstMessage:
-    """Decode and bound-check an envelope message; raises MalformedEnvelope."""
-    envelope = parse_envelope(data, max_message_bytes)
-    if envelope.header_length > HEADER_ROOM:
-        return FirstMessage(envelope, None)
-    if len(data) < FIELDS.size + envelope.header_length:
-        raise MalformedEnvelope("envelope is cut short inside its header")
-    return FirstMessage(envelope, bytes(data[FIELDS.size : FIELDS.size + envelope.header_length]))
 
 
 def byte_buffer(tensor: torch.Tensor) -> DeviceBuffer:
@@ -222,7 +193,9 @@ class NcclChannel(Channel):
         device = resolve_device(device)  # no GPU is the more basic gap, so it is reported first
         library = load_library(options.library_path)
         ids = [unique_id[:NCCL_UNIQUE_ID_BYTES], unique_id[NCCL_UNIQUE_ID_BYTES:]]
-        to_ffn, to_attention = _form(peer, library, device, [(uid, rank, 2) for uid in ids], options.connect_timeout)
+        to_ffn, to_attention = form_communicators(
+            peer, library, device, [(uid, rank, 2) for uid in ids], options.connect_timeout
+        )
         send, recv = (to_ffn, to_attention) if rank == 0 else (to_attention, to_ffn)
         self._setup(peer, device, options, send, recv, peer_rank=1 - rank)
 
@@ -240,7 +213,7 @@ class NcclChannel(Channel):
         options = options or NcclOptions()
         device = resolve_device(device)
         library = load_library(options.library_path)
-        (comm,) = _form(peer, library, device, [(library.get_unique_id(), 0, 1)], options.connect_timeout)
+        (comm,) = form_communicators(peer, library, device, [(library.get_unique_id(), 0, 1)], options.connect_timeout)
         channel = cls.__new__(cls)
         channel._setup(peer, device, options, None, comm, peer_rank=0)
         return channel
@@ -613,54 +586,6 @@ class NcclChannel(Channel):
 
 def _never() -> bool:
     return False
-
-
-def _form(
-    peer: str, library: NcclLibrary, device: torch.device, members: list[tuple[bytes, int, int]], timeout: float
-) -> list[Communicator]:
-    """Form one communicator per (unique id, rank, nranks), concurrently; PeerError if not within `timeout`.
-
-    Non-blocking init is what makes this bounded, and what lets both communicators of a pair form in
-    either order on the two sides.
-    """
-    comms: list[Communicator] = []
-    deadline = time.monotonic() + timeout
-    try:
-        with torch.cuda.device(device):
-            for unique_id, rank, nranks in members:
-                comms.append(Communicator.begin(library, unique_id, rank, nranks))
-            if all(poll_until(comm.ready, deadline) for comm in comms):
-                return comms
-        reason = f"did not join the NCCL pair within {timeout:.1f}s"
-    except NcclError as exc:
-        reason = f"NCCL pair failed to form: {exc}"
-    with torch.cuda.device(device):
-        for comm in comms:
-            with contextlib.suppress(NcclError):
-                comm.abort()
-    raise PeerError(peer, reason)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Set-up over the control plane (see afd.transport.rendezvous)
-# ---------------------------------------------------------------------------------------------------
-
-
-def nccl_rendezvous(unique_id: bytes) -> bytes:
-    """The rendezvous bytes of FfnNode.OpenChannel for a pair id."""
-    return pack_rendezvous("nccl", {"unique_id": unique_id.hex()})
-
-
-def check_nccl_rendezvous(rendezvous: bytes) -> bytes:
-    """The pair id carried by NCCL rendezvous bytes; RendezvousError naming what is wrong."""
-    fields = unpack_rendezvous(rendezvous, "nccl", {"unique_id": str})
-    try:
-        unique_id = bytes.fromhex(fields["unique_id"])
-    except ValueError:
-        raise RendezvousError("nccl rendezvous field 'unique_id' is not hex") from None
-    if len(unique_id) != PAIR_ID_BYTES:
-        raise RendezvousError(f"nccl rendezvous carries a {len(unique_id)}-byte id, expected {PAIR_ID_BYTES}")
-    return unique_id
 
 
 class NcclListener(ChannelListener):
