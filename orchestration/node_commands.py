@@ -102,7 +102,7 @@ def router_command(
     ] = False,
 ) -> None:
     """The router: OpenAI API, admission, placement and membership."""
-    from router.cluster_backend import BackendConfig
+    from router.attention_pool import AdmissionConfig
     from router.controller import ControllerConfig
     from router.server import RouterConfig, run_router
 
@@ -118,7 +118,7 @@ def router_command(
         auth=auth,
         max_model_len=max_model_len,
         controller=ControllerConfig(node_timeout_s=node_timeout, microbatches=_microbatches(microbatches)),
-        backend=BackendConfig(max_waiting=max_waiting),
+        backend=AdmissionConfig(max_waiting=max_waiting),
         ready_file=ready_file,
         max_request_body_bytes=max_request_body_bytes,
         protect_metrics=protect_metrics,

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 
 from afd.sampling_params import SamplingParams
 from afd.tokenizer import Tokenizer
-from router.backend import GenerationBackend, GenerationFailed, GenerationRequest
+from router.generation import GenerationBackend, GenerationFailed, GenerationRequest
 from router.metrics import RouterMetrics
 from router.text_stream import TextStream
 

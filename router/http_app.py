@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from afd.errors import AfdError, RequestError
 from router.api_errors import ERROR_KINDS, ApiError, ErrorResponse, error_response, json_response
-from router.backend import NoCapacity, Overloaded
+from router.generation import NoCapacity, Overloaded
 from router.http_guard import HttpGuard
 from router.openai_service import OpenAIService
 from router.protocol import (

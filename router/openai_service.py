@@ -28,9 +28,9 @@ from afd.sampling_params import SamplingParams
 from afd.tokenizer import Tokenizer
 from router.api_config import ApiConfig
 from router.api_errors import ApiError, json_response
-from router.backend import GenerationBackend
 from router.choice_streams import ChoiceEvent, ChoiceGenerator
 from router.disconnect import unless_disconnected
+from router.generation import GenerationBackend
 from router.metrics import RouterMetrics
 from router.prompt_checks import chat_prompt, check_model, max_tokens, tokenize
 from router.protocol import ChatCompletionRequest, CompletionRequest

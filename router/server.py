@@ -27,7 +27,7 @@ from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from router.api_config import DEFAULT_MAX_REQUEST_BODY_BYTES, ApiConfig
-from router.cluster_backend import BackendConfig, ClusterBackend
+from router.attention_pool import AdmissionConfig, AttentionPoolBackend
 from router.controller import Controller, ControllerConfig
 from router.http_app import create_app
 from router.metrics import RouterMetrics
@@ -58,7 +58,7 @@ class RouterConfig:
     """Context limit; the model's when None."""
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     """Membership and placement settings."""
-    backend: BackendConfig = field(default_factory=BackendConfig)
+    backend: AdmissionConfig = field(default_factory=AdmissionConfig)
     """Admission and migration settings."""
     ready_file: Path | None = None
     """Written with {"http_port", "grpc_port"} once both servers listen."""
@@ -113,7 +113,7 @@ class RouterServer:
         self._stop = asyncio.Event()
         self._closed = False
         self.controller: Controller | None = None
-        self.backend: ClusterBackend | None = None
+        self.backend: AttentionPoolBackend | None = None
         self._service: OpenAIService | None = None
 
     async def start(self) -> None:
@@ -126,7 +126,7 @@ class RouterServer:
         self.controller = Controller(
             spec, config.auth, metrics, config.controller, model_fingerprint=model_fingerprint(config.model)
         )
-        self.backend = ClusterBackend(self.controller, config.backend)
+        self.backend = AttentionPoolBackend(self.controller, config.backend)
         api = ApiConfig(
             name,
             max_len,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from router.backend import GenerationRequest, Overloaded, TokenEvent
+from router.generation import GenerationRequest, Overloaded, TokenEvent
 from router.metrics import RouterMetrics
 
 

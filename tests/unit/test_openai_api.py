@@ -11,7 +11,7 @@ import pytest
 from afd.builtin_model import builtin_model_dir
 from afd.tokenizer import Tokenizer
 from router.api_config import ApiConfig
-from router.backend import GenerationRequest, Overloaded, TokenEvent
+from router.generation import GenerationRequest, Overloaded, TokenEvent
 from router.http_app import create_app
 from router.metrics import RouterMetrics
 from router.openai_service import OpenAIService

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import grpc
 
 from afd.wire.generated import afd_cluster_pb2 as pb
-from router.backend import GenerationFailed, GenerationRequest, NoCapacity, Overloaded, TokenEvent
 from router.controller import Controller
+from router.generation import GenerationFailed, GenerationRequest, NoCapacity, Overloaded, TokenEvent
 from router.membership import NodeRecord
 
 log = logging.getLogger("afd.router")
@@ -35,7 +35,9 @@ _MIGRATE_CODES = {
 
 
 @dataclass(frozen=True, slots=True)
-class BackendConfig:
+class AdmissionConfig:
+    """How many requests wait for and run on the attention nodes, and how often one may move between them."""
+
     max_waiting: int = 256
     """Requests allowed to wait for an attention node before new ones get 429."""
     max_inflight_per_node: int = 512
@@ -46,8 +48,10 @@ class BackendConfig:
     """Attempts on other attention nodes after failures."""
 
 
-class ClusterBackend:
-    def __init__(self, controller: Controller, config: BackendConfig) -> None:
+class AttentionPoolBackend:
+    """The GenerationBackend of the cluster: each request runs on one attention node, and moves on failure."""
+
+    def __init__(self, controller: Controller, config: AdmissionConfig) -> None:
         self.controller = controller
         self.config = config
         self._waiting = 0
