@@ -8,7 +8,7 @@ Placement. Every pool has placement groups of its own: the router's (one bundle,
 pool's, and one set per FFN pool (SPREAD: nodes of a pool go to different machines when there are several,
 for memory and network bandwidth, and share one machine when that is all there is; STRICT_SPREAD would
 refuse a one-machine cluster). Heterogeneous pools land on the right hardware through the custom Ray
-resources the KubeRay RayCluster of the `ray` overlay advertises (orchestration/k8s/ray_cluster.py), one
+resources the KubeRay RayCluster of the `ray` overlay advertises (orchestration/k8s/kuberay.py), one
 unit per pod: `afd_router` on the head, `afd_pool_attn` on attention workers, `afd_pool_<pool>` on each
 FFN worker group. Where the cluster advertises a pool's resource, each of its bundles takes one unit (one
 node per unit, so one per pod) and that unit's share of its machine's CPUs and GPUs (divided by the afd_*
@@ -46,7 +46,7 @@ from afd.builtin_model import builtin_model_dir
 from afd.errors import AfdError, ConfigError
 from afd.wire.auth import read_token_file
 from orchestration.k8s.config import ATTENTION_POOL
-from orchestration.k8s.ray_cluster import HEAD_ROUTER_RESOURCE, pool_resource
+from orchestration.k8s.kuberay import HEAD_ROUTER_RESOURCE, pool_resource
 from orchestration.local_cluster import LocalClusterConfig
 from orchestration.ray_node import WILDCARD_HOSTS, NodeActor, NodeInfo, NodeLaunch, NodeRole
 from orchestration.router_view import cluster_view, wait_until_ready

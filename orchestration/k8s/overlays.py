@@ -15,8 +15,8 @@ from typing import Any
 
 from afd.errors import ConfigError
 from orchestration.k8s.config import ClusterConfig, parse_cluster_config
+from orchestration.k8s.kuberay import render_ray_cluster
 from orchestration.k8s.naming import Manifest
-from orchestration.k8s.ray_cluster import render_ray_cluster
 from orchestration.k8s.render import render_config_map, render_manifests
 
 H100 = "NVIDIA-H100-80GB-HBM3"

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from afd.errors import ConfigError
-from orchestration.k8s.ray_cluster import HEAD_ROUTER_RESOURCE, pool_resource
+from orchestration.k8s.kuberay import HEAD_ROUTER_RESOURCE, pool_resource
 from orchestration.local_cluster import LocalClusterConfig
 from orchestration.ray_cluster import RayCluster, RayOptions, assign_new_nodes, plan_pools
 
