@@ -9,7 +9,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,8 +22,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from afd.errors import ConfigError, PeerError, RequestError
 from afd.model_spec import ModelSpec, model_fingerprint
+from afd.node_lifecycle import run_until_signal
+from afd.router_attachment import RouterAttachment
 from afd.sampling_params import SamplingParams
 from afd.transport.base import FfnTransport
+from afd.transport.factory import make_transport
 from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
@@ -93,8 +95,7 @@ class AttentionNodeServer:
         self.port: int | None = None
         self.draining = False
         self._grpc: grpc.aio.Server | None = None
-        self._router: pb_grpc.RouterStub | None = None
-        self._router_channel: grpc.aio.Channel | None = None
+        self.attachment: RouterAttachment | None = None
         self._heartbeat_task: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._closed = False
@@ -119,7 +120,14 @@ class AttentionNodeServer:
             torch.set_num_threads(config.threads)
         self.loop = asyncio.get_running_loop()
         spec = ModelSpec.from_pretrained(config.model)
-        self.transport = self._make_transport(spec)
+        self.transport = make_transport(
+            config.transport,
+            spec,
+            sender=config.node_id,
+            auth=config.auth,
+            timeout_s=config.ffn_timeout_s,
+            listen_host=config.advertise_host or config.host,
+        )
         self.engine = await asyncio.to_thread(AttentionEngine.load, config.model, self.transport, None, config.engine)
         if config.microbatches is not None:
             self.engine.microbatches = config.microbatches
@@ -134,52 +142,13 @@ class AttentionNodeServer:
             self.engine, self.transport, config.node_id, config.recovery_timeout_s, self._report_failure
         )
         self.engine_thread.start()
-        self._router_channel = config.auth.aio_channel(config.router)
-        self._router = pb_grpc.RouterStub(self._router_channel)
-        await self._register(config.register_timeout_s)
+        self.attachment = RouterAttachment(config.router, config.auth, config.node_id)
+        await self._registered(await self.attachment.register(self._registration(), config.register_timeout_s))
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self._heartbeat_task = asyncio.ensure_future(self._heartbeats())
-        if config.ready_file is not None:
-            config.ready_file.write_text(str(self.port))
+        self._heartbeat_task = asyncio.ensure_future(
+            self.attachment.heartbeats(self._beat, self._on_heartbeat, self._registration, self._registered)
+        )
         log.info("attention node %s serving on %s", config.node_id, self.address)
-
-    def _make_transport(self, spec: ModelSpec) -> FfnTransport:
-        if self.config.transport == "grpc":
-            from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
-
-            return GrpcTransport.for_model(
-                spec,
-                {},
-                GrpcTransportConfig(
-                    sender=self.config.node_id, timeout_s=self.config.ffn_timeout_s, auth=self.config.auth
-                ),
-            )
-        if self.config.transport == "nccl":
-            from afd.transport.nccl import NcclUnavailableError, unavailable_reason
-
-            reason = unavailable_reason()  # fail at start, not at the first placement
-            if reason is not None:
-                raise NcclUnavailableError(reason)
-        if self.config.transport in ("gloo", "shm", "nccl"):
-            from afd.transport.channel_transport import (
-                ChannelListeners,
-                ChannelOpener,
-                ChannelTransport,
-                ChannelTransportConfig,
-            )
-            from afd.wire.frames import FrameLimits
-
-            # Channels open lazily: the router's placement (set_peers) names the FFN nodes to join.
-            opener = ChannelOpener(
-                self.config.transport,
-                self.config.node_id,
-                ChannelListeners(gloo_host=self.config.advertise_host or self.config.host),
-                self.config.auth,
-                self.config.ffn_timeout_s,
-            )
-            channel_config = ChannelTransportConfig(sender=self.config.node_id, timeout_s=self.config.ffn_timeout_s)
-            return ChannelTransport({}, FrameLimits.for_model(spec), channel_config, opener)
-        raise ConfigError(f"transport {self.config.transport!r} is not available for attention nodes")
 
     def _measure_capacity(self) -> pb.CapacityProfile:
         assert self.engine is not None
@@ -217,16 +186,14 @@ class AttentionNodeServer:
                 stream.put(PeerError(self.config.node_id, "attention node shut down"))
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
-        if self._router_channel is not None:
-            await self._router_channel.close(grace=None)
+        if self.attachment is not None:
+            await self.attachment.close()
         if self.transport is not None:
             self.transport.close()
 
     # ---- router protocol -------------------------------------------------------------------------------
-    async def _register(self, timeout: float, wait_for_placement: bool = True) -> None:
-        assert self._router is not None
-        deadline = time.monotonic() + timeout
-        request = pb.RegisterRequest(
+    def _registration(self) -> pb.RegisterRequest:
+        return pb.RegisterRequest(
             node_id=self.config.node_id,
             role=pb.ROLE_ATTENTION,
             address=self.address,
@@ -234,65 +201,44 @@ class AttentionNodeServer:
             transports=[self.config.transport],
             model_fingerprint=model_fingerprint(self.config.model),
         )
-        while True:
-            try:
-                response = await self._router.Register(request, timeout=10)
-                break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
-                    raise ConfigError(f"the router refused registration: {exc.details()}") from exc
-                if time.monotonic() > deadline:
-                    raise ConfigError(f"router {self.config.router} unreachable: {exc.details()}") from exc
-                await asyncio.sleep(0.5)
-        self._heartbeat_interval = max(0.05, response.heartbeat_interval_ms / 1000)
-        if response.placement.version >= 0 and response.placement.nodes:
-            applied = self.offer_placement(response.placement)
-            if wait_for_placement:
-                await asyncio.wrap_future(applied)
 
-    async def _heartbeats(self) -> None:
-        assert self._router is not None and self.engine is not None
-        while True:
-            await asyncio.sleep(self._heartbeat_interval)
-            engine = self.engine
-            load = pb.NodeLoad(
-                num_running=len(engine.scheduler.running),
-                num_waiting=len(engine.scheduler.waiting),
-                kv_cache_usage=engine.kv.usage,
-                generated_tokens=self.generated,
+    async def _registered(self, response: pb.RegisterResponse) -> None:
+        if response.placement.version >= 0 and response.placement.nodes:
+            self.offer_placement(response.placement)
+
+    def _beat(self) -> pb.HeartbeatRequest:
+        assert self.engine is not None
+        engine = self.engine
+        load = pb.NodeLoad(
+            num_running=len(engine.scheduler.running),
+            num_waiting=len(engine.scheduler.waiting),
+            kv_cache_usage=engine.kv.usage,
+            generated_tokens=self.generated,
+        )
+        for layer, trips, seconds, sent, received in engine.runner.transfers.take():
+            load.transfers.add(
+                layer=layer, round_trips=trips, seconds=seconds, bytes_sent=sent, bytes_received=received
             )
-            for layer, trips, seconds, sent, received in engine.runner.transfers.take():
-                load.transfers.add(
-                    layer=layer, round_trips=trips, seconds=seconds, bytes_sent=sent, bytes_received=received
-                )
-            placement = engine.placement
-            request = pb.HeartbeatRequest(
-                node_id=self.config.node_id,
-                state=pb.NODE_STATE_DRAINING if self.draining else pb.NODE_STATE_READY,
-                load=load,
-                placement_version=placement.version if placement else -1,
-            )
+        placement = engine.placement
+        return pb.HeartbeatRequest(
+            node_id=self.config.node_id,
+            state=pb.NODE_STATE_DRAINING if self.draining else pb.NODE_STATE_READY,
+            load=load,
+            placement_version=placement.version if placement else -1,
+        )
+
+    async def _on_heartbeat(self, response: pb.HeartbeatResponse) -> None:
+        if response.HasField("placement") and response.placement.nodes:
+            # Never wait for the step boundary here: a step stuck on a frozen FFN node would stop the
+            # heartbeats, and the router would declare this node dead too.
             try:
-                response = await self._router.Heartbeat(request, timeout=max(2.0, 3 * self._heartbeat_interval))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    log.warning("router forgot node %s; registering again", self.config.node_id)
-                    with contextlib.suppress(Exception):
-                        await self._register(timeout=10, wait_for_placement=False)
-                else:
-                    log.warning("heartbeat failed: %s", exc.details())
-                continue
-            if response.HasField("placement") and response.placement.nodes:
-                # Never wait for the step boundary here: a step stuck on a frozen FFN node would stop the
-                # heartbeats, and the router would declare this node dead too.
-                try:
-                    self.offer_placement(response.placement)
-                except ConfigError as exc:
-                    log.error("the router sent an unusable placement: %s", exc)
-            if self.config.microbatches is None and response.microbatches and self.engine_thread is not None:
-                self.engine_thread.set_microbatches(response.microbatches)
-            if response.drain and not self.draining:
-                self._background(self.drain_and_stop("the router asked this node to drain"))
+                self.offer_placement(response.placement)
+            except ConfigError as exc:
+                log.error("the router sent an unusable placement: %s", exc)
+        if self.config.microbatches is None and response.microbatches and self.engine_thread is not None:
+            self.engine_thread.set_microbatches(response.microbatches)
+        if response.drain and not self.draining:
+            self._background(self.drain_and_stop("the router asked this node to drain"))
 
     async def apply_placement(self, message: pb.Placement) -> int:
         """Hand a placement to the engine thread and wait until a step boundary applied it."""
@@ -324,9 +270,8 @@ class AttentionNodeServer:
             return
         self.draining = True
         log.info("attention node %s draining: %s", self.config.node_id, reason)
-        if self._router is not None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self._router.Leave(pb.LeaveRequest(node_id=self.config.node_id, reason=reason), timeout=10)
+        if self.attachment is not None:
+            await self.attachment.leave(reason, timeout_s=10)
         deadline = time.monotonic() + (self.config.drain_timeout_s if deadline_s is None else deadline_s)
         while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -357,18 +302,12 @@ class AttentionNodeServer:
 
     def _report_failure(self, error: PeerError) -> concurrent.futures.Future[RecoveryPlacement]:
         """Engine thread -> router: report the failed peer; resolves to the router's placement without it."""
-        report = pb.PeerFailureReport(reporter_id=self.config.node_id, peer_id=error.peer, error=str(error))
-        return asyncio.run_coroutine_threadsafe(self._report(report), self.loop)
+        return asyncio.run_coroutine_threadsafe(self._report(error), self.loop)
 
-    async def _report(self, report: pb.PeerFailureReport) -> RecoveryPlacement:
-        assert self._router is not None
-        try:
-            response = await self._router.ReportPeerFailure(report, timeout=self.config.recovery_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("could not report the failure to the router: %s", exc.details())
-            return None
-        message = response.placement
-        if not message.nodes:
+    async def _report(self, error: PeerError) -> RecoveryPlacement:
+        assert self.attachment is not None
+        message = await self.attachment.report_failure(error.peer, str(error), self.config.recovery_timeout_s)
+        if message is None or not message.nodes:
             return None
         try:
             return placement_from_proto(message)
@@ -463,20 +402,8 @@ class _AttentionServicer(pb_grpc.AttentionNodeServicer):
 
 
 async def run_attention_node(config: AttentionNodeConfig) -> None:
+    """The `afd node attn` process: serve until a signal; the first drains, a second stops at once."""
     server = AttentionNodeServer(config)
-    loop = asyncio.get_running_loop()
-    stopping: list[asyncio.Future] = []
-
-    def on_signal() -> None:
-        if not stopping:
-            stopping.append(asyncio.ensure_future(server.drain_and_stop("terminated")))
-        else:
-            server.request_stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        await server.start()
-        await server.serve()
-    finally:
-        await server.shutdown()
+    await run_until_signal(
+        server, lambda: {"port": server.port or 0}, config.ready_file, lambda: server.drain_and_stop("terminated")
+    )

@@ -1,8 +1,10 @@
-"""An FFN node in a cluster: the FFN server plus the router protocol (register, heartbeat, leave).
+"""An FFN node in a cluster: the FFN server attached to the router (afd/router_attachment.py), and the
+`afd node ffn` process.
 
 The router tells the node what to hold with LoadExperts; the node reports its speed at registration
 (a short calibration on its own hardware), its load in heartbeats, and on SIGTERM asks the router to
-move its experts elsewhere before it stops serving.
+move its experts elsewhere before it stops serving. Without a router (a placement file instead) the node
+serves that placement on its own, for benchmarks and tests that drive FFN nodes directly.
 """
 
 from __future__ import annotations
@@ -10,22 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-import grpc.aio
 import torch
 
 from afd.checkpoint import CheckpointReader
 from afd.dtypes import resolve_dtype
-from afd.errors import ConfigError
 from afd.model_spec import ModelSpec, model_fingerprint
+from afd.node_lifecycle import run_until_signal
+from afd.router_attachment import RouterAttachment
 from afd.tensor_names import TensorNames
 from afd.wire.generated import afd_cluster_pb2 as pb
-from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from afd.wire.placement_proto import placement_from_proto
 from ffn_nodes.experts import StackedExperts
 from ffn_nodes.server import FfnNodeServer, FfnServerConfig
@@ -53,43 +52,40 @@ class FfnClusterNode(FfnNodeServer):
     def __init__(self, config: FfnServerConfig, attachment: ClusterAttachment) -> None:
         super().__init__(config)
         self.attachment = attachment
-        self._router_channel: grpc.aio.Channel | None = None
-        self._router: pb_grpc.RouterStub | None = None
+        self.router: RouterAttachment | None = None
+        self._capacity = pb.CapacityProfile()
         self._heartbeat_task: asyncio.Task | None = None
-        self._interval = 1.0
-        self.leaving = False
         self._tasks: set[asyncio.Future] = set()
 
     @property
     def advertised(self) -> str:
         return f"{self.attachment.advertise_host or self.config.host}:{self.port}"
 
+    @property
+    def leaving(self) -> bool:
+        return self.router is not None and self.router.leaving
+
     async def after_start(self) -> None:
-        capacity = await asyncio.to_thread(self._measure_capacity)
-        self._router_channel = self.config.auth.aio_channel(self.attachment.router)
-        self._router = pb_grpc.RouterStub(self._router_channel)
-        request = pb.RegisterRequest(
+        self._capacity = await asyncio.to_thread(self._measure_capacity)
+        self.router = RouterAttachment(self.attachment.router, self.config.auth, self.config.node_id)
+        await self.router.register(self._registration(), self.attachment.register_timeout_s)
+        self._heartbeat_task = asyncio.ensure_future(
+            self.router.heartbeats(self._beat, self._on_heartbeat, self._registration, self._registered)
+        )
+        self._heartbeat_task.add_done_callback(self._heartbeats_ended)
+
+    def _registration(self) -> pb.RegisterRequest:
+        return pb.RegisterRequest(
             node_id=self.config.node_id,
             role=pb.ROLE_FFN,
             address=self.advertised,
-            capacity=capacity,
+            capacity=self._capacity,
             transports=["grpc", *sorted(self.acceptors)],
             model_fingerprint=model_fingerprint(self.config.model_dir),
         )
-        deadline = time.monotonic() + self.attachment.register_timeout_s
-        while True:
-            try:
-                response = await self._router.Register(request, timeout=10)
-                break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
-                    raise ConfigError(f"the router refused registration: {exc.details()}") from exc
-                if time.monotonic() > deadline:
-                    raise ConfigError(f"router {self.attachment.router} unreachable: {exc.details()}") from exc
-                await asyncio.sleep(0.5)
-        self._interval = max(0.05, response.heartbeat_interval_ms / 1000)
-        self._heartbeat_task = asyncio.ensure_future(self._heartbeats(request))
-        self._heartbeat_task.add_done_callback(self._heartbeats_ended)
+
+    async def _registered(self, response: pb.RegisterResponse) -> None:
+        """Registered again: the router sends what to hold with LoadExperts, nothing to do here."""
 
     def _heartbeats_ended(self, task: asyncio.Task) -> None:
         """Heartbeats only end by cancellation (shutdown); a node that stopped them otherwise would be
@@ -113,33 +109,25 @@ class FfnClusterNode(FfnNodeServer):
             ffn_us_per_token_expert=ffn_us_per_token_expert(self.config.model_dir, spec, dtype),
         )
 
-    async def _heartbeats(self, register: pb.RegisterRequest) -> None:
-        assert self._router is not None
-        while True:
-            await asyncio.sleep(self._interval)
-            shard = self.shard
-            request = pb.HeartbeatRequest(
-                node_id=self.config.node_id,
-                state=pb.NODE_STATE_DRAINING if self.leaving else pb.NODE_STATE_READY,
-                load=self.take_load(reset=True),
-                placement_version=shard.placement.version if shard is not None else -1,
-            )
-            try:
-                response = await self._router.Heartbeat(request, timeout=max(2.0, 3 * self._interval))
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND and not self.leaving:
-                    log.warning("router forgot FFN node %s; registering again", self.config.node_id)
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        await self._router.Register(register, timeout=10)
-                else:
-                    log.warning("heartbeat failed: %s", exc.details())
-                continue
-            if response.HasField("placement") and self.config.node_id in [n.node_id for n in response.placement.nodes]:
-                placement, _ = placement_from_proto(response.placement)
-                if shard is None or placement.version > shard.placement.version:
-                    await self.load_experts(placement)
-            if response.drain and not self.leaving:
-                asyncio.get_running_loop().call_soon(self._request_stop)
+    def _beat(self) -> pb.HeartbeatRequest:
+        # the shard first: the load is of this shard's experts (take_load reads self.shard again, the same one
+        # unless a LoadExperts lands in between, which the router then maps by the version sent here)
+        shard = self.shard
+        return pb.HeartbeatRequest(
+            node_id=self.config.node_id,
+            state=pb.NODE_STATE_DRAINING if self.leaving else pb.NODE_STATE_READY,
+            load=self.batcher.take_load(shard, reset=True),
+            placement_version=shard.placement.version if shard is not None else -1,
+        )
+
+    async def _on_heartbeat(self, response: pb.HeartbeatResponse) -> None:
+        shard = self.shard
+        if response.HasField("placement") and self.config.node_id in [n.node_id for n in response.placement.nodes]:
+            placement, _ = placement_from_proto(response.placement)
+            if shard is None or placement.version > shard.placement.version:
+                await self.load_experts(placement)
+        if response.drain and not self.leaving:
+            asyncio.get_running_loop().call_soon(self._request_stop)
 
     def _request_stop(self) -> None:
         task = asyncio.ensure_future(self.shutdown())
@@ -153,35 +141,26 @@ class FfnClusterNode(FfnNodeServer):
         would register it again) and reports itself dead, so the router re-places its experts at once
         rather than after the heartbeat timeout.
         """
-        self.leaving = True
-        if self.failure is not None:
-            await self._report_own_failure(self.failure)
-        elif self._router is not None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self._router.Leave(
-                    pb.LeaveRequest(node_id=self.config.node_id, reason="shutting down"),
-                    timeout=self.attachment.leave_timeout_s,
-                )
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._heartbeat_task
-        if self._router_channel is not None:
-            await self._router_channel.close(grace=None)
-
-    async def _report_own_failure(self, failure: BaseException) -> None:
+        router = self.router
+        if router is None:
+            return
+        router.leaving = True
         task = self._heartbeat_task
-        if task is not None and task is not asyncio.current_task():
+        if self.failure is not None:
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            await router.report_failure(
+                self.config.node_id, str(self.failure), self.attachment.failure_report_timeout_s
+            )
+        else:
+            await router.leave("shutting down", self.attachment.leave_timeout_s)
+        if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        if self._router is None:
-            return
-        report = pb.PeerFailureReport(reporter_id=self.config.node_id, peer_id=self.config.node_id, error=str(failure))
-        try:
-            await self._router.ReportPeerFailure(report, timeout=self.attachment.failure_report_timeout_s)
-        except grpc.aio.AioRpcError as exc:  # the router declares it dead after its heartbeat timeout anyway
-            log.warning("could not report this node's failure to the router: %s", exc.details())
+        await router.close()
 
 
 @torch.inference_mode()
@@ -206,15 +185,10 @@ def ffn_us_per_token_expert(model_dir: str | Path, spec: ModelSpec, dtype: torch
     return best * 1e6 / tokens
 
 
-async def run_ffn_node(config: FfnServerConfig, attachment: ClusterAttachment, ready_file: Path | None = None) -> None:
-    node = FfnClusterNode(config, attachment)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, node._request_stop)
-    try:
-        await node.start()
-        if ready_file is not None:
-            ready_file.write_text(str(node.port))
-        await node.serve()
-    finally:
-        await node.shutdown()
+async def run_ffn_node(
+    config: FfnServerConfig, attachment: ClusterAttachment | None, ready_file: Path | None = None
+) -> None:
+    """The `afd node ffn` process: attached to the router, or (attachment None) serving config.placement
+    on its own; until a signal (the first one leaves the router gracefully, as shutdown does)."""
+    node = FfnClusterNode(config, attachment) if attachment is not None else FfnNodeServer(config)
+    await run_until_signal(node, lambda: {"port": node.port or 0}, ready_file)

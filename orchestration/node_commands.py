@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -172,8 +173,14 @@ def attention_command(
 
 @node_app.command("ffn")
 def ffn_command(
-    router: Annotated[str, typer.Option(help="Router control-plane address host:port.")],
     node_id: Annotated[str, typer.Option(help="Unique node id.")],
+    router: Annotated[
+        str | None, typer.Option(help="Router control-plane address host:port; omit only with --placement-file.")
+    ] = None,
+    placement_file: Annotated[
+        Path | None,
+        typer.Option(help="Serve this ExpertPlacement (JSON) without a router (benchmarks, tests driving FFN nodes)."),
+    ] = None,
     model: ModelOption = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port (0 = any).")] = 0,
@@ -181,6 +188,7 @@ def ffn_command(
     device: Annotated[str, typer.Option(help="Compute device; this release implements cpu only.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    max_batch_tokens: Annotated[int, typer.Option(min=1, help="Most tokens computed together (M2N batching).")] = 16384,
     cluster_token_file: TokenOption = None,
     insecure: InsecureOption = False,
     ready_file: ReadyOption = None,
@@ -188,23 +196,36 @@ def ffn_command(
     """An FFN node: a shard of every layer's experts and MLP slices; returns partial sums."""
     import torch
 
+    from afd.placement import ExpertPlacement
     from ffn_nodes.node import ClusterAttachment, run_ffn_node
-    from ffn_nodes.server import FfnServerConfig, load_builtin_acceptors
+    from ffn_nodes.server import FfnServerConfig
 
+    if (router is None) == (placement_file is None):
+        raise typer.BadParameter("give --router (join a cluster) or --placement-file (serve alone), exactly one")
     if device != "cpu":
         raise typer.BadParameter("only --device cpu is implemented for FFN nodes in this release")
     if threads:
         torch.set_num_threads(threads)
     _setup_process(node_id)
     auth = _cluster_auth(cluster_token_file, insecure)
-    load_builtin_acceptors()
-    config = FfnServerConfig(
-        model_dir=model or builtin_model_dir(),
-        node_id=node_id,
-        host=host,
-        port=port,
-        dtype=dtype,
-        auth=auth,
-    )
-    attachment = ClusterAttachment(router=router, advertise_host=advertise_host)
+    placement = None
+    if placement_file is not None:
+        try:
+            placement = ExpertPlacement.from_dict(json.loads(placement_file.read_text()))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"cannot read placement file {placement_file}: {exc}") from exc
+    try:
+        config = FfnServerConfig(
+            model_dir=model or builtin_model_dir(),
+            node_id=node_id,
+            placement=placement,
+            host=host,
+            port=port,
+            dtype=dtype,
+            auth=auth,
+            max_batch_tokens=max_batch_tokens,
+        )
+    except AfdError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    attachment = ClusterAttachment(router=router, advertise_host=advertise_host) if router is not None else None
     _run(run_ffn_node(config, attachment, ready_file))

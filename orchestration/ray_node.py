@@ -230,11 +230,10 @@ class NodeActor:
         import torch
 
         from ffn_nodes.node import ClusterAttachment, FfnClusterNode
-        from ffn_nodes.server import FfnServerConfig, load_builtin_acceptors
+        from ffn_nodes.server import FfnServerConfig
 
         if launch.threads:
             torch.set_num_threads(launch.threads)
-        load_builtin_acceptors()
         config = FfnServerConfig(
             model_dir=self._model(), node_id=launch.node_id, host=launch.host, dtype=launch.dtype, auth=auth
         )

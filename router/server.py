@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from afd.errors import ConfigError
 from afd.model_spec import ModelSpec, model_fingerprint
+from afd.node_lifecycle import run_until_signal
 from afd.tokenizer import Tokenizer
 from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
@@ -154,8 +153,6 @@ class RouterServer:
             await asyncio.sleep(0.02)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._watch_task = asyncio.ensure_future(self.controller.watch(self._stop))
-        if config.ready_file is not None:
-            config.ready_file.write_text(json.dumps({"http_port": self.http_port, "grpc_port": self.grpc_port}))
         log.info(
             "router: OpenAI API on http://%s:%s/v1, control plane on %s:%s",
             config.host,
@@ -204,12 +201,10 @@ class RouterServer:
 
 
 async def run_router(config: RouterConfig) -> None:
+    """The `afd node router` process: serve until SIGTERM/SIGINT."""
     server = RouterServer(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.request_stop)
-    try:
-        await server.start()
-        await server.serve()
-    finally:
-        await server.shutdown()
+
+    def ports() -> dict[str, int]:
+        return {"http_port": server.http_port or 0, "grpc_port": server.grpc_port or 0}
+
+    await run_until_signal(server, ports, config.ready_file)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from afd.node_lifecycle import read_ready_file
 from afd.placement import ExpertPlacement
 from afd.wire.event_loop import EventLoopThread
 from ffn_nodes.server import FfnNodeServer, FfnServerConfig
@@ -67,11 +68,10 @@ class NodeProcess:
         """Wait for the ready file (the bound port); raises ProcessStartError if the process exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.ready_file.exists():
-                text = self.ready_file.read_text().strip()
-                if text:
-                    self.port = int(text)
-                    return self.port
+            ready = read_ready_file(self.ready_file)
+            if ready is not None:
+                self.port = int(ready["port"])
+                return self.port
             if self.process.poll() is not None:
                 raise ProcessStartError(
                     f"{self.node_id} exited with {self.process.returncode} before ready:\n{self.log_tail()}"
@@ -116,7 +116,7 @@ def launch_ffn_server(
     token_file: Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> NodeProcess:
-    """Start `python -m ffn_nodes.server` for `node_id` (returns at once; call wait_ready)."""
+    """Start `afd node ffn --placement-file ...` for `node_id`, without a router (returns at once; call wait_ready)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     placement_file = work_dir / f"placement-{node_id}.json"
     placement_file.write_text(json.dumps(placement.to_dict()))
@@ -126,7 +126,9 @@ def launch_ffn_server(
     command = [
         sys.executable,
         "-m",
-        "ffn_nodes.server",
+        "orchestration.cli",
+        "node",
+        "ffn",
         "--model",
         str(model_dir),
         "--node-id",
@@ -139,7 +141,7 @@ def launch_ffn_server(
         "0",
         "--ready-file",
         str(ready_file),
-        *(["--cluster-token-file", str(token_file)] if token_file is not None else []),
+        *(["--cluster-token-file", str(token_file)] if token_file is not None else ["--insecure"]),
         *extra_args,
     ]
     env = dict(os.environ)

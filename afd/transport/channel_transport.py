@@ -8,8 +8,8 @@ sequence number, so replies of several in-flight microbatches (ping-pong) can be
 every waiting request at once) or a hung one (no reply in `timeout_s`) raises PeerError naming it.
 
 Opening: `open_channels` creates a listener per FFN node, asks the node to join over the control plane
-(FfnNode.OpenChannel, carrying the rendezvous bytes) and accepts. The FFN node's side is
-ffn_nodes.channel_acceptors, served by ffn_nodes.server like its gRPC streams.
+(FfnNode.OpenChannel, carrying the rendezvous bytes) and accepts. Both sides of each backend are in
+afd/transport/backends.py; the FFN node serves its channels in ffn_nodes/channel_server.py.
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ import torch
 from afd.errors import ConfigError, PeerError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
+from afd.transport.backends import ChannelListeners
 from afd.transport.channel import Channel, TensorSpec
-from afd.transport.gloo_channel import GlooOptions, GlooStoreServer
-from afd.transport.nccl.channel import NcclListener, NcclOptions
-from afd.transport.rendezvous import ChannelListener, establish
+from afd.transport.rendezvous import establish
 from afd.transport.replies import AwaitedReply, ReplyFutureTransport, fail, resolve
-from afd.transport.shm_channel import ShmListener, ShmOptions
 from afd.wire.auth import ClusterAuth
 from afd.wire.frames import (
     UNKNOWN,
@@ -312,40 +310,6 @@ class ChannelTransport(ReplyFutureTransport):
 # ---------------------------------------------------------------------------------------------------
 # Opening channels over the control plane
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ChannelListeners:
-    """Makes the attention side's listener for each backend; holds what several pairs share."""
-
-    gloo_host: str = "127.0.0.1"
-    """Address of this attention node that FFN nodes reach for gloo (its TCPStore and gloo pairs bind it)."""
-    gloo: GlooOptions = field(default_factory=GlooOptions)
-    """Options of gloo channels."""
-    shm: ShmOptions = field(default_factory=ShmOptions)
-    """Options of shared-memory channels."""
-    nccl: NcclOptions = field(default_factory=NcclOptions)
-    """Options of NCCL channels (one communicator per pair; the unique id travels in OpenChannel)."""
-    nccl_device: int | None = None
-    """CUDA device of this node's NCCL communicators; the current device when None."""
-    _store: GlooStoreServer | None = None
-
-    def listener(self, backend: str, peer: str) -> ChannelListener:
-        """A fresh listener for FFN node `peer`; ConfigError for a backend without one."""
-        if backend == "gloo":
-            if self._store is None:
-                self._store = GlooStoreServer(self.gloo_host)
-            return self._store.listener(peer, self.gloo)
-        if backend == "shm":
-            return ShmListener(peer, self.shm)
-        if backend == "nccl":
-            return NcclListener(peer, self.nccl_device, self.nccl)  # NcclUnavailableError without GPU/libnccl
-        raise ConfigError(f"no channel backend {backend!r}; choose gloo, shm or nccl")
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
 
 
 @dataclass(slots=True)

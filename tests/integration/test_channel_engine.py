@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 
 from afd.errors import PeerError
 from afd.model_spec import ModelSpec
-from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
 from afd.transport.channel_transport import ChannelOpener, ChannelTransport, ChannelTransportConfig
 from afd.wire.auth import ClusterAuth
@@ -22,35 +16,11 @@ from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
-from tests.cluster_helpers import REPO_ROOT, NodeProcess, stop_all
+from tests.cluster_helpers import start_ffn_servers, stop_all
 from tests.engines import inprocess_engine, uneven_placement
 
 PROMPTS = [[7], [3, 14, 15, 92, 65], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-def start_channel_servers(model_dir: Path, placement: ExpertPlacement, work_dir: Path, dtype: str) -> list[NodeProcess]:
-    """FFN node servers started through tests.integration.channel_ffn_server (see there why)."""
-    nodes = []
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    for node in placement.nodes:
-        placement_file = work_dir / f"placement-{node}.json"
-        placement_file.write_text(json.dumps(placement.to_dict()))
-        ready_file = work_dir / f"{node}.ready"
-        log_file = work_dir / f"{node}.log"
-        command = [sys.executable, "-m", "tests.integration.channel_ffn_server", "--model", str(model_dir)]
-        command += ["--node-id", node, "--placement-file", str(placement_file), "--port", "0"]
-        command += ["--ready-file", str(ready_file), "--dtype", dtype]
-        handle = log_file.open("wb")
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-        nodes.append(NodeProcess(node, process, ready_file, log_file, _log_handle=handle))
-    try:
-        for node_process in nodes:
-            node_process.wait_ready()
-    except BaseException:
-        stop_all(nodes)
-        raise
-    return nodes
 
 
 def assert_bad_channel_requests_are_refused(address: str) -> None:
@@ -77,7 +47,7 @@ def test_tokens_match_inprocess_engine_and_a_dead_node_is_named(backend, dtype, 
     config = EngineConfig(block_size=4, num_kv_blocks=64, dtype=dtype, microbatches=2)  # type: ignore[arg-type]
     expected = inprocess_engine(directory, 2, config).generate(PROMPTS, GREEDY)
 
-    servers = start_channel_servers(directory, placement, tmp_path, dtype)
+    servers = start_ffn_servers(directory, placement, tmp_path, extra_args=["--dtype", dtype])
     transport = None
     try:
         peers = {s.node_id: s.address for s in servers}

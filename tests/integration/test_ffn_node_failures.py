@@ -25,9 +25,9 @@ from afd.wire.event_loop import EventLoopThread
 from afd.wire.frames import OutOfRange, encode_request, pack
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
-from ffn_nodes import server as server_module
+from ffn_nodes.batching import StalePlacementError
 from ffn_nodes.node import ClusterAttachment, FfnClusterNode
-from ffn_nodes.server import FfnNodeServer, FfnServerConfig, NodeFailure, StalePlacementError
+from ffn_nodes.server import FfnNodeServer, FfnServerConfig, NodeFailure
 from tests.cluster_helpers import READY_TIMEOUT_S, ffn_server_in_thread
 
 NODE = "ffn-0"
@@ -82,7 +82,7 @@ def test_placement_changes_under_load_never_stop_the_node(qwen3) -> None:
                 except (StalePlacementError, OutOfRange):
                     outcome["stale"] += 1
                 except TimeoutError:
-                    batcher = server._batcher
+                    batcher = server.batcher.task
                     died = batcher.exception() if batcher is not None and batcher.done() else None
                     raise AssertionError(f"no reply within {REPLY_TIMEOUT_S} s; batch loop died of {died!r}") from None
 
@@ -106,7 +106,7 @@ def test_placement_changes_under_load_never_stop_the_node(qwen3) -> None:
             await asyncio.gather(*(client(i, until) for i in range(96)), placements(until), loads(until))
 
         asyncio.run_coroutine_threadsafe(churn(), server._loop).result(churn_s + 3 * REPLY_TIMEOUT_S)
-        assert server._batcher is not None and not server._batcher.done()
+        assert server.batcher.task is not None and not server.batcher.task.done()
         assert outcome["switches"] >= 10 and outcome["answered"] > 100, outcome
 
 
@@ -170,7 +170,7 @@ def test_an_unexpected_error_in_the_batch_loop_stops_the_node_loudly(qwen3, capl
         def broken(*args: object) -> list[torch.Tensor | Exception]:
             raise RuntimeError("injected bug")
 
-        server._timed_compute = broken  # type: ignore[method-assign]
+        server.batcher._timed_compute = broken  # type: ignore[method-assign]
         started = time.monotonic()
         pending = [transport.dispatch({NODE: _request(spec, 8, 0, 2, gen)}) for _ in range(3)]
         errors = []
@@ -224,11 +224,11 @@ def test_a_peer_that_never_reads_cannot_grow_the_reply_queue(qwen3) -> None:
         deadline = time.monotonic() + 30
         settled, last = 0, -1
         while time.monotonic() < deadline and settled < 10:  # until the node computed nothing new for 1 s
-            now = server.counters.requests
+            now = server.batcher.counters.requests
             settled = settled + 1 if now == last else 0
             last = now
             time.sleep(0.1)
-        computed = server.counters.requests
+        computed = server.batcher.counters.requests
         try:
             assert computed <= 4 * slots + 16, f"computed {computed} of {written[0]} frames nobody reads"
             assert 0 < server.queued_reply_bytes <= slots * len(frame)  # a reply is smaller than its request
@@ -296,7 +296,7 @@ def test_a_failed_cluster_node_reports_itself_dead_and_stops_heartbeating(qwen3)
         def broken(*args: object) -> list[torch.Tensor | Exception]:
             raise RuntimeError("injected bug")
 
-        node._timed_compute = broken  # type: ignore[method-assign]
+        node.batcher._timed_compute = broken  # type: ignore[method-assign]
 
         async def one_request() -> None:
             await node.submit(_request(spec, 8, 0, 2, torch.Generator().manual_seed(1)))
@@ -317,7 +317,11 @@ def test_a_failed_cluster_node_reports_itself_dead_and_stops_heartbeating(qwen3)
 
 
 def test_the_node_process_exits_non_zero_when_its_core_fails(qwen3, tmp_path: Path, monkeypatch) -> None:
-    """`python -m ffn_nodes.server`'s main: a failure after start ends serve() and main returns 2, not 0."""
+    """`afd node ffn`: a failure after start ends serve() and the command exits 2, not 0."""
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+
     directory, spec = qwen3
     placement_file = tmp_path / "placement.json"
     placement_file.write_text(json.dumps(ExpertPlacement.balanced(spec.num_experts, [NODE]).to_dict()))
@@ -326,5 +330,7 @@ def test_the_node_process_exits_non_zero_when_its_core_fails(qwen3, tmp_path: Pa
         self.fail(RuntimeError("injected bug"), "a test")
 
     monkeypatch.setattr(FfnNodeServer, "after_start", fail_once_started)
-    argv = ["--model", str(directory), "--node-id", NODE, "--placement-file", str(placement_file), "--port", "0"]
-    assert server_module.main(argv) == 2
+    argv = ["node", "ffn", "--model", str(directory), "--node-id", NODE, "--placement-file", str(placement_file)]
+    result = CliRunner().invoke(app, [*argv, "--port", "0", "--insecure"])
+    assert result.exit_code == 2, result.output
+    assert "injected bug" in result.output

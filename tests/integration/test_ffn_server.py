@@ -18,13 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
+from afd.transport.backends import ChannelOffer, ChannelRequest
 from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
 from afd.wire import frames, grpc_data
 from afd.wire.frames import FrameKind, FrameLimits, encode_request, encode_response, pack, unpack
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from afd.wire.placement_proto import placement_to_proto
-from ffn_nodes.server import ChannelOffer, ChannelRequest, FfnServerConfig
+from ffn_nodes.server import FfnServerConfig
 from ffn_nodes.shard import FfnShard
 from tests.cluster_helpers import ProcessStartError, ffn_server_in_thread, launch_ffn_server
 from tests.engines import uneven_placement
@@ -184,10 +185,12 @@ def test_requests_arriving_together_are_computed_as_one_batch(qwen3):
 
         assert server._loop is not None
         results = asyncio.run_coroutine_threadsafe(submit_together(), server._loop).result(REPLY_TIMEOUT_S)
-        assert server.counters.requests == 4 and server.counters.batches == 1, "arrived together, computed together"
+        assert server.batcher.counters.requests == 4 and server.batcher.counters.batches == 1, (
+            "arrived together, computed together"
+        )
         load = server.take_load(reset=True)  # before the reference computes below, which the shard counts too
         assert sum(load.expert_token_counts) == sum(int((r.expert_ids >= 0).sum()) for r in requests)  # type: ignore[operator]
-        assert server.counters.requests == 0
+        assert server.batcher.counters.requests == 0
         for request, result in zip(requests, results, strict=True):
             torch.testing.assert_close(result, server.shard.compute(request), atol=1e-5, rtol=1e-5)
 

@@ -71,22 +71,21 @@ def test_invalid_channel_options_are_config_errors():
 
 
 def test_nccl_acceptor_refuses_malformed_rendezvous_before_joining():
+    from afd.transport.backends import CHANNEL_BACKENDS, ChannelRequest
     from afd.transport.nccl import PAIR_ID_BYTES, nccl_rendezvous
-    from ffn_nodes.channel_acceptors import ACCEPTORS
-    from ffn_nodes.server import ChannelRequest
 
     for data in (b"", pack_rendezvous("gloo", GOOD_GLOO), nccl_rendezvous(b"\x01" * (PAIR_ID_BYTES - 1))):
         with pytest.raises(RendezvousError, match="nccl"):
-            ACCEPTORS["nccl"](ChannelRequest("attn-0", data, "ffn-0"))
+            CHANNEL_BACKENDS["nccl"].accept(ChannelRequest("attn-0", data, "ffn-0"))
 
 
 def test_nccl_listener_without_gpu_or_libnccl_says_why():
-    from afd.transport.channel_transport import ChannelListeners
+    from afd.transport.backends import ChannelListeners
     from afd.transport.nccl import NcclUnavailableError, unavailable_reason
 
     if unavailable_reason() is None:
         pytest.skip("NCCL is usable here; tests/gpu covers the channel")
     with pytest.raises(NcclUnavailableError, match=r"libnccl|CUDA|GPU"):
         ChannelListeners().listener("nccl", "ffn-0")
-    with pytest.raises(ConfigError, match="gloo, shm or nccl"):
+    with pytest.raises(ConfigError, match="no channel backend .rdma.; choose one of gloo, nccl, shm"):
         ChannelListeners().listener("rdma", "ffn-0")

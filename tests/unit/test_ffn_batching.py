@@ -12,7 +12,8 @@ from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.wire.frames import OutOfRange
-from ffn_nodes.server import FfnNodeServer, FfnServerConfig, StalePlacementError, compute_batch
+from ffn_nodes.batching import StalePlacementError, compute_batch
+from ffn_nodes.server import FfnNodeServer, FfnServerConfig
 from ffn_nodes.shard import FfnShard
 
 

@@ -1,0 +1,47 @@
+"""How an FFN node answers a request frame, whichever door it came through (a gRPC stream or a channel).
+
+decode -> compute -> encode, with one error mapping: every request frame gets exactly one reply frame, the
+partial sum or an ERROR frame naming what went wrong, carrying the request's sequence number whenever it
+could be read, so the attention node fails that one request and the stream or channel goes on. The doors
+only differ in how bytes arrive (one packed buffer on gRPC, a header and tensors on a channel); both hand
+a decoded header here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import torch
+
+from afd.ffn_messages import FfnRequest
+from afd.wire.frames import UNKNOWN, FrameError, FrameHeader, encode_error, encode_response, request_from_frame
+
+log = logging.getLogger("ffn_nodes.server")
+
+ReplyFrame = tuple[bytes, list[torch.Tensor]]
+"""A frame to send back: msgpack header and tensors (what Channel.send and pack_parts take)."""
+Submit = Callable[[FfnRequest], Awaitable[torch.Tensor]]
+"""Computes a request's partial sum (the node's batcher)."""
+
+
+async def answer(
+    submit: Submit, node_id: str, header: FrameHeader, tensors: list[torch.Tensor], peer: str
+) -> ReplyFrame:
+    """The reply to the request frame `header` + `tensors`: its partial sum, or an ERROR frame for it."""
+    try:
+        request = request_from_frame(header, tensors)
+    except FrameError as exc:
+        log.warning("bad frame from %s (seq %d): %s", peer, header.seq, exc)
+        return encode_error(str(exc), header.layer, header.microbatch, header.seq, node_id)
+    try:
+        partial = await submit(request)
+    except Exception as exc:  # this request failed (bad ids for its shard, a stale placement, the node stopping)
+        log.warning("request seq %d from %s failed: %s", header.seq, peer, exc)
+        return encode_error(f"{type(exc).__name__}: {exc}", header.layer, header.microbatch, header.seq, node_id)
+    return encode_response(partial, header.layer, header.microbatch, header.seq, node_id)
+
+
+def refusal(reason: str, node_id: str, seq: int = UNKNOWN) -> ReplyFrame:
+    """The ERROR frame for a frame whose header could not be read (`seq` when at least that was readable)."""
+    return encode_error(reason, UNKNOWN, UNKNOWN, seq, node_id)
