@@ -26,3 +26,15 @@ def uneven_placement(spec: ModelSpec, num_shards: int) -> ExpertPlacement:
     """The placement `inprocess_engine` uses, for tests that start FFN shards elsewhere."""
     nodes = [f"ffn-{i}" for i in range(num_shards)]
     return ExpertPlacement.balanced(spec.num_experts, nodes, uneven_weights(num_shards))
+
+
+def greedy_reference_texts(model_dir: Path, prompts: list[str], new_tokens: int) -> dict[str, str]:
+    """Prompt -> the greedy completion (`new_tokens`, ignore_eos) of the single-process engine with 2 FFN shards:
+    what every cluster path must reproduce."""
+    from afd.sampling_params import SamplingParams
+    from afd.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    outputs = inprocess_engine(model_dir, 2).generate([tokenizer.encode(p) for p in prompts], params)
+    return {p: tokenizer.decode(o) for p, o in zip(prompts, outputs, strict=True)}

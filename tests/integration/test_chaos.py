@@ -21,10 +21,8 @@ import openai
 import pytest
 
 from afd.builtin_model import builtin_model_dir
-from afd.sampling_params import SamplingParams
-from afd.tokenizer import Tokenizer
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig
-from tests.engines import inprocess_engine
+from tests.engines import greedy_reference_texts
 
 pytestmark = pytest.mark.slow  # still part of `make test` (pytest -q selects every marker)
 
@@ -50,11 +48,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def expected(model: Path) -> dict[str, str]:
     """Greedy completions of PROMPTS from the single-process engine: the no-fault run."""
-    tokenizer = Tokenizer.from_pretrained(model)
-    engine = inprocess_engine(model, 2)
-    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    outputs = engine.generate([tokenizer.encode(p) for p in PROMPTS], params)
-    return {p: tokenizer.decode(o) for p, o in zip(PROMPTS, outputs, strict=True)}
+    return greedy_reference_texts(model, PROMPTS, NEW_TOKENS)
 
 
 class SteadyLoad:

@@ -87,5 +87,5 @@ def test_nccl_listener_without_gpu_or_libnccl_says_why():
         pytest.skip("NCCL is usable here; tests/gpu covers the channel")
     with pytest.raises(NcclUnavailableError, match=r"libnccl|CUDA|GPU"):
         ChannelListeners().listener("nccl", "ffn-0")
-    with pytest.raises(ConfigError, match="no channel backend .rdma.; choose one of gloo, nccl, shm"):
+    with pytest.raises(ConfigError, match=r"no channel backend 'rdma'; choose one of gloo, nccl, shm"):
         ChannelListeners().listener("rdma", "ffn-0")

@@ -1,8 +1,6 @@
-"""The router's OpenAI API against a scripted backend, through the official `openai` client (no network)."""
+"""The router's OpenAI API through the official `openai` client against a fake backend (no network)."""
 
 from __future__ import annotations
-
-import asyncio
 
 import httpx
 import openai
@@ -11,43 +9,10 @@ import pytest
 from afd.builtin_model import builtin_model_dir
 from afd.tokenizer import Tokenizer
 from router.api_config import ApiConfig
-from router.generation import GenerationRequest, Overloaded, TokenEvent
 from router.http_app import create_app
 from router.metrics import RouterMetrics
 from router.openai_service import OpenAIService
-
-
-class ScriptedBackend:
-    """Generates prompt[-1]+1, +2, ... (mod vocab), two tokens per event; finishes on max_tokens or stop ids."""
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-        self.aborted: list[str] = []
-        self.overloaded = False
-        self.seen: list[GenerationRequest] = []
-
-    async def generate(self, request: GenerationRequest):
-        if self.overloaded:
-            raise Overloaded("the router queue is full (2 waiting)")
-        self.seen.append(request)
-        produced, token = 0, request.prompt_token_ids[-1]
-        while True:
-            batch = []
-            for _ in range(2):
-                token = (token + 1) % self.vocab
-                batch.append(token)
-                produced += 1
-                if token in request.params.stop_token_ids:
-                    yield TokenEvent(batch, True, "stop")
-                    return
-                if produced >= request.params.max_tokens:
-                    yield TokenEvent(batch, True, "length")
-                    return
-            yield TokenEvent(batch)
-            await asyncio.sleep(0)
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
+from tests.fake_generation_backend import FakeBackend
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +22,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture
 def api(tokenizer):
-    backend = ScriptedBackend(tokenizer.vocab_size)
+    backend = FakeBackend(tokenizer.vocab_size)
     config = ApiConfig(model_name="afd-demo", max_model_len=64, vocab_size=tokenizer.vocab_size, api_key="sk-test")
     service = OpenAIService(config, tokenizer, backend, RouterMetrics("afd-demo"), lambda: {"nodes": []})
     app = create_app(service, ready=lambda: True)
