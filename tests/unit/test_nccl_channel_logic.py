@@ -34,6 +34,8 @@ import torch
 from afd.errors import PeerError
 from afd.transport.channel import TensorSpec
 from afd.transport.nccl import channel as nccl_channel
+from afd.transport.nccl import channel_base as nccl_channel_base
+from afd.transport.nccl import receiving as nccl_receiving
 from afd.transport.nccl.channel import NcclChannel, NcclListener, NcclOptions, connect_nccl
 from afd.transport.nccl.first_message import HEADER_ROOM
 from afd.transport.nccl.library import NcclLibrary
@@ -280,12 +282,12 @@ def fabric(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fabric]:
     library = fabric.library()
     monkeypatch.setattr(nccl_channel, "resolve_device", lambda device: torch.device("cpu"))
     monkeypatch.setattr(nccl_channel, "load_library", lambda path=None: library)
-    monkeypatch.setattr(nccl_channel, "_pinned", lambda size: torch.zeros(size, dtype=torch.uint8))
+    monkeypatch.setattr(nccl_channel_base, "_pinned", lambda size: torch.zeros(size, dtype=torch.uint8))
 
     def stage_to_host(host: torch.Tensor, source: torch.Tensor, stream: SimStream) -> None:
         stream.ops.append(_Op(run=lambda: host.copy_(source)))
 
-    monkeypatch.setattr(nccl_channel, "_stage_to_host", stage_to_host)
+    monkeypatch.setattr(nccl_receiving, "_stage_to_host", stage_to_host)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: SimStream(fabric))
     monkeypatch.setattr(torch.cuda, "Event", lambda *args, **kwargs: SimEvent(fabric))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fabric.default_stream)
