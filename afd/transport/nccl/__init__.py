@@ -1,6 +1,7 @@
 """NCCL data plane for GPU nodes: a ctypes binding of libnccl (library.py), one non-blocking communicator
 (communicator.py), how a pair meets (pairing.py), a frame's first message (first_message.py) and the
-pairwise channel (channel.py).
+pairwise channel (channel.py, with its shared state in channel_base.py and its two directions in sending.py
+and receiving.py).
 
 Importing this package needs neither a GPU nor libnccl; using it does, and says so with
 NcclUnavailableError (`unavailable_reason()` tells ahead of time, e.g. for a test skip or a CLI).
