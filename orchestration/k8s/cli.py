@@ -57,8 +57,8 @@ def _client(kubeconfig: Path | None, context: str | None) -> ClusterClient:
 def render(config: ConfigOption, overlay: OverlayOption = None) -> None:
     """Print the cluster's manifests as one YAML stream (pipe to `kubectl apply -f -`, or save)."""
     from orchestration.k8s.naming import token_secret_name
+    from orchestration.k8s.overlays import render as render_cluster
     from orchestration.k8s.render import dump_manifests
-    from orchestration.k8s.render import render as render_cluster
 
     cluster = _load(config)
     try:

@@ -45,8 +45,8 @@ from orchestration.k8s.naming import (
     token_secret_name,
     workload_name,
 )
-from orchestration.k8s.overlays import get_overlay
-from orchestration.k8s.render import render, render_token_secret
+from orchestration.k8s.overlays import get_overlay, render
+from orchestration.k8s.render import render_token_secret
 
 
 @dataclass

@@ -17,8 +17,8 @@ import yaml
 from orchestration.k8s.autoscaling import render_hpa, render_keda_scaled_object
 from orchestration.k8s.config import Autoscaling, ClusterConfig
 from orchestration.k8s.naming import COMPONENT_LABEL, POOL_LABEL, Manifest, labels, metadata, object_key
-from orchestration.k8s.overlays import OVERLAYS
-from orchestration.k8s.render import dump_manifests, render
+from orchestration.k8s.overlays import OVERLAYS, render
+from orchestration.k8s.render import dump_manifests
 
 KUSTOMIZATION = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
 GENERATED = (

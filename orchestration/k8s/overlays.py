@@ -127,3 +127,11 @@ def get_overlay(name: str) -> Overlay:
         return OVERLAYS[name]
     except KeyError:
         raise ConfigError(f"unknown overlay {name!r}; overlays: {', '.join(OVERLAYS)}") from None
+
+
+def render(config: ClusterConfig, overlay: str | None = None) -> list[Manifest]:
+    """The cluster's manifests, after the named overlay (hardware preset) transformed the config.
+
+    Here rather than in render.py, which overlays build on: render.py knows nothing of overlays.
+    """
+    return render_manifests(config) if overlay is None else get_overlay(overlay).render(config)

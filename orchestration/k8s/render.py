@@ -385,15 +385,6 @@ def render_manifests(config: ClusterConfig) -> list[Manifest]:
     return copy.deepcopy(manifests)  # objects share label and policy dicts while being built
 
 
-def render(config: ClusterConfig, overlay: str | None = None) -> list[Manifest]:
-    """The cluster's manifests, after the named overlay (hardware preset) transformed the config."""
-    if overlay is None:
-        return render_manifests(config)
-    from orchestration.k8s.overlays import get_overlay
-
-    return get_overlay(overlay).render(config)
-
-
 class _ManifestDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True  # shared label dicts must print in full, not as &id001 anchors

@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 
 from orchestration.k8s.cli import k8s_app
 from orchestration.k8s.config import ClusterConfig
-from orchestration.k8s.overlays import OVERLAYS
-from orchestration.k8s.render import render
+from orchestration.k8s.overlays import OVERLAYS, render
 from tests.k8s.apiserver import RunningApiServer
 from tests.k8s.conftest import DEPLOY, EXAMPLE_CONFIG, REPO
 

@@ -14,7 +14,7 @@ from orchestration.k8s.client import ClusterClient
 from orchestration.k8s.config import ClusterConfig, parse_cluster_config
 from orchestration.k8s.kubeapi import KubeConflictError, KubeConnectionError, KubeForbiddenError, KubeNotFoundError
 from orchestration.k8s.naming import object_key
-from orchestration.k8s.render import render
+from orchestration.k8s.overlays import render
 from tests.k8s.apiserver import RunningApiServer
 from tests.k8s.conftest import minimal_config
 

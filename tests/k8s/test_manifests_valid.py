@@ -22,8 +22,8 @@ from orchestration.k8s.autoscaling import render_hpa, render_keda_scaled_object
 from orchestration.k8s.config import ClusterConfig
 from orchestration.k8s.kustomize import _with_autoscaling, json_patch, render_model_pvc_example
 from orchestration.k8s.naming import Manifest, object_key
-from orchestration.k8s.overlays import OVERLAYS
-from orchestration.k8s.render import render, render_token_secret
+from orchestration.k8s.overlays import OVERLAYS, render
+from orchestration.k8s.render import render_token_secret
 from tests.k8s.conftest import DEPLOY
 
 pytestmark = pytest.mark.k8s

@@ -9,8 +9,8 @@ import pytest
 from afd.errors import ConfigError
 from orchestration.k8s.config import ClusterConfig, parse_cluster_config
 from orchestration.k8s.naming import Manifest, object_key
-from orchestration.k8s.overlays import BUILTIN_MODEL_IN_IMAGE, OVERLAYS
-from orchestration.k8s.render import dump_manifests, render
+from orchestration.k8s.overlays import BUILTIN_MODEL_IN_IMAGE, OVERLAYS, render
+from orchestration.k8s.render import dump_manifests
 from tests.k8s.conftest import minimal_config
 
 pytestmark = pytest.mark.k8s
