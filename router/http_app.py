@@ -106,7 +106,15 @@ def create_app(service: OpenAIService, ready: Callable[[], bool]) -> FastAPI:
     async def failed(_: Request, exc: AfdError) -> Response:
         return error_response(500, str(exc), "InternalServerError")
 
-    stream_doc = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
+    # Before OpenAPI 3.2 (FastAPI writes 3.1) the schema of an event stream describes one event.
+    sse_event = {
+        "type": "object",
+        "description": "One server-sent event: `data` is a JSON chunk (text_completion / chat.completion.chunk, "
+        "an error object on failure), the last event's `data` is `[DONE]`",
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+        "required": ["data"],
+    }
+    stream_doc = {"text/event-stream": {"schema": sse_event}}
 
     @app.post(
         "/v1/completions",
