@@ -1,6 +1,6 @@
 """Short start-up measurements for the capacity profile a node reports to the router.
 
-The router places requests and experts in proportion to these costs, so they are measured on the node's
+The router routes requests and places experts in proportion to these costs, so they are measured on the node's
 own hardware with its own model, not looked up in a table.
 """
 

@@ -298,7 +298,7 @@ class Controller:
                 await asyncio.wait_for(self._placement_changed.wait(), timeout)
         return self.placement
 
-    # ---- request placement -----------------------------------------------------------------------------
+    # ---- request routing: which attention node serves a request ----------------------------------------
     def pick_attention_node(self, exclude: set[str] = frozenset()) -> NodeRecord | None:  # type: ignore[assignment]
         """The policy's choice among the ready attention nodes on the current placement (None: no capacity)."""
         version = self.placement.version if self.placement else None
