@@ -33,6 +33,34 @@ class NodeServer(Protocol):
         """Release everything; idempotent and safe after a failed start."""
 
 
+class StopOnce:
+    """The serve / request_stop / shutdown part of a server's lifecycle, for servers that stop on request.
+
+    `serve()` waits until `request_stop()` (or `shutdown()`); `shutdown()` runs the subclass's `_close()`
+    once, however often it is called.
+    """
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+        self._closed = False
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        await self._close()
+
+    async def _close(self) -> None:
+        """Release what the server holds (subclasses); runs once, and must be safe after a failed start."""
+
+
 def write_ready_file(path: Path, ports: Mapping[str, int]) -> None:
     """Write `ports` as JSON atomically (rename), so a reader never sees a partial file."""
     partial = path.with_name(path.name + ".tmp")

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from afd.errors import ConfigError, PeerError, RequestError
 from afd.model_spec import ModelSpec, model_fingerprint
-from afd.node_lifecycle import run_until_signal
+from afd.node_lifecycle import StopOnce, run_until_signal
 from afd.router_attachment import RouterAttachment
 from afd.sampling_params import SamplingParams
 from afd.transport.base import FfnTransport
@@ -86,8 +86,9 @@ class AttentionNodeConfig:
             raise ConfigError(f"microbatches must be >= 1, got {self.microbatches}")
 
 
-class AttentionNodeServer:
+class AttentionNodeServer(StopOnce):
     def __init__(self, config: AttentionNodeConfig) -> None:
+        super().__init__()
         self.config = config
         self.engine: AttentionEngine | None = None
         self.transport: FfnTransport | None = None
@@ -97,8 +98,6 @@ class AttentionNodeServer:
         self._grpc: grpc.aio.Server | None = None
         self.attachment: RouterAttachment | None = None
         self._heartbeat_task: asyncio.Task | None = None
-        self._stop = asyncio.Event()
-        self._closed = False
         self._capacity = pb.CapacityProfile()
         self._health: health.aio.HealthServicer | None = None
         self._tasks: set[asyncio.Future] = set()
@@ -165,17 +164,7 @@ class AttentionNodeServer:
             max_num_seqs=engine_config.max_num_seqs,
         )
 
-    async def serve(self) -> None:
-        await self._stop.wait()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    async def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
+    async def _close(self) -> None:
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(BaseException):

@@ -320,18 +320,7 @@ def report(result: Mapping[str, Any], json_only: bool) -> None:
     table = Table(
         title=f"Soak: {result['minutes']} min, {result['concurrency']} in flight, {result['output_len']} tokens each"
     )
-    for column in (
-        "interval",
-        "requests",
-        "ok %",
-        "failed",
-        "hung",
-        "changed",
-        "p50 ms",
-        "p99 ms",
-        "out tok/s",
-        "RSS MiB (all)",
-    ):
+    for column in ("#", "req", "ok %", "fail", "hung", "chg", "p50 ms", "p99 ms", "tok/s", "RSS MiB"):
         table.add_column(column)
     for row in result["intervals"]:
         table.add_row(

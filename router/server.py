@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from afd.errors import ConfigError
 from afd.model_spec import ModelSpec, model_fingerprint
-from afd.node_lifecycle import run_until_signal
+from afd.node_lifecycle import StopOnce, run_until_signal
 from afd.tokenizer import Tokenizer
 from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
@@ -100,8 +100,9 @@ class _RouterServicer(pb_grpc.RouterServicer):
         return await self.controller.report_peer_failure(request)
 
 
-class RouterServer:
+class RouterServer(StopOnce):
     def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
         self.config = config
         self.http_port: int | None = None
         self.grpc_port: int | None = None
@@ -109,8 +110,6 @@ class RouterServer:
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
-        self._stop = asyncio.Event()
-        self._closed = False
         self.controller: Controller | None = None
         self.backend: AttentionPoolBackend | None = None
         self._service: OpenAIService | None = None
@@ -172,17 +171,7 @@ class RouterServer:
         status["vocab_size"] = self.controller.spec.vocab_size
         return status
 
-    async def serve(self) -> None:
-        await self._stop.wait()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    async def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
+    async def _close(self) -> None:
         if self._http is not None:
             self._http.should_exit = True
         if self._http_task is not None:
