@@ -175,9 +175,13 @@ def test_metrics_match_the_servers_delays_and_token_counts_are_exact(serve):
     assert result["total_input_tokens"] == 6 * 12 and result["total_output_tokens"] == 6 * 5
     assert result["input_lens"] == [12] * 6 and result["output_lens"] == [5] * 6
     assert all(len(itl) == 4 for itl in result["itls"])
-    assert 80 <= result["mean_ttft_ms"] < 80 + 40
-    assert 0.95 * 30 <= result["median_itl_ms"] < 30 + 15 and 0.95 * 30 <= result["mean_tpot_ms"] < 30 + 15
-    assert 0.95 * 200 <= result["mean_e2el_ms"] < 200 + 50  # 80 + 4 x 30
+    # Lower bounds are the server's own delays. The upper ones leave room for a loaded 2-core machine (a full
+    # suite run once measured a 279 ms mean TTFT here); the sum below checks the definitions exactly.
+    assert 80 <= result["mean_ttft_ms"] < 80 + 500
+    assert 0.95 * 30 <= result["median_itl_ms"] < 30 + 200 and 0.95 * 30 <= result["mean_tpot_ms"] < 30 + 200
+    assert 0.95 * 200 <= result["mean_e2el_ms"] < 200 + 1000  # 80 + 4 x 30
+    # E2EL = TTFT + 4 gaps per request (TPOT is vLLM's (E2EL - TTFT) / (tokens - 1)), so on the means too
+    assert result["mean_e2el_ms"] == pytest.approx(result["mean_ttft_ms"] + 4 * result["mean_tpot_ms"], rel=1e-6)
     assert all(p["max_tokens"] == 5 and p["ignore_eos"] and p["stream"] for p in server.payloads)
     assert all(p["stream_options"] == {"include_usage": True} for p in server.payloads)
     assert all(len(p["prompt"]) == 12 and all(isinstance(t, int) for t in p["prompt"]) for p in server.payloads)
