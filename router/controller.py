@@ -40,13 +40,6 @@ from router.policies import LeastPressurePolicy, LoadBalancingPolicy
 log = logging.getLogger("afd.router")
 
 _ROLES: dict[int, Role] = {pb.ROLE_ATTENTION: "attention", pb.ROLE_FFN: "ffn"}
-_STATES = {
-    NodeState.JOINING: pb.NODE_STATE_JOINING,
-    NodeState.READY: pb.NODE_STATE_READY,
-    NodeState.DRAINING: pb.NODE_STATE_DRAINING,
-    NodeState.LEFT: pb.NODE_STATE_LEFT,
-    NodeState.DEAD: pb.NODE_STATE_DEAD,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +79,6 @@ class Controller:
         self._last_version = int(time.time() * 1000)
         self._reconfigure = asyncio.Lock()
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._placement_changed = asyncio.Event()
         self._tasks: set[asyncio.Future] = set()
         self.load_metrics = LoadMetrics(metrics, self.membership)
         self.policy: LoadBalancingPolicy = policy or LeastPressurePolicy()
@@ -185,12 +177,6 @@ class Controller:
         await self.declare_dead(request.peer_id, f"reported by {request.reporter_id}: {request.error}")
         return pb.PeerFailureResponse(placement=self._placement_message(self.placement))
 
-    def mark_attention_departed(self, node_id: str) -> None:
-        node = self.membership.get(node_id)
-        if node is not None and node.role == "attention":
-            node.state = NodeState.LEFT
-            self.load_metrics.count_nodes()
-
     # ---- failures --------------------------------------------------------------------------------------
     async def declare_dead(self, node_id: str, why: str) -> None:
         node = self.membership.get(node_id)
@@ -260,8 +246,6 @@ class Controller:
             self.placement = placement
             self.metrics.placement_version.set(placement.version)
             await self._broadcast_attention(placement)
-            self._placement_changed.set()
-            self._placement_changed = asyncio.Event()
             self.load_metrics.count_nodes()
 
     async def _call_all(
@@ -291,12 +275,6 @@ class Controller:
         for node_id, error in (await self._call_all(nodes, update)).items():
             # It will pick the placement up from its next heartbeat, or be declared dead.
             log.warning("attention node %s did not take placement v%d: %s", node_id, placement.version, error)
-
-    async def wait_for_placement(self, timeout: float) -> ExpertPlacement | None:
-        if self.placement is None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._placement_changed.wait(), timeout)
-        return self.placement
 
     # ---- request routing: which attention node serves a request ----------------------------------------
     def pick_attention_node(self, exclude: set[str] = frozenset()) -> NodeRecord | None:  # type: ignore[assignment]
@@ -371,7 +349,3 @@ def _capacity(message: pb.CapacityProfile) -> Capacity:
         kv_block_size=message.kv_block_size,
         max_num_seqs=message.max_num_seqs,
     )
-
-
-def state_to_proto(state: NodeState) -> int:
-    return _STATES[state]

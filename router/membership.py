@@ -128,10 +128,6 @@ class Membership:
         now = time.monotonic() if now is None else now
         return [n for n in self.nodes.values() if n.alive and now - n.last_seen > self.node_timeout_s]
 
-    def forget_departed(self) -> None:
-        for node_id in [n.node_id for n in self.nodes.values() if not n.alive]:
-            del self.nodes[node_id]
-
     def counts(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
         for node in self.nodes.values():
