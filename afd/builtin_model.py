@@ -113,9 +113,31 @@ def _tokenizer(words: list[str]) -> HfTokenizer:
     return tokenizer
 
 
+def _tokenizer_config() -> dict:
+    """tokenizer_config.json. `tokenizer_class` makes transformers' AutoTokenizer load tokenizer.json as it is;
+    without it AutoTokenizer picks the tokenizer of config.json's model type (Qwen2's byte-level BPE), which
+    maps the demo's words to the wrong ids. The special tokens are the ones afd.tokenizer reads, so both
+    agree on eos (id 0, config.json's eos_token_id), unk and the absent bos."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHAT_TEMPLATE,
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<unk>",
+        "pad_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": _config(0)["max_position_embeddings"],
+    }
+
+
 def fingerprint() -> str:
+    """Names the cache directory: a change to anything written (weights, config, tokenizer files) is a new one,
+    so a checkpoint cached by an older release is never served with new code."""
     words = _words()
-    blob = json.dumps([SEED, _config(len(SPECIAL_TOKENS) + len(words)), words, torch.__version__.split("+")[0]])
+    config = _config(len(SPECIAL_TOKENS) + len(words))
+    blob = json.dumps([SEED, config, _tokenizer_config(), words, torch.__version__.split("+")[0]])
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -137,8 +159,7 @@ def builtin_model_dir(root: Path | None = None) -> Path:
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     save_file(random_qwen3_moe_weights(config, SEED), str(staging / "model.safetensors"), metadata={"format": "pt"})
     _tokenizer(words).save(str(staging / "tokenizer.json"))
-    tokenizer_config = {"chat_template": CHAT_TEMPLATE, "eos_token": "<|endoftext|>", "add_bos_token": False}
-    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (staging / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
     try:
         staging.rename(target)
     except OSError:  # another process won the race; its copy is identical
