@@ -324,6 +324,9 @@ class Controller:
             "model": self.spec.architecture,
             "placement_version": placement.version if placement else None,
             "nodes": nodes,
+            "num_experts": placement.num_experts if placement else 0,
+            # Counts arrive summed over layers (each FFN node holds the same experts in every layer).
+            "expert_load": self.load_metrics.expert_load(),
         }
 
 

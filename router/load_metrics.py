@@ -27,6 +27,10 @@ class LoadMetrics:
         self.metrics = metrics
         self.membership = membership
         self._recent_placements: dict[int, ExpertPlacement] = {}
+        self.expert_totals: dict[str, dict[int, int]] = {}
+        """Per FFN node: tokens computed per global expert since the router started (`afd status`'s heatmap)."""
+        self._reported: set[str] = set()
+        """Nodes with per-node gauges, so that a departed node's series can be removed."""
 
     def remember(self, placement: ExpertPlacement) -> None:
         """A placement was planned (FFN nodes may report under it before it is committed)."""
@@ -37,22 +41,34 @@ class LoadMetrics:
     def record(self, node: NodeRecord, load: pb.NodeLoad, version: int) -> None:
         """`version`: the placement the node computed under; its expert counts are per expert it held then."""
         metrics = self.metrics
+        node_id = node.node_id
+        self._reported.add(node_id)
+        metrics.node_tokens_per_second.labels(node_id, node.role).set(node.tokens_per_s)
         if node.role == "ffn":
-            metrics.ffn_busy.labels(node.node_id).set(load.busy_fraction)
+            metrics.ffn_busy.labels(node_id).set(load.busy_fraction)
             placement = self._recent_placements.get(version)
-            if placement is not None and node.node_id in placement.nodes:
-                held = placement.experts[placement.index(node.node_id)]
+            if placement is not None and node_id in placement.nodes:
+                held = placement.experts[placement.index(node_id)]
+                totals = self.expert_totals.setdefault(node_id, {})
                 for expert, count in zip(held, load.expert_token_counts, strict=False):
                     if count:
                         metrics.expert_tokens.labels(str(expert)).inc(count)
+                        metrics.node_expert_tokens.labels(node_id, str(expert)).inc(count)
+                        totals[expert] = totals.get(expert, 0) + count
             elif any(load.expert_token_counts):
-                log.debug("dropped expert counts of %s under unknown placement v%d", node.node_id, version)
+                log.debug("dropped expert counts of %s under unknown placement v%d", node_id, version)
+        else:
+            metrics.node_requests_running.labels(node_id).set(load.num_running)
+            metrics.node_requests_waiting.labels(node_id).set(load.num_waiting)
+            metrics.node_kv_cache_usage.labels(node_id).set(load.kv_cache_usage)
         for transfer in load.transfers:
             layer = str(transfer.layer)
             metrics.layer_round_trips.labels(layer).inc(transfer.round_trips)
             metrics.layer_round_trip_seconds.labels(layer).inc(transfer.seconds)
             metrics.activation_bytes.labels("attention_to_ffn").inc(transfer.bytes_sent)
             metrics.activation_bytes.labels("ffn_to_attention").inc(transfer.bytes_received)
+            metrics.layer_activation_bytes.labels(layer, "attention_to_ffn").inc(transfer.bytes_sent)
+            metrics.layer_activation_bytes.labels(layer, "ffn_to_attention").inc(transfer.bytes_received)
         attention = self.membership.of_role("attention", NodeState.READY, NodeState.DRAINING)
         model = metrics.model_name
         metrics.num_requests_running.labels(model).set(sum(n.load.num_running for n in attention))
@@ -61,7 +77,25 @@ class LoadMetrics:
             metrics.kv_cache_usage.labels(model).set(sum(n.load.kv_cache_usage for n in attention) / len(attention))
 
     def count_nodes(self) -> None:
-        """Refresh afd:nodes{role,state} from the membership table."""
+        """Refresh afd:nodes{role,state} from the membership table; drop the gauges of nodes that are gone."""
         self.metrics.nodes.clear()
         for (role, state), count in self.membership.counts().items():
             self.metrics.nodes.labels(role, state).set(count)
+        for node_id in list(self._reported):
+            record = self.membership.get(node_id)
+            if record is None or record.state in (NodeState.DEAD, NodeState.LEFT):
+                self.metrics.forget_node(node_id)
+                self._reported.discard(node_id)
+
+    def expert_load(self) -> dict[str, dict[str, int]]:
+        """Tokens per expert of each FFN node still in the cluster: {node_id: {expert id: tokens}} (JSON keys)."""
+        live = {
+            record.node_id
+            for record in self.membership.nodes.values()
+            if record.state not in (NodeState.DEAD, NodeState.LEFT)
+        }
+        return {
+            node_id: {str(expert): count for expert, count in sorted(counts.items())}
+            for node_id, counts in sorted(self.expert_totals.items())
+            if node_id in live
+        }

@@ -8,6 +8,8 @@ node.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -61,9 +63,50 @@ class RouterMetrics:
             ["layer"],
             registry=r,
         )
+        self.layer_activation_bytes = Counter(
+            "afd:layer_activation_bytes",
+            "Activation bytes between attention and FFN nodes per layer (afd:activation_bytes split by layer).",
+            ["layer", "direction"],
+            registry=r,
+        )
         self.ffn_busy = Gauge("afd:ffn_busy_fraction", "Share of wall time an FFN node computes.", node, registry=r)
         self.expert_tokens = Counter("afd:expert_tokens", "Tokens routed to each expert.", ["expert"], registry=r)
+        self.node_expert_tokens = Counter(
+            "afd:ffn_expert_tokens",
+            "Tokens each FFN node computed for each expert it held (replicas of a hot expert share its load).",
+            ["node_id", "expert"],
+            registry=r,
+        )
+        # Per attention node: the cluster-wide vllm: gauges above are sums/means of these.
+        self.node_requests_running = Gauge(
+            "afd:node_requests_running", "Requests in an attention node's decode batch.", node, registry=r
+        )
+        self.node_requests_waiting = Gauge(
+            "afd:node_requests_waiting", "Requests queued on an attention node.", node, registry=r
+        )
+        self.node_kv_cache_usage = Gauge(
+            "afd:node_kv_cache_usage_perc", "KV cache usage of an attention node (1 = full).", node, registry=r
+        )
+        self.node_tokens_per_second = Gauge(
+            "afd:node_tokens_per_second",
+            "Smoothed tokens per second a node reports: generated (attention) or token rows computed (FFN).",
+            ["node_id", "role"],
+            registry=r,
+        )
         self.placement_version = Gauge("afd:placement_version", "Version of the expert placement.", registry=r)
+
+    PER_NODE = ("ffn_busy", "node_requests_running", "node_requests_waiting", "node_kv_cache_usage")
+    """Gauges labelled by node_id alone: a node that left has its series removed (`forget_node`)."""
+
+    def forget_node(self, node_id: str) -> None:
+        """Drop a departed node's gauges, so dashboards stop showing its last value as if current."""
+        # KeyError: older prometheus_client raises it for a series never set (an FFN node has no KV gauge).
+        for name in self.PER_NODE:
+            with contextlib.suppress(KeyError):
+                getattr(self, name).remove(node_id)
+        for role in ("attention", "ffn"):
+            with contextlib.suppress(KeyError):
+                self.node_tokens_per_second.remove(node_id, role)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
