@@ -1,15 +1,26 @@
 """Text <-> token ids for checkpoints that ship a `tokenizer.json` (HF `tokenizers`), plus chat templates.
 
 Checkpoints without one are served with token-id prompts only; `Tokenizer.from_pretrained` returns None.
+
+The chat template is found where transformers (and so vLLM) look: an explicit file (the router's
+`--chat-template`, vLLM's flag), else `chat_template.jinja` in the checkpoint (what transformers >= 4.50
+saves; it wins over the config there too), else `chat_template` in tokenizer_config.json (a string, or a
+list of named templates of which "default" is used). There is no built-in fallback: a guessed template
+renders prompts the model was never trained on, so a checkpoint without one is refused on chat, as vLLM
+refuses it. Templates render in a sandbox with the helpers Hub templates use (loop controls, `tojson`
+without HTML escaping, `strftime_now`, `raise_exception`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HfTokenizer
 from tokenizers.decoders import DecodeStream
@@ -20,16 +31,34 @@ from afd.errors import ConfigError, RequestError
 class Tokenizer:
     """A `tokenizers` tokenizer with the special-token and chat-template settings of tokenizer_config.json."""
 
-    def __init__(self, tokenizer: HfTokenizer, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        tokenizer: HfTokenizer,
+        config: dict[str, Any],
+        chat_template: str | None = None,
+        chat_template_source: str | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.chat_template: str | None = config.get("chat_template")
+        if chat_template is None:
+            chat_template, chat_template_source = _config_template(config, "tokenizer_config.json")
+        self.chat_template: str | None = chat_template
+        """Jinja source of the chat template; None when the checkpoint has none."""
+        self.chat_template_source: str | None = chat_template_source
+        """Where the template came from (a file, or the config key), for the router's start-up log."""
         self.add_bos = bool(config.get("add_bos_token", False))
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
+        # What transformers passes to templates besides the messages (its special tokens map).
+        self._template_tokens = {
+            name: _token_text(config.get(name)) or ""
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+        }
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> Tokenizer | None:
+    def from_pretrained(cls, model_dir: str | Path, chat_template: str | Path | None = None) -> Tokenizer | None:
+        """The checkpoint's tokenizer, or None without tokenizer.json. `chat_template`: a Jinja file that
+        replaces the checkpoint's template (the router's --chat-template)."""
         directory = Path(model_dir)
         path = directory / "tokenizer.json"
         if not path.is_file():
@@ -39,8 +68,12 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception for malformed files
             raise ConfigError(f"cannot load {path}: {exc}") from exc
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        return cls(tokenizer, config)
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {config_path}: {exc}") from exc
+        template, source = _find_chat_template(directory, config, chat_template)
+        return cls(tokenizer, config, template, source)
 
     @property
     def vocab_size(self) -> int:
@@ -69,12 +102,12 @@ class Tokenizer:
         if not self.chat_template:
             raise RequestError("this model has no chat template; use /v1/completions")
         try:
-            template = _JINJA.from_string(self.chat_template)
-            return template.render(
+            return _compiled(self.chat_template).render(
                 messages=messages,
+                tools=None,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
+                **self._template_tokens,
             )
         except jinja2.TemplateError as exc:
             raise RequestError(f"chat template failed: {exc}") from exc
@@ -98,9 +131,67 @@ def _token_text(token: Any) -> str | None:
     return token
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""The file newer transformers save the chat template in, next to tokenizer_config.json."""
+
+
+def _config_template(config: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """The template in a tokenizer config: a string, or [{"name", "template"}, ...] whose "default" is used."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise ConfigError(
+                f"{where} has chat templates named {sorted(map(str, named))} but none named 'default'; "
+                "pass one with --chat-template"
+            )
+        return named["default"], f"{where} (chat_template 'default')"
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"{where}: chat_template must be a string or a list of named templates")
+    return (template, f"{where} (chat_template)") if template else (None, None)
+
+
+def _find_chat_template(
+    directory: Path, config: dict[str, Any], override: str | Path | None
+) -> tuple[str | None, str | None]:
+    """(template, where it came from): the override file, chat_template.jinja, tokenizer_config.json, none."""
+    if override is not None:
+        if not Path(override).is_file():
+            raise ConfigError(f"--chat-template {override}: no such file")
+        return _read_template(Path(override)), f"--chat-template {override}"
+    path = directory / CHAT_TEMPLATE_FILE
+    if path.is_file():
+        return _read_template(path), str(path)
+    return _config_template(config, str(directory / "tokenizer_config.json"))
+
+
+def _read_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read chat template {path}: {exc}") from exc
+
+
 def _raise(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes <, >, & and ' for HTML; prompts need the characters themselves (as in transformers).
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
 _JINJA.globals["raise_exception"] = _raise
+_JINJA.globals["strftime_now"] = _strftime_now
+_JINJA.filters["tojson"] = _tojson
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(source: str) -> jinja2.Template:
+    """Compiled once per template, not per request (compiling a Hub template takes milliseconds)."""
+    return _JINJA.from_string(source)

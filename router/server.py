@@ -65,12 +65,24 @@ class RouterConfig:
     """HTTP request bodies above this get a 413 before they are read in full."""
     protect_metrics: bool = False
     """Require the API key on /metrics as well (vLLM leaves it open for Prometheus; so do we by default)."""
+    chat_template: Path | None = None
+    """A Jinja file replacing the checkpoint's chat template (vLLM's --chat-template)."""
 
     def __post_init__(self) -> None:
         if not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"no config.json in model directory {self.model}")
         if self.max_request_body_bytes < 1:
             raise ConfigError(f"--max-request-body-bytes must be >= 1, got {self.max_request_body_bytes}")
+
+
+def describe_chat_template(tokenizer: Tokenizer | None) -> None:
+    """Say at start which chat template /v1/chat/completions renders with, as vLLM does."""
+    if tokenizer is None:
+        log.info("router: no tokenizer.json; prompts must be token ids and /v1/chat/completions is refused")
+    elif tokenizer.chat_template is None:
+        log.info("router: no chat template in the checkpoint; /v1/chat/completions is refused (see --chat-template)")
+    else:
+        log.info("router: chat template: %s", tokenizer.chat_template_source)
 
 
 class _RouterServicer(pb_grpc.RouterServicer):
@@ -117,7 +129,10 @@ class RouterServer(StopOnce):
     async def start(self) -> None:
         config = self.config
         spec = ModelSpec.from_pretrained(config.model)
-        tokenizer = Tokenizer.from_pretrained(config.model)
+        tokenizer = Tokenizer.from_pretrained(config.model, chat_template=config.chat_template)
+        if tokenizer is None and config.chat_template is not None:
+            raise ConfigError(f"--chat-template given, but {config.model} has no tokenizer.json to render it with")
+        describe_chat_template(tokenizer)
         name = config.served_model_name or Path(config.model).resolve().name
         max_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         metrics = RouterMetrics(name)
