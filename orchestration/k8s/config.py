@@ -169,6 +169,20 @@ class Autoscaling(_Model):
         return self
 
 
+class Monitoring(_Model):
+    """Prometheus Operator object scraping the router's /metrics (nodes report through the router's heartbeats,
+    so the router is the only scrape target; deploy/grafana/afd-dashboard.json reads what it exports)."""
+
+    kind: Literal["ServiceMonitor", "PodMonitor"] = "ServiceMonitor"
+    """ServiceMonitor: through the router Service (series keep the `service` label the autoscalers select on);
+    PodMonitor: the router pod directly (no Service in the path, no `service` label)."""
+    interval: str = Field(default="15s", pattern=r"^(\d+(ms|s|m|h))+$")
+    """Scrape interval, Prometheus duration (15s, 1m)."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels on the monitor: the ones your Prometheus selects monitors by (kube-prometheus-stack:
+    `release: <helm release name>`)."""
+
+
 class _Pool(Placement):
     replicas: int = Field(default=1, ge=0)
     """Node processes (pods) in the pool; 0 parks the pool."""
@@ -342,6 +356,9 @@ class ClusterConfig(_Model):
     """Extra labels on every object (e.g. team, cost center)."""
     ray: RayOptions = Field(default_factory=RayOptions)
     """Settings of the `ray` overlay."""
+    monitoring: Monitoring | None = None
+    """A ServiceMonitor or PodMonitor (monitoring.coreos.com/v1) for the router; omitted: none (the router
+    Service's prometheus.io annotations still serve annotation-based scraping)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -403,6 +420,11 @@ class ClusterConfig(_Model):
             raise ValueError(
                 "attention.transport: 'shm' joins processes on one host, and pods of different pools share no memory "
                 "on Kubernetes; use grpc, gloo or nccl"
+            )
+        if self.monitoring is not None and self.monitoring.kind == "PodMonitor" and self.attention.autoscaling:
+            raise ValueError(
+                "monitoring.kind: a PodMonitor's series carry no `service` label, which attention.autoscaling "
+                "selects the router's queue by; use ServiceMonitor"
             )
         return self
 

@@ -85,10 +85,13 @@ RESOURCES: dict[str, ApiResource] = {
         ),
         ApiResource("ScaledObject", "scaledobjects", group="keda.sh", version="v1alpha1"),
         ApiResource("RayCluster", "rayclusters", group="ray.io", version="v1"),
+        ApiResource("ServiceMonitor", "servicemonitors", group="monitoring.coreos.com", version="v1"),
+        ApiResource("PodMonitor", "podmonitors", group="monitoring.coreos.com", version="v1"),
     )
 }
 DELETE_ORDER = ("HorizontalPodAutoscaler", "ScaledObject", "RayCluster", "StatefulSet", "Deployment",
-                "PodDisruptionBudget", "Service", "ConfigMap", "Secret")  # fmt: skip
+                "PodDisruptionBudget", "Service", "ConfigMap", "Secret", "ServiceMonitor",
+                "PodMonitor")  # fmt: skip
 """Scalers first (they would scale what is going away), workloads next, then what the workloads use."""
 
 _HINTS = {

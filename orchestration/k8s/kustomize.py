@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from orchestration.k8s.autoscaling import render_hpa, render_keda_scaled_object
-from orchestration.k8s.config import Autoscaling, ClusterConfig
+from orchestration.k8s.config import Autoscaling, ClusterConfig, Monitoring
+from orchestration.k8s.monitoring import render_monitor
 from orchestration.k8s.naming import COMPONENT_LABEL, POOL_LABEL, Manifest, labels, metadata, object_key
 from orchestration.k8s.overlays import OVERLAYS, render
 from orchestration.k8s.render import dump_manifests
@@ -180,10 +181,19 @@ def prometheus_adapter_values(config: ClusterConfig) -> dict[str, Any]:
     }
 
 
+def with_monitor(config: ClusterConfig, kind: str) -> ClusterConfig:
+    """The config with a router monitor of `kind` (ServiceMonitor or PodMonitor), for the examples."""
+    return config.model_copy(update={"monitoring": Monitoring(kind=kind)})  # type: ignore[arg-type]
+
+
 def _example_files(config: ClusterConfig, header: str) -> dict[str, str]:
     autoscaled = _with_autoscaling(config)
     adapter_header = "Helm values for prometheus-adapter (not a Kubernetes object).\n" + header
-    return {
+    monitors = {
+        f"examples/{kind.lower()}-router.yaml": dump_manifests(render_monitor(with_monitor(config, kind)), header)
+        for kind in ("ServiceMonitor", "PodMonitor")
+    }
+    return monitors | {
         "examples/prometheus-adapter-values.yaml": _dump(prometheus_adapter_values(config), adapter_header),
         "examples/hpa-attention.yaml": dump_manifests([render_hpa(autoscaled)], header),
         "examples/keda-scaledobject-attention.yaml": dump_manifests([render_keda_scaled_object(autoscaled)], header),

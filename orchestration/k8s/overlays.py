@@ -78,6 +78,12 @@ def _pool_per_gpu_kind(data: ConfigData) -> ConfigData:
     return data
 
 
+def _prometheus_operator(data: ConfigData) -> ConfigData:
+    """A ServiceMonitor for the router, unless the config already names a monitor (kept as it is)."""
+    data["monitoring"] = data.get("monitoring") or {"kind": "ServiceMonitor"}
+    return data
+
+
 @dataclass(frozen=True)
 class Overlay:
     """A named preset: how it changes the config, and whether it renders Ray instead of StatefulSets."""
@@ -117,6 +123,11 @@ OVERLAYS: dict[str, Overlay] = {
         ),
         Overlay(
             "ray", "a KubeRay RayCluster running `afd up --ray` instead of StatefulSets", lambda data: data, ray=True
+        ),
+        Overlay(
+            "prometheus-operator",
+            "the router scraped by a Prometheus Operator ServiceMonitor (monitoring.coreos.com/v1)",
+            _prometheus_operator,
         ),
     )
 }

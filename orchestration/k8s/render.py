@@ -12,6 +12,7 @@ What one cluster is made of:
   Service for discovery and a PodDisruptionBudget (one node of a pool drains at a time).
 - optional autoscaling of the attention pool on the router's vllm:num_requests_waiting: an HPA or a KEDA
   ScaledObject.
+- optional `monitoring`: a ServiceMonitor or PodMonitor of the router (orchestration/k8s/monitoring.py).
 The cluster token Secret is not rendered: a committed manifest must never carry a token. `afd k8s apply`
 creates it (random) when the config names none; with plain kubectl, create it first (the README, "Run on Kubernetes").
 """
@@ -25,6 +26,7 @@ import yaml
 
 from orchestration.k8s.autoscaling import render_autoscaler
 from orchestration.k8s.config import ATTENTION_POOL, AttentionPool, ClusterConfig, FfnPool, Placement, Resources
+from orchestration.k8s.monitoring import render_monitor
 from orchestration.k8s.naming import (
     API_KEY_DIR,
     API_KEY_KEY,
@@ -382,6 +384,7 @@ def render_manifests(config: ClusterConfig) -> list[Manifest]:
     manifests.append(router[2])
     manifests += [pool[2] for pool in pools]
     manifests += render_autoscaler(config)
+    manifests += render_monitor(config)
     return copy.deepcopy(manifests)  # objects share label and policy dicts while being built
 
 

@@ -28,7 +28,7 @@ from tests.k8s.conftest import DEPLOY
 
 pytestmark = pytest.mark.k8s
 
-CUSTOM_KINDS = {"RayCluster", "ScaledObject"}
+CUSTOM_KINDS = {"RayCluster", "ScaledObject", "ServiceMonitor", "PodMonitor"}  # monitors: tests/k8s/test_monitoring.py
 LATEST = kubernetes_validate.utils.latest_version()
 VERSIONS = ("1.30", LATEST)
 OVERLAY_NAMES = [None, *OVERLAYS]
