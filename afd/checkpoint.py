@@ -7,6 +7,7 @@ paged in. Every read is recorded in `tensors_read`, which is how tests prove the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.tensors_read: set[str] = set()
+        self.rows_read: dict[str, set[int]] = {}
+        """Stacked tensors read in part (get_rows): name -> the dim-0 rows read."""
         self._handles: dict[Path, Any] = {}
         self._file_of = self._index()
 
@@ -80,6 +83,19 @@ class CheckpointReader:
         if len(full) != 2 or not 0 <= start <= end <= full[dim]:
             raise ShapeMismatchError(f"cannot slice {name!r} {full} along dim {dim} at [{start}, {end})")
         tensor = part[start:end] if dim == 0 else part[:, start:end]
+        return self._finish(name, tensor, None)
+
+    def get_rows(self, name: str, rows: Sequence[int], full_shape: tuple[int, ...]) -> torch.Tensor:
+        """Rows `rows` (dim 0, in that order) of a stacked tensor such as gpt-oss's fused experts, reading
+        only those rows; `full_shape` is checked against the whole tensor. Recorded in `rows_read`."""
+        part = self._locate(name).get_slice(name)
+        full = tuple(part.get_shape())
+        if full != tuple(full_shape):
+            raise ShapeMismatchError(f"tensor {name!r} has shape {full}, config implies {tuple(full_shape)}")
+        if not rows or any(not 0 <= row < full[0] for row in rows):
+            raise ShapeMismatchError(f"cannot read rows {list(rows)} of {name!r} {full}")
+        tensor = torch.cat([part[row : row + 1] for row in rows])
+        self.rows_read.setdefault(name, set()).update(rows)
         return self._finish(name, tensor, None)
 
     def _finish(self, name: str, tensor: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor:

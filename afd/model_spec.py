@@ -16,22 +16,31 @@ from typing import Any, Literal, cast
 
 from afd.errors import ConfigError, UnsupportedArchitectureError
 
-Family = Literal["llama", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3"]
+Family = Literal[
+    "llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"
+]
 
 #: HF `architectures[0]` -> family. The single source of the supported list.
 SUPPORTED_ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "MixtralForCausalLM": "mixtral",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 RopeType = Literal["default", "linear", "llama3", "yarn"]
-GateScoring = Literal["softmax", "sigmoid"]
+GateScoring = Literal["softmax", "sigmoid", "topk_softmax"]
+"""softmax / sigmoid over all router logits, then top-k; topk_softmax: top-k logits, softmax over those (gpt-oss)."""
 GroupLimit = Literal["none", "group_max", "group_top2_sum"]
+ExpertActivation = Literal["swiglu", "clamped_swiglu"]
+"""swiglu: down(silu(gate) * up); clamped_swiglu: gpt-oss's down((clamp(up) + 1) * g * sigmoid(alpha * g)),
+g = gate clamped from above, with biases on both projections."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +129,20 @@ class MoeSpec:
     """Total intermediate width of the shared expert(s); 0 when there are none."""
     shared_gate: bool = False
     """Qwen2-MoE: the shared expert output is scaled by sigmoid(shared_expert_gate(x))."""
+    router_bias: bool = False
+    """The router projection carries a bias (gpt-oss)."""
+    activation: ExpertActivation = "swiglu"
+    """What a routed expert computes (see ExpertActivation)."""
+    swiglu_alpha: float = 1.702
+    """clamped_swiglu only: sigmoid gain of the gate."""
+    swiglu_limit: float = 7.0
+    """clamped_swiglu only: bound of the gate (from above) and the up projection (both sides)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"need 1 <= top_k ({self.top_k}) <= num_experts ({self.num_experts})")
+        if self.activation == "clamped_swiglu" and self.swiglu_limit <= 0:
+            raise ConfigError(f"swiglu_limit must be positive, got {self.swiglu_limit}")
         if self.group_limit != "none":
             if self.num_experts % self.n_group:
                 raise ConfigError(f"num_experts {self.num_experts} not divisible by n_group {self.n_group}")
@@ -183,6 +202,12 @@ class ModelSpec:
     """Per-head RMSNorm on q and k before rope (Qwen3)."""
     mla: MlaSpec | None = None
     """Set for DeepSeek multi-head latent attention."""
+    sliding_window: int = 0
+    """Keys a query of a sliding layer sees, itself included (HF `sliding_window`); 0 when no layer slides."""
+    sliding_layers: tuple[int, ...] = ()
+    """Layers that attend only to the last `sliding_window` positions (HF `layer_types` "sliding_attention")."""
+    attention_sinks: bool = False
+    """Per-head learned logit added to every softmax denominator (gpt-oss `self_attn.sinks`)."""
     softmax_scale: float = 0.0
     """Attention logit scale; derived from the head size when 0."""
     eos_token_ids: tuple[int, ...] = ()
@@ -204,6 +229,12 @@ class ModelSpec:
             raise ConfigError(f"{len(self.layers)} layer specs for {self.num_layers} layers")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.sliding_layers and self.sliding_window <= 0:
+            raise ConfigError(f"sliding layers {self.sliding_layers} need a positive sliding_window")
+        if any(not 0 <= layer < self.num_layers for layer in self.sliding_layers):
+            raise ConfigError(f"sliding layers {self.sliding_layers} outside [0, {self.num_layers})")
+        if self.mla is not None and (self.sliding_layers or self.attention_sinks):
+            raise ConfigError("sliding windows and attention sinks are not supported with MLA")
         if self.softmax_scale == 0.0:
             object.__setattr__(self, "softmax_scale", self._default_softmax_scale())
 
@@ -227,6 +258,10 @@ class ModelSpec:
 
     def moe(self, layer: int) -> MoeSpec | None:
         return self.layers[layer].moe
+
+    def attention_window(self, layer: int) -> int | None:
+        """Keys a query of `layer` may see counting back from itself, or None for full causal attention."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     @property
     def kv_entry_width(self) -> int:
@@ -293,7 +328,7 @@ def _parse(arch: str, family: Family, c: _Config) -> ModelSpec:
     num_layers = c.int("num_hidden_layers")
     mla = _parse_mla(c) if family.startswith("deepseek") else None
     head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim if mla else c.int("head_dim", default=hidden // num_heads)
-    rotary_dim = mla.qk_rope_head_dim if mla else int(head_dim * c.float("partial_rotary_factor", default=1.0))
+    rotary_dim = mla.qk_rope_head_dim if mla else int(head_dim * _partial_rotary_factor(family, c))
     eos = c.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     return ModelSpec(
@@ -312,9 +347,12 @@ def _parse(arch: str, family: Family, c: _Config) -> ModelSpec:
         hidden_act=str(c.get("hidden_act", default="silu")),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", default=False)),
         qkv_bias=_qkv_bias(family, c),
-        o_bias=bool(c.get("attention_bias", default=False)) and family in ("llama", "qwen3", "qwen3_moe"),
-        qk_norm=family in ("qwen3", "qwen3_moe"),
+        o_bias=bool(c.get("attention_bias", default=family == "gpt_oss"))
+        and family in ("llama", "qwen3", "qwen3_moe", "gpt_oss"),
+        qk_norm=family in ("qwen3", "qwen3_moe") or (family == "glm4_moe" and bool(c.get("use_qk_norm"))),
         mla=mla,
+        **_sliding_windows(family, c, num_layers),
+        attention_sinks=family == "gpt_oss",
         eos_token_ids=eos_ids,
         bos_token_id=c.get("bos_token_id"),
         dtype=str(c.get("torch_dtype", "dtype", default="float32")),
@@ -327,11 +365,52 @@ def _v3_interleave(family: Family, c: _Config) -> bool:
 
 
 def _qkv_bias(family: Family, c: _Config) -> bool:
+    if family == "qwen2":
+        return True  # Qwen2's q/k/v projections always carry a bias; its config has no switch for it
     if family == "qwen2_moe":
         return bool(c.get("qkv_bias", default=True))
-    if family in ("llama", "qwen3", "qwen3_moe"):
+    if family in ("llama", "qwen3", "qwen3_moe", "glm4_moe"):
         return bool(c.get("attention_bias", default=False))
+    if family == "gpt_oss":
+        return bool(c.get("attention_bias", default=True))
     return False
+
+
+def _partial_rotary_factor(family: Family, c: _Config) -> float:
+    """Share of each head that rotates: transformers>=5 keeps it in `rope_parameters`, Hub configs at the top."""
+    params = c.get("rope_parameters", default=None) or {}
+    # GLM-4.5's config class defaults to half-rotary when the key is absent.
+    default = 0.5 if family == "glm4_moe" else 1.0
+    value = params.get("partial_rotary_factor", c.get("partial_rotary_factor", default=default))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _sliding_windows(family: Family, c: _Config, num_layers: int) -> dict[str, Any]:
+    """`sliding_window` and `sliding_layers` from HF `layer_types`, or the family's rule when a config lacks it."""
+    if family not in ("qwen2", "gpt_oss"):
+        return {}
+    if family == "qwen2" and not c.get("use_sliding_window", default=False):
+        return {}  # Qwen2's config drops `sliding_window` unless use_sliding_window is set
+    window = c.get("sliding_window", default=None)
+    types = c.get("layer_types", default=None)
+    if types is None:
+        if family == "gpt_oss":  # its config class alternates, starting with a sliding layer
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        else:
+            first = c.int("max_window_layers", default=28)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if not isinstance(types, list) or len(types) != num_layers:
+        raise ConfigError(f"config.json layer_types must list {num_layers} layers, got {types!r}")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        supported = "sliding_attention, full_attention"
+        raise ConfigError(f"layer_types {sorted(unknown)} are not supported; supported: {supported}")
+    sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    if not sliding or window is None:
+        return {}
+    return {"sliding_window": c.int("sliding_window"), "sliding_layers": sliding}
 
 
 def _parse_mla(c: _Config) -> MlaSpec:
@@ -378,8 +457,22 @@ def _parse_rope(c: _Config, rotary_dim: int, interleaved: bool) -> RopeSpec:
 
 def _parse_layer(family: Family, c: _Config, layer: int) -> LayerFfnSpec:
     dense = LayerFfnSpec(kind="dense", dense_intermediate_size=c.int("intermediate_size"))
-    if family in ("llama", "qwen3"):
+    if family in ("llama", "qwen2", "qwen3"):
         return dense
+    if family == "glm4_moe":
+        return _parse_glm4_moe_layer(c, layer, dense)
+    if family == "gpt_oss":
+        moe = MoeSpec(
+            num_experts=c.int("num_local_experts", "num_experts"),
+            top_k=c.int("num_experts_per_tok"),
+            intermediate_size=c.int("intermediate_size"),
+            scoring="topk_softmax",
+            router_bias=True,
+            activation="clamped_swiglu",
+            swiglu_alpha=c.float("swiglu_alpha", default=1.702),
+            swiglu_limit=c.float("swiglu_limit", default=7.0),
+        )
+        return LayerFfnSpec(kind="moe", moe=moe)
     if family in ("qwen3_moe", "qwen2_moe"):
         experts = c.int("num_experts", "num_local_experts")
         step = c.int("decoder_sparse_step", default=1)
@@ -430,6 +523,28 @@ def _parse_layer(family: Family, c: _Config, layer: int) -> LayerFfnSpec:
         topk_group=c.int("topk_group", default=1),
         correction_bias=is_v3,
         shared_intermediate_size=moe_inter * c.int("n_shared_experts", default=0),
+    )
+    return LayerFfnSpec(kind="moe", moe=moe)
+
+
+def _parse_glm4_moe_layer(c: _Config, layer: int, dense: LayerFfnSpec) -> LayerFfnSpec:
+    """GLM-4.5: DeepSeek-V3's router (sigmoid, correction bias, group-limited top-k) after `first_k_dense_replace`
+    dense layers; the transformers reference always takes the top-2-sum group score, whatever n_group."""
+    if layer < c.int("first_k_dense_replace", default=1):
+        return dense
+    moe_inter = c.int("moe_intermediate_size")
+    moe = MoeSpec(
+        num_experts=c.int("n_routed_experts"),
+        top_k=c.int("num_experts_per_tok"),
+        intermediate_size=moe_inter,
+        scoring="sigmoid",
+        norm_topk_prob=bool(c.get("norm_topk_prob", default=True)),
+        routed_scaling_factor=c.float("routed_scaling_factor", default=1.0),
+        group_limit="group_top2_sum",
+        n_group=c.int("n_group", default=1),
+        topk_group=c.int("topk_group", default=1),
+        correction_bias=True,
+        shared_intermediate_size=moe_inter * c.int("n_shared_experts", default=1),
     )
     return LayerFfnSpec(kind="moe", moe=moe)
 

@@ -20,6 +20,21 @@ class GatedMlpNames:
     down: str
 
 
+@dataclass(frozen=True, slots=True)
+class FusedExpertNames:
+    """gpt-oss stores a layer's routed experts as four stacked tensors, one row per expert.
+
+    gate_up: `[num_experts, hidden, 2 * intermediate]` with gate and up columns interleaved (gate at even
+    columns); gate_up_bias: `[num_experts, 2 * intermediate]` interleaved the same way;
+    down: `[num_experts, intermediate, hidden]`; down_bias: `[num_experts, hidden]`.
+    """
+
+    gate_up: str
+    gate_up_bias: str
+    down: str
+    down_bias: str
+
+
 class TensorNames:
     """Names of every tensor a role may read, for one model spec."""
 
@@ -71,6 +86,8 @@ class TensorNames:
         if self.spec.qk_norm:
             names["q_norm"] = p + "self_attn.q_norm.weight"
             names["k_norm"] = p + "self_attn.k_norm.weight"
+        if self.spec.attention_sinks:
+            names["sinks"] = p + "self_attn.sinks"
         return names
 
     def router(self, layer: int) -> dict[str, str]:
@@ -79,6 +96,8 @@ class TensorNames:
         if moe is None:
             return {}
         p = self.layer(layer) + self._moe_block + "."
+        if self.spec.family == "gpt_oss":
+            return {"gate": p + "router.weight", "bias": p + "router.bias"}
         names = {"gate": p + "gate.weight"}
         if moe.correction_bias:
             names["correction_bias"] = p + "gate.e_score_correction_bias"
@@ -86,7 +105,16 @@ class TensorNames:
             names["shared_gate"] = p + "shared_expert_gate.weight"
         return names
 
+    def fused_experts(self, layer: int) -> FusedExpertNames | None:
+        """The stacked expert tensors of `layer` for families that store experts that way (gpt-oss), else None."""
+        if self.spec.family != "gpt_oss" or self.spec.moe(layer) is None:
+            return None
+        p = f"{self.layer(layer)}{self._moe_block}.experts."
+        return FusedExpertNames(p + "gate_up_proj", p + "gate_up_proj_bias", p + "down_proj", p + "down_proj_bias")
+
     def expert(self, layer: int, expert: int) -> GatedMlpNames:
+        if self.fused_experts(layer) is not None:
+            raise ValueError(f"{self.spec.architecture} stores experts fused; use fused_experts({layer})")
         p = f"{self.layer(layer)}{self._moe_block}.experts.{expert}."
         if self.spec.family == "mixtral":
             return GatedMlpNames(p + "w1.weight", p + "w3.weight", p + "w2.weight")

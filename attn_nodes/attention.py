@@ -69,12 +69,66 @@ def _attend(
     return out if meta.query_index is None else out[meta.query_index]
 
 
+def _attend_windowed(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """`_attend` for sliding-window layers and layers with attention sinks (shapes as there).
+
+    window: keys a query sees counting back from itself (None: all before it). sinks: `[heads]` learned
+    logits that join each softmax's denominator and are dropped after it (gpt-oss). SDPA takes no sink, so
+    with sinks the softmax is written out, in the order of the transformers reference (scores, sink column,
+    subtract the row maximum, softmax in the scores' dtype).
+    """
+    _, heads, qk_dim = query.shape
+    seqs, q_len = meta.num_seqs, meta.max_query_len
+    if meta.query_index is None:
+        q = query.view(seqs, 1, heads, qk_dim)
+    else:
+        q = query.new_zeros(seqs * q_len, heads, qk_dim)
+        q[meta.query_index] = query
+        q = q.view(seqs, q_len, heads, qk_dim)
+    mask: torch.Tensor | None
+    if window is not None:
+        mask = meta.window_mask(window)
+    else:
+        mask = meta.key_padding if meta.query_index is None else meta.mask
+    q, k, v = q.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [seqs, heads, len, dim]
+    if sinks is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != heads)
+    else:
+        if k.shape[1] != heads:  # query head h reads kv head h // (heads / kv_heads), as repeat_kv does
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [seqs, heads, q_len, ctx]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        sink = sinks.to(scores.dtype).view(1, heads, 1, 1).expand(seqs, heads, q_len, 1)
+        logits = torch.cat((scores, sink), dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+        out = torch.matmul(probs.to(v.dtype), v)
+    out = out.transpose(1, 2).reshape(seqs * q_len, -1)
+    return out if meta.query_index is None else out[meta.query_index]
+
+
 class GqaAttention:
     """Multi-head / grouped-query attention with optional qkv bias and per-head q/k RMSNorm (Qwen3)."""
 
-    def __init__(self, spec: ModelSpec, w: dict[str, torch.Tensor], rope: RotaryEmbedding) -> None:
+    def __init__(
+        self, spec: ModelSpec, w: dict[str, torch.Tensor], rope: RotaryEmbedding, window: int | None = None
+    ) -> None:
+        """`window`: this layer's sliding window (spec.attention_window), None for full causal attention."""
         self.spec = spec
         self.rope = rope
+        self.window = window
+        self.sinks = w.get("sinks")
+        """`[num_heads]` attention sink logits (gpt-oss), or None."""
         self.q_width = spec.num_heads * spec.head_dim
         self.kv_width = spec.num_kv_heads * spec.head_dim
         self.qkv = torch.cat((w["q_proj"], w["k_proj"], w["v_proj"]))
@@ -110,7 +164,10 @@ class GqaAttention:
         shape = (*context.shape[:2], spec.num_kv_heads, spec.head_dim)
         keys = context[..., : self.kv_width].view(shape)
         values = context[..., self.kv_width :].view(shape)
-        out = _attend(q, keys, values, meta, spec.softmax_scale, gqa=spec.num_kv_heads != spec.num_heads)
+        if self.window is None and self.sinks is None:
+            out = _attend(q, keys, values, meta, spec.softmax_scale, gqa=spec.num_kv_heads != spec.num_heads)
+        else:
+            out = _attend_windowed(q, keys, values, meta, spec.softmax_scale, self.window, self.sinks)
         return linear(out, self.o_proj, self.o_bias)
 
 

@@ -8,7 +8,7 @@ together). Attention pads them to `[num_seqs, max_query_len]` queries against
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,21 @@ class AttentionMetadata:
     max_query_len: int
     last_token_index: torch.Tensor
     """`[num_seqs] int64` flat index of each sequence's last token this step (for logits)."""
+    query_positions: torch.Tensor | None = None
+    """`[num_seqs, max_query_len] int64` position of each padded query row (padding rows: 0)."""
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    """window -> its mask, built by the first sliding layer of the step and reused by the others."""
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """`[num_seqs, 1, max_query_len, max_context_len] bool` causal mask that also hides keys `window` or
+        more positions behind the query (HF's sliding window: key > query - window), padding keys included."""
+        if window not in self._window_masks:
+            assert self.query_positions is not None, "AttentionMetadata built without query positions"
+            key_pos = torch.arange(self.context_slots.shape[1], device=self.query_positions.device)
+            query = self.query_positions.unsqueeze(-1)  # [num_seqs, max_query_len, 1]
+            mask = (key_pos <= query) & (key_pos > query - window)
+            self._window_masks[window] = mask.unsqueeze(1)
+        return self._window_masks[window]
 
     @classmethod
     def build(cls, chunks: Sequence[SequenceChunk], block_size: int) -> AttentionMetadata:
@@ -68,7 +83,18 @@ class AttentionMetadata:
         last = torch.tensor(query_lens).cumsum(0) - 1
         if max_q == 1:
             padding = None if min(context_lens) == max_ctx else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
-            return cls(positions, slot_mapping, context_slots, None, padding, None, num_seqs, 1, last)
+            return cls(
+                positions,
+                slot_mapping,
+                context_slots,
+                None,
+                padding,
+                None,
+                num_seqs,
+                1,
+                last,
+                query_positions=positions.view(num_seqs, 1),
+            )
         offsets = torch.cat([torch.arange(n) for n in query_lens])
         query_index = seq_of_token * max_q + offsets
         # Padded query rows get position 0 so that their mask row is never empty (no NaN from softmax).
@@ -85,4 +111,5 @@ class AttentionMetadata:
             num_seqs,
             max_q,
             last,
+            query_positions=padded_pos.view(num_seqs, max_q),
         )

@@ -72,7 +72,10 @@ class AttentionHalfModel:
         layers = []
         for layer in range(spec.num_layers):
             w = {key: reader.get(name, shapes.get(key)) for key, name in names.attention(layer).items()}
-            attention = (MlaAttention if spec.mla else GqaAttention)(spec, w, rope)
+            if spec.mla:
+                attention: GqaAttention | MlaAttention = MlaAttention(spec, w, rope)
+            else:
+                attention = GqaAttention(spec, w, rope, window=spec.attention_window(layer))
             moe = spec.moe(layer)
             gate = None
             if moe is not None:
@@ -83,6 +86,7 @@ class AttentionHalfModel:
                     if "correction_bias" in r
                     else None,
                     shared_gate=reader.get(r["shared_gate"], (1, spec.hidden_size)) if "shared_gate" in r else None,
+                    bias=reader.get(r["bias"], (moe.num_experts,)) if "bias" in r else None,
                 )
             layers.append(AttentionLayer(w["input_norm"], w["post_norm"], attention, gate, moe))
         final_norm = reader.get(names.final_norm, (spec.hidden_size,))
@@ -149,4 +153,5 @@ def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         "o_bias": (hidden,),
         "q_norm": (spec.head_dim,),
         "k_norm": (spec.head_dim,),
+        "sinks": (spec.num_heads,),
     }

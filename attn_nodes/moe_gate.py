@@ -20,6 +20,8 @@ class GateWeights:
     """`[num_experts] float32` DeepSeek-V3 bias used for choosing only."""
     shared_gate: torch.Tensor | None = None
     """`[1, hidden]` Qwen2-MoE shared-expert gate."""
+    bias: torch.Tensor | None = None
+    """`[num_experts]` router projection bias (gpt-oss), model dtype."""
 
 
 @dataclass(slots=True)
@@ -36,6 +38,8 @@ class Routing:
 
 def route(hidden: torch.Tensor, gate: GateWeights, moe: MoeSpec) -> Routing:
     """Top-k choice for `hidden: [num_tokens, hidden_size]` (model dtype), as the reference models do it."""
+    if moe.scoring == "topk_softmax":
+        return _route_topk_softmax(hidden, gate, moe)
     if moe.scoring == "sigmoid" or moe.group_limit != "none":
         # DeepSeek computes its router in float32 whatever the model dtype.
         logits = linear(hidden.float(), gate.weight.float())
@@ -62,6 +66,14 @@ def route(hidden: torch.Tensor, gate: GateWeights, moe: MoeSpec) -> Routing:
     if gate.shared_gate is not None:
         shared = torch.sigmoid(linear(hidden, gate.shared_gate)).squeeze(1).float()
     return Routing(ids, weights.float(), shared)
+
+
+def _route_topk_softmax(hidden: torch.Tensor, gate: GateWeights, moe: MoeSpec) -> Routing:
+    """gpt-oss: top-k of the (biased) router logits, softmax over just those k, all in the model dtype."""
+    logits = linear(hidden, gate.weight, gate.bias)
+    top, ids = torch.topk(logits, moe.top_k, dim=-1)
+    weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+    return Routing(ids, weights.float())
 
 
 def _limit_to_groups(choice: torch.Tensor, moe: MoeSpec) -> torch.Tensor:

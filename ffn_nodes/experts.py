@@ -191,3 +191,87 @@ class MlpSlice:
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[num_tokens, hidden]` partial output of this slice, in the hidden dtype."""
         return swiglu(hidden, self.gate_up, self.down, self.width)
+
+
+def clamped_swiglu(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """gpt-oss's expert: down((clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)) + down_bias, with
+    g = min(gate, limit); `gate_up: [2 * intermediate, hidden]` (gate rows first) and its bias `[2 * intermediate]`,
+    `down: [hidden, intermediate]` and its bias `[hidden]`."""
+    intermediate = down.shape[1]
+    h = linear(x, gate_up, gate_up_bias)
+    gate = h[:, :intermediate].clamp(max=limit)
+    up = h[:, intermediate:].clamp(min=-limit, max=limit)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
+
+
+class ClampedSwigluExperts:
+    """The routed experts of a gpt-oss layer on one FFN node: biased projections and the clamped SwiGLU.
+
+    Same interface and load counters as StackedExperts. Each expert's tokens are one contiguous block after
+    one sort, and the loop runs over the experts that received tokens only (the weights of idle experts are
+    never read).
+    """
+
+    def __init__(
+        self,
+        gate_up: torch.Tensor,
+        gate_up_bias: torch.Tensor,
+        down: torch.Tensor,
+        down_bias: torch.Tensor,
+        alpha: float,
+        limit: float,
+    ) -> None:
+        """gate_up: `[num_local, 2 * intermediate, hidden]` (gate rows first), gate_up_bias: `[num_local,
+        2 * intermediate]`; down: `[num_local, hidden, intermediate]`, down_bias: `[num_local, hidden]`."""
+        self.gate_up, self.gate_up_bias, self.down, self.down_bias = gate_up, gate_up_bias, down, down_bias
+        self.alpha, self.limit = alpha, limit
+        self.num_local = int(gate_up.shape[0])
+        self.intermediate = int(down.shape[2])
+        self.strategy: Strategy = "looped"
+        self.expert_tokens = [0] * self.num_local
+        """Tokens routed to each local expert since load (as StackedExperts.expert_tokens)."""
+        self.experts_hit = 0
+        """Sum over calls of the experts that received at least one token."""
+
+    def forward(
+        self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Add the weighted expert outputs into `out`; arguments as StackedExperts.forward."""
+        top_k = expert_ids.shape[1]
+        flat = expert_ids.reshape(-1)
+        per = torch.bincount(flat + 1, minlength=self.num_local + 1).tolist()
+        elsewhere = per[0]
+        if elsewhere == flat.numel():
+            return
+        order = torch.sort(flat, stable=True).indices[elsewhere:]
+        tokens = order // top_k
+        x = hidden.index_select(0, tokens)
+        outputs, start = [], 0
+        for expert, count in enumerate(per[1:]):
+            if count:
+                self.expert_tokens[expert] += count
+                self.experts_hit += 1
+                outputs.append(
+                    clamped_swiglu(
+                        x[start : start + count],
+                        self.gate_up[expert],
+                        self.gate_up_bias[expert],
+                        self.down[expert],
+                        self.down_bias[expert],
+                        self.alpha,
+                        self.limit,
+                    )
+                )
+                start += count
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        # Rounded to the hidden dtype before weighting, as the reference does (its weights are in that dtype).
+        weights = expert_weights.reshape(-1)[order].to(y.dtype)
+        out.index_add_(0, tokens, y * weights.unsqueeze(1))

@@ -26,8 +26,9 @@ from afd.router_attachment import RouterAttachment
 from afd.tensor_names import TensorNames
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.placement_proto import placement_from_proto
-from ffn_nodes.experts import StackedExperts
+from ffn_nodes.experts import ClampedSwigluExperts, StackedExperts
 from ffn_nodes.server import FfnNodeServer, FfnServerConfig
+from ffn_nodes.shard import load_fused_experts
 
 log = logging.getLogger("afd.ffn")
 
@@ -170,9 +171,13 @@ def ffn_us_per_token_expert(model_dir: str | Path, spec: ModelSpec, dtype: torch
     names = TensorNames(spec)
     layer = next((i for i, spec_layer in enumerate(spec.layers) if spec_layer.moe is not None), 0)
     moe = spec.layers[layer].moe
-    n = names.expert(layer, 0) if moe is not None else names.dense_mlp(layer)
-    gate, up, down = reader.get(n.gate), reader.get(n.up), reader.get(n.down)
-    experts = StackedExperts(torch.cat((gate, up)).unsqueeze(0), down.unsqueeze(0), strategy="looped")
+    experts: StackedExperts | ClampedSwigluExperts
+    if names.fused_experts(layer) is not None:  # gpt-oss stacks its experts in one tensor per projection
+        experts = load_fused_experts(reader, names, spec, layer, (0,))
+    else:
+        n = names.expert(layer, 0) if moe is not None else names.dense_mlp(layer)
+        gate, up, down = reader.get(n.gate), reader.get(n.up), reader.get(n.down)
+        experts = StackedExperts(torch.cat((gate, up)).unsqueeze(0), down.unsqueeze(0), strategy="looped")
     hidden = torch.randn(tokens, spec.hidden_size, dtype=dtype) * 0.1
     ids = torch.zeros(tokens, 1, dtype=torch.int32)
     weights = torch.ones(tokens, 1)

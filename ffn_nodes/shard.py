@@ -17,14 +17,14 @@ from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.tensor_names import GatedMlpNames, TensorNames
-from ffn_nodes.experts import MlpSlice, StackedExperts
+from ffn_nodes.experts import ClampedSwigluExperts, MlpSlice, StackedExperts
 
 
 @dataclass(slots=True)
 class LayerShard:
     """What this node computes for one layer."""
 
-    experts: StackedExperts | None = None
+    experts: StackedExperts | ClampedSwigluExperts | None = None
     """Routed experts held here (MoE layers)."""
     shared: MlpSlice | None = None
     """Slice of the shared expert(s) (MoE layers that have them)."""
@@ -134,7 +134,10 @@ def _load_experts(
     layer: int,
     ids: tuple[int, ...],
     inter: int,
-) -> StackedExperts:
+) -> StackedExperts | ClampedSwigluExperts:
+    """The experts `ids` of `layer`, reading only their tensors (only their rows of fused tensors)."""
+    if names.fused_experts(layer) is not None:
+        return load_fused_experts(reader, names, spec, layer, ids)
     hidden = spec.hidden_size
     gate_up, down = [], []
     for expert in ids:
@@ -142,6 +145,26 @@ def _load_experts(
         gate_up.append(torch.cat((reader.get(n.gate, (inter, hidden)), reader.get(n.up, (inter, hidden)))))
         down.append(reader.get(n.down, (hidden, inter)))
     return StackedExperts(torch.stack(gate_up), torch.stack(down))
+
+
+def load_fused_experts(
+    reader: CheckpointReader, names: TensorNames, spec: ModelSpec, layer: int, ids: tuple[int, ...]
+) -> ClampedSwigluExperts:
+    """gpt-oss experts `ids` of `layer` from the stacked tensors (see FusedExpertNames), turned into the
+    layout the compute uses: `[experts, 2 * intermediate, hidden]` with the gate rows first, down `[experts,
+    hidden, intermediate]`."""
+    fused, moe = names.fused_experts(layer), spec.moe(layer)
+    assert fused is not None and moe is not None
+    hidden, inter, total = spec.hidden_size, moe.intermediate_size, moe.num_experts
+    gate_up = reader.get_rows(fused.gate_up, ids, (total, hidden, 2 * inter))
+    gate_up_bias = reader.get_rows(fused.gate_up_bias, ids, (total, 2 * inter))
+    down = reader.get_rows(fused.down, ids, (total, inter, hidden))
+    down_bias = reader.get_rows(fused.down_bias, ids, (total, hidden))
+    # Columns alternate gate, up, gate, up, ...: de-interleave, and store rows as [out, in] for `linear`.
+    gate_up = torch.cat((gate_up[..., 0::2], gate_up[..., 1::2]), dim=-1).transpose(1, 2).contiguous()
+    gate_up_bias = torch.cat((gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]), dim=-1).contiguous()
+    down = down.transpose(1, 2).contiguous()
+    return ClampedSwigluExperts(gate_up, gate_up_bias, down, down_bias, moe.swiglu_alpha, moe.swiglu_limit)
 
 
 def _load_slice(

@@ -7,6 +7,7 @@ group-limited routing, the V3 correction bias, MLA with and without q compressio
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,82 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
         },
     ),
+    # QwQ / Qwen2.5: q/k/v bias; the sliding window (off in the published models) on layer 1 only, shorter
+    # than the longest test prompt, so the SDPA path of a windowed layer is checked too.
+    "qwen2": (
+        "Qwen2Config",
+        {
+            **COMMON,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+            "use_sliding_window": True,
+            "sliding_window": 6,
+            "max_window_layers": 1,
+        },
+    ),
+    # GLM-4.5: half-rotary heads, q/k norm, q/k/v bias, one dense layer first, shared expert, sigmoid router with
+    # correction bias and group-limited top-k (4 groups, 2 kept), routed scaling.
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        {
+            **COMMON,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 96,
+            "moe_intermediate_size": 24,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        },
+    ),
+    # gpt-oss: sliding (6 keys) / full / sliding layers, attention sinks, q/k/v/o bias, router bias, expert biases,
+    # a SwiGLU clamp small enough to bite on these activations, yarn rope without truncation.
+    "gpt_oss": (
+        "GptOssConfig",
+        {
+            **COMMON,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 32,
+            "num_local_experts": 6,
+            "num_experts_per_tok": 2,
+            "sliding_window": 6,
+            "swiglu_limit": 0.1,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
 }
+
+# Parameters the transformers initialisers leave at zero (or near it) whose effect the tests must see.
+RANDOMISED_SUFFIXES = (
+    "e_score_correction_bias",
+    "self_attn.sinks",
+    "router.bias",
+    "experts.gate_up_proj_bias",
+    "experts.down_proj_bias",
+    "_proj.bias",  # q/k/v/o projection biases (nn.Linear biases start at zero)
+)
 
 ARCHITECTURES = tuple(CONFIGS)
 
@@ -176,6 +252,9 @@ def build_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:
         for module_name, buffer in model.named_buffers():
             if module_name.endswith("e_score_correction_bias"):
                 buffer.copy_(torch.randn_like(buffer) * 0.05)  # exercise the V3 bias (zeros by default)
+        for module_name, param in model.named_parameters():
+            if module_name.endswith(RANDOMISED_SUFFIXES):
+                param.copy_(torch.randn_like(param) * (1.0 if module_name.endswith("sinks") else 0.05))
     model.save_pretrained(directory)
     return directory
 
@@ -193,3 +272,63 @@ def reference_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> list
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt) :].tolist()
+
+
+# DeepSeek-V3 in the fp8 block format its releases publish. Every Linear dimension is chosen so that some
+# blocks are partial (hidden 192 = 1.5 blocks of 128, moe_intermediate 160, q_lora_rank 136) and the dense
+# MLP (288) and shared expert (160) slices of uneven FFN shards start and end inside a block.
+FP8_DEEPSEEK_V3: dict[str, Any] = {
+    **CONFIGS["deepseek_v3"][1],
+    "hidden_size": 192,
+    "moe_intermediate_size": 160,
+    "intermediate_size": 288,
+    "q_lora_rank": 136,
+}
+
+
+def build_fp8_checkpoint(directory: Path, seed: int = 0, block: tuple[int, int] = (128, 128)) -> tuple[Path, Path]:
+    """A random bf16 DeepSeek-V3 quantised to fp8 with `block` scales: (`directory/fp8`, two shards and an index,
+    as published) and the same weights dequantised to fp32 (`directory/dequantized`, for transformers).
+
+    The reference dequantisation below multiplies each block by its scale with plain slicing, on purpose
+    sharing no code with afd.quantized_weights.
+    """
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from benchmarks.load_memory import write_fp8_checkpoint
+
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV3Config(**FP8_DEEPSEEK_V3)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for module_name, buffer in model.named_buffers():
+            if module_name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.05)
+    model.save_pretrained(directory / "bf16")
+    fp8 = write_fp8_checkpoint(directory / "bf16", directory / "fp8", block, max_shard_bytes=1 << 20)
+
+    dequantized: dict[str, torch.Tensor] = {}
+    bm, bn = block
+    for shard in sorted(fp8.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        for name, tensor in tensors.items():
+            if name.endswith("_scale_inv"):
+                continue
+            weight = tensor.float()
+            if tensor.dtype == torch.float8_e4m3fn:
+                scale = tensors[name + "_scale_inv"]
+                for i in range(scale.shape[0]):
+                    for j in range(scale.shape[1]):
+                        weight[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] *= scale[i, j]
+            dequantized[name] = weight
+    reference = directory / "dequantized"
+    reference.mkdir()
+    save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    reference_config = json.loads((fp8 / "config.json").read_text())
+    del reference_config["quantization_config"]
+    reference_config["torch_dtype"] = "float32"
+    (reference / "config.json").write_text(json.dumps(reference_config, indent=2))
+    return fp8, reference

@@ -45,19 +45,28 @@ def test_roles_partition_the_checkpoint(arch, tiny_checkpoint):
 
     placement = uneven_placement(spec, 3)
     ffn_reads = []
+    row_reads: list[dict[str, set[int]]] = []
     for index, node in enumerate(placement.nodes):
         reader = CheckpointReader(directory)
         FfnShard.load(directory, placement, node, spec=spec, reader=reader)
         assert not reader.tensors_read & attention_reader.tensors_read
         held = set(placement.experts[index])
         for name in reader.tensors_read:
-            if ".experts." in name:
+            if name in reader.rows_read:  # a stacked tensor of all experts (gpt-oss): only the held rows
+                assert reader.rows_read[name] == held, f"{node} read rows {reader.rows_read[name]} of {name}"
+            elif ".experts." in name:
                 assert int(name.split(".experts.")[1].split(".")[0]) in held, f"{node} read foreign {name}"
         ffn_reads.append(reader.tensors_read)
+        row_reads.append(reader.rows_read)
 
     # Together the roles read the whole checkpoint, and no expert is read twice.
-    expert_reads = [n for reads in ffn_reads for n in reads if ".experts." in n]
+    expert_reads = [n for reads in ffn_reads for n in reads if ".experts." in n and not any(n in r for r in row_reads)]
     assert len(expert_reads) == len(set(expert_reads))
+    stacked = {name for rows in row_reads for name in rows}
+    for name in stacked:
+        rows = [row for node_rows in row_reads for row in node_rows.get(name, ())]
+        assert sorted(rows) == list(range(spec.num_experts)), f"rows of {name} read {sorted(rows)}"
+    assert (spec.family == "gpt_oss") == bool(stacked)
     assert attention_reader.tensors_read.union(*ffn_reads) == _all_tensors(directory)
 
 
