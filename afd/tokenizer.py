@@ -94,6 +94,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def token_strs(self, token_ids: list[int]) -> list[str]:
+        """Each id's string in the vocabulary (transformers' convert_ids_to_tokens; "" for an id it lacks)."""
+        return [self.tokenizer.id_to_token(t) or "" for t in token_ids]
+
     def stream_decoder(self, prompt_token_ids: list[int] | None = None) -> IncrementalDecoder:
         return IncrementalDecoder(self)
 

@@ -1,9 +1,9 @@
 """The router's OpenAI-compatible HTTP app (FastAPI): its routes, their OpenAPI schema and error mapping.
 
-/v1/completions and /v1/chat/completions (served by OpenAIService), /v1/models, /health, /metrics,
-/afd/v1/cluster. Errors use OpenAI's error body so official clients raise the matching exception class;
-the outermost layer (HttpGuard) checks the API key, limits the request body and answers what escapes as a
-500 in the same shape.
+/v1/completions and /v1/chat/completions (served by OpenAIService), /v1/models[/{id}], vLLM's /tokenize,
+/detokenize and /version (router.tokenize_api), /health, /metrics, /afd/v1/cluster. Errors use OpenAI's
+error body so official clients raise the matching exception class; the outermost layer (HttpGuard) checks
+the API key, limits the request body and answers what escapes as a 500 in the same shape.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+import afd
 from afd.errors import AfdError, RequestError
 from router.api_errors import ERROR_KINDS, ApiError, ErrorResponse, error_response, json_response
 from router.generation import NoCapacity, Overloaded
 from router.http_guard import HttpGuard
 from router.openai_service import OpenAIService
+from router.prompt_checks import check_model
 from router.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -29,6 +31,15 @@ from router.protocol import (
     HealthStatus,
     ModelCard,
     ModelList,
+)
+from router.tokenize_api import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+    detokenize,
+    tokenize,
 )
 
 
@@ -63,6 +74,37 @@ def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _body_problem(error: dict[str, Any], body: Any, content_type: str | None) -> str | None:
+    """What is wrong with the body as a whole (not JSON, empty, not an object), or None for field errors.
+
+    FastAPI reports these as a bare position ("31: JSON decode error") or a field-less pydantic message; say
+    what and where instead, with the line, column and character offset Python's JSON decoder gives.
+    """
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid" and isinstance(body, str) and len(loc) == 2 and isinstance(loc[1], int):
+        pos = loc[1]
+        line = body.count("\n", 0, pos) + 1
+        line_start = body.rfind("\n", 0, pos) + 1
+        column = pos - line_start + 1  # 1-based, as json.JSONDecodeError counts
+        line_end = body.find("\n", pos)
+        near = body[max(line_start, pos - 20) : min(pos + 20, len(body) if line_end < 0 else line_end)].strip()
+        reason = error.get("ctx", {}).get("error", "malformed JSON")
+        return f"invalid JSON in the request body at line {line}, column {column} (char {pos}): {reason}, near {near!r}"
+    if loc != ("body",):
+        return None
+    if error.get("type") == "missing":
+        return "the request body is empty; send a JSON object"
+    if isinstance(body, bytes):  # FastAPI parses JSON only when the Content-Type says JSON
+        got = repr(content_type) if content_type else "none"
+        return f"the request body must be JSON sent with Content-Type: application/json (got {got})"
+    if not isinstance(body, dict):
+        return f"the request body must be a JSON object, not {_JSON_TYPES.get(type(body), 'null')}"
+    return None
+
+
 def create_app(service: OpenAIService, ready: Callable[[], bool]) -> FastAPI:
     app = FastAPI(title="AFD router", docs_url=None, redoc_url=None)
     app.add_middleware(HttpGuard, config=service.config)
@@ -71,18 +113,25 @@ def create_app(service: OpenAIService, ready: Callable[[], bool]) -> FastAPI:
     generation = _responses(400, *keyed, 404, 413, 429, 500, 503)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> Response:
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
         def where(loc: tuple[Any, ...]) -> str:  # without pydantic's union-member tags like "list[str]"
             return ".".join(str(p) for p in loc[1:] if not (isinstance(p, str) and "[" in p))
 
-        reasons = dict.fromkeys(f"{where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        errors = exc.errors()
+        problem = _body_problem(errors[0], exc.body, request.headers.get("content-type")) if errors else None
+        if problem is not None:
+            return error_response(400, problem, "BadRequestError")
+        reasons = dict.fromkeys(f"{where(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in errors)
         details = "; ".join(reasons)
         return error_response(400, details or "invalid request body", "BadRequestError")
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:
         kind = ERROR_KINDS.get(exc.status_code, "APIError")
-        return error_response(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says only "There was an error parsing the body"
+            message = f"the request body is not valid UTF-8: {exc.__cause__}"
+        return error_response(exc.status_code, message, kind, headers=dict(exc.headers or {}))
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> Response:
@@ -130,10 +179,34 @@ def create_app(service: OpenAIService, ready: Callable[[], bool]) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await service.chat(body, request)
 
+    def card() -> ModelCard:
+        return ModelCard(id=service.config.model_name, max_model_len=service.config.max_model_len)
+
     @app.get("/v1/models", response_model=ModelList, responses=_responses(*keyed))
     async def models() -> ModelList:
-        card = ModelCard(id=service.config.model_name, max_model_len=service.config.max_model_len)
-        return ModelList(data=[card])
+        return ModelList(data=[card()])
+
+    # `:path`: served names often hold a slash ("Qwen/Qwen3-30B-A3B"), which clients send unescaped.
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_responses(*keyed, 404))
+    async def model(model_id: str) -> ModelCard:
+        check_model(service.config, model_id)
+        return card()
+
+    body_errors = _responses(400, *keyed, 404, 413)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=body_errors)
+    async def tokenize_endpoint(body: TokenizeRequest) -> Response:
+        answer = await service._off_loop(lambda: tokenize(service.config, service.tokenizer, body))
+        return json_response(answer.model_dump())
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=body_errors)
+    async def detokenize_endpoint(body: DetokenizeRequest) -> Response:
+        answer = await service._off_loop(lambda: detokenize(service.config, service.tokenizer, body))
+        return json_response(answer.model_dump())
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=afd.__version__)
 
     @app.get(
         "/health",

@@ -42,7 +42,10 @@ class HttpGuard:
     def _needs_key(self, path: str) -> bool:
         if not self.config.api_key:
             return False
-        return path.startswith(("/v1", "/afd/")) or (self.config.protect_metrics and path == "/metrics")
+        # /tokenize and /detokenize cost CPU per byte sent, so they are behind the key as the API is;
+        # /health and /version stay open (probes).
+        protected = ("/v1", "/afd/", "/tokenize", "/detokenize")
+        return path.startswith(protected) or (self.config.protect_metrics and path == "/metrics")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

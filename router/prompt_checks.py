@@ -11,7 +11,7 @@ from __future__ import annotations
 from afd.tokenizer import Tokenizer
 from router.api_config import ApiConfig
 from router.api_errors import ApiError
-from router.protocol import ChatCompletionRequest
+from router.protocol import ChatCompletionRequest, ChatMessage
 
 
 def check_model(config: ApiConfig, model: str | None) -> None:
@@ -47,10 +47,15 @@ def check_ids(config: ApiConfig, ids: list[int]) -> list[int]:
     return ids
 
 
+def chat_text(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """The prompt text the chat template renders for `messages` (the same for chat completions and /tokenize)."""
+    plain = [{"role": m.role, "content": m.text()} for m in messages]
+    return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+
+
 def chat_prompt(config: ApiConfig, tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:
     """Render the chat template and tokenise it (runs off the loop)."""
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+    text = chat_text(tokenizer, body.messages, body.add_generation_prompt)
     return check_ids(config, tokenizer.encode(text, add_special_tokens=False))
 
 
