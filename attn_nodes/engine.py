@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from afd.checkpoint import CheckpointReader
 from afd.dtypes import resolve_dtype
@@ -24,7 +27,7 @@ from attn_nodes.kv_cache import KVCacheManager, allocate_cache_tensors, blocks_f
 from attn_nodes.model import AttentionHalfModel
 from attn_nodes.request import Request, RequestOutput
 from attn_nodes.runner import Microbatch, ModelRunner
-from attn_nodes.sampler import Sampler
+from attn_nodes.sampler import Sampler, SamplingRow, TokenLogprobs, gather_logprobs
 from attn_nodes.scheduler import ScheduledChunk, Scheduler
 
 
@@ -51,7 +54,7 @@ class AttentionEngine:
         self.dispatcher = FfnDispatcher(self.spec, placement)
         self.runner = ModelRunner(model, cache, cfg.block_size, transport, self.dispatcher)
         self.scheduler = Scheduler(cfg, self.kv)
-        self.sampler = Sampler(cfg.seed)
+        self.sampler = Sampler(cfg.seed, self.spec.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._microbatches = cfg.microbatches
@@ -111,6 +114,9 @@ class AttentionEngine:
         bad = [t for t in prompt + resumed if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        bad = [t for t, _ in params.logit_bias if t >= self.spec.vocab_size]
+        if bad:
+            raise RequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
         if len(prompt) + len(resumed) >= self.max_model_len:
             raise RequestError(
                 f"prompt has {len(prompt) + len(resumed)} tokens; the context holds {self.max_model_len} "
@@ -143,37 +149,84 @@ class AttentionEngine:
         if not scheduled:
             return []
         groups = _split(scheduled, self._microbatches)
-        microbatches = [self._prepare(group) for group in groups]
-        logits = self.runner.forward(microbatches)
+        prepared = [self._prepare(group) for group in groups]
+        logits = self.runner.forward([mb for mb, _ in prepared])
         outputs = []
-        for group, group_logits in zip(groups, logits, strict=True):
+        for group, (_, scored), group_logits in zip(groups, prepared, logits, strict=True):
             sampling = [chunk for chunk in group if chunk.completes_sequence]
-            tokens = (
-                self.sampler.sample(
-                    group_logits,
-                    [c.request.params for c in sampling],
-                    [c.request.next_token_generator() for c in sampling],
+            if scored:
+                self._score_prompts(scored, group_logits[len(sampling) :])
+            result = (
+                self.sampler.sample_rows(
+                    group_logits[: len(sampling)] if scored else group_logits,
+                    [
+                        SamplingRow(
+                            c.request.params,
+                            c.request.next_token_generator(),
+                            c.request.prompt_token_ids,
+                            c.request.output_token_ids,
+                        )
+                        for c in sampling
+                    ],
                 )
                 if sampling
-                else []
+                else None
             )
-            sampled = dict(zip((id(c) for c in sampling), tokens, strict=True))
+            sampled = {
+                id(c): (token, lp)
+                for c, token, lp in zip(
+                    sampling, result.token_ids if result else [], result.logprobs if result else [], strict=True
+                )
+            }
             for chunk in group:
                 chunk.request.num_computed_tokens += chunk.num_tokens
                 if id(chunk) in sampled:
-                    outputs.append(self._append(chunk.request, sampled[id(chunk)]))
+                    outputs.append(self._append(chunk.request, *sampled[id(chunk)]))
         return outputs
 
-    def _prepare(self, group: list[ScheduledChunk]) -> Microbatch:
+    def _prepare(self, group: list[ScheduledChunk]) -> tuple[Microbatch, list[_PromptRows]]:
+        """The microbatch of `group`, with extra logits rows for prompt logprobs after the sampled rows.
+
+        The runner returns logits for the rows of `logits_rows`, in order: the last token of each chunk that
+        completes its sequence (sampling), then here the prompt positions whose next-token logprobs a
+        prompt_logprobs request still needs. Requests that ask for none add no rows: the step is unchanged.
+        """
         chunks, tokens, wants = [], [], []
+        scored: list[_PromptRows] = []
+        extra_rows: list[int] = []
+        start = 0  # flat row of this chunk's first token: the runner concatenates the chunks' tokens in order
         for c in group:
             r = c.request
             chunks.append(SequenceChunk(self.kv.block_ids(r.request_id), r.num_computed_tokens, c.num_tokens))
             tokens.append(r.token_ids(r.num_computed_tokens, r.num_computed_tokens + c.num_tokens))
             wants.append(c.completes_sequence)
-        return self.runner.prepare(chunks, tokens, wants)
+            if r.params.prompt_logprobs is not None:
+                # Position p's logits score prompt token p + 1; positions scored before a preemption are skipped.
+                first = max(r.num_computed_tokens, len(r.prompt_logprobs))
+                last = min(r.num_computed_tokens + c.num_tokens, len(r.prompt_token_ids) - 1)
+                if first < last:
+                    scored.append(_PromptRows(r, first, last))
+                    extra_rows.extend(start + p - r.num_computed_tokens for p in range(first, last))
+            start += c.num_tokens
+        mb = self.runner.prepare(chunks, tokens, wants)
+        if extra_rows:
+            rows = torch.tensor(extra_rows, dtype=mb.logits_rows.dtype, device=mb.logits_rows.device)
+            mb.logits_rows = torch.cat([mb.logits_rows, rows])
+        return mb, scored
 
-    def _append(self, request: Request, token: int) -> RequestOutput:
+    @staticmethod
+    def _score_prompts(scored: list[_PromptRows], logits: torch.Tensor) -> None:
+        """logits: `[sum of scored positions, vocab] float32`, in the order of `scored`."""
+        logprobs = logits.log_softmax(dim=-1)
+        offset = 0
+        for item in scored:
+            r, count = item.request, item.last - item.first
+            targets = r.prompt_token_ids[item.first + 1 : item.last + 1]
+            k = r.params.prompt_logprobs or 0
+            r.prompt_logprobs.extend(gather_logprobs(logprobs[offset : offset + count], targets, [k] * count))
+            offset += count
+
+    def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         request.output_token_ids.append(token)
         params = request.params
         reason = None
@@ -184,6 +237,10 @@ class AttentionEngine:
         if reason is not None:
             self.scheduler.finish(request, reason)
             del self.requests[request.request_id]
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            request.prompt_logprobs_sent = True
+            prompt_logprobs = list(request.prompt_logprobs)
         return RequestOutput(
             request.request_id,
             [token],
@@ -191,6 +248,8 @@ class AttentionEngine:
             reason,
             len(request.prompt_token_ids),
             len(request.output_token_ids),
+            logprobs=[logprobs] if logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # ---- offline convenience --------------------------------------------------------------------------
@@ -209,6 +268,15 @@ class AttentionEngine:
             for out in self.step():
                 results[out.request_id].extend(out.new_token_ids)
         return [results[i] for i in ids]
+
+
+@dataclass(frozen=True, slots=True)
+class _PromptRows:
+    """Prompt positions [first, last) of one request scored in this step (prompt_logprobs)."""
+
+    request: Request
+    first: int
+    last: int
 
 
 def _split(scheduled: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:

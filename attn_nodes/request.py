@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -46,6 +46,10 @@ class Request:
     """"stop", "length" or "abort" once finished."""
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """Logprobs of prompt tokens 1.. (prompt_logprobs requests), filled as the prefill's chunks run; kept across a
+    preemption, so recomputed chunks are not scored twice."""
+    prompt_logprobs_sent: bool = False
 
     def next_token_generator(self) -> torch.Generator | None:
         """The generator for the next sampled token of a seeded request (None without a seed).
@@ -84,3 +88,8 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+    """One per new token, for requests that asked for logprobs."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """In a request's first output, for requests that asked for prompt_logprobs: prompt tokens 1.. (the first
+    prompt token has none)."""

@@ -31,6 +31,7 @@ from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from afd.wire.placement_proto import placement_from_proto
+from afd.wire.sampling_proto import logprobs_to_proto, sampling_from_proto
 from attn_nodes.calibration import CALIBRATION_CONTEXT, attention_us_per_token, device_description
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
@@ -315,17 +316,8 @@ class _AttentionServicer(pb_grpc.AttentionNodeServicer):
         node = self.node
         if node.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"attention node {node.config.node_id} is draining")
-        p = request.params
         try:
-            params = SamplingParams(
-                max_tokens=p.max_tokens,
-                temperature=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p or 1.0,
-                seed=p.seed if p.HasField("seed") else None,
-                stop_token_ids=tuple(p.stop_token_ids),
-                ignore_eos=p.ignore_eos,
-            )
+            params = sampling_from_proto(request.params)
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         stream = OutputStream(asyncio.get_running_loop(), asyncio.Queue())
@@ -348,6 +340,8 @@ class _AttentionServicer(pb_grpc.AttentionNodeServicer):
                     finish_reason=item.finish_reason or "",
                     num_prompt_tokens=item.num_prompt_tokens,
                     num_output_tokens=item.num_output_tokens,
+                    logprobs=logprobs_to_proto(item.logprobs or ()),
+                    prompt_logprobs=logprobs_to_proto(item.prompt_logprobs or ()),
                 )
                 if finished:
                     return

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from afd.wire.generated import afd_cluster_pb2 as pb
+from afd.wire.sampling_proto import logprobs_from_proto, sampling_to_proto
 from router.controller import Controller
 from router.generation import GenerationFailed, GenerationRequest, NoCapacity, Overloaded, TokenEvent
 from router.membership import NodeRecord
@@ -94,6 +95,7 @@ class AttentionPoolBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         produced: list[int] = []
         failed_nodes: set[str] = set()
+        prompt_logprobs_seen = False
         params = request.params
         attempt = 0
         while True:
@@ -101,15 +103,7 @@ class AttentionPoolBackend:
             message = pb.GenerateRequest(
                 request_id=request.request_id,
                 prompt_token_ids=request.prompt_token_ids,
-                params=pb.SamplingParams(
-                    max_tokens=params.max_tokens,
-                    temperature=params.temperature,
-                    top_k=params.top_k,
-                    top_p=params.top_p,
-                    seed=params.seed,
-                    stop_token_ids=list(params.stop_token_ids),
-                    ignore_eos=params.ignore_eos,
-                ),
+                params=sampling_to_proto(params),
                 resume_output_token_ids=produced,
             )
             call = self.controller.attention_stub(node).Generate(message)
@@ -118,7 +112,14 @@ class AttentionPoolBackend:
                 async for chunk in call:
                     if chunk.token_ids:
                         produced.extend(chunk.token_ids)
-                    yield TokenEvent(list(chunk.token_ids), chunk.finished, chunk.finish_reason or None)
+                    event = TokenEvent(list(chunk.token_ids), chunk.finished, chunk.finish_reason or None)
+                    if chunk.logprobs:
+                        event.logprobs = logprobs_from_proto(chunk.logprobs)
+                    if chunk.prompt_logprobs and not prompt_logprobs_seen:
+                        # After a migration the new node scores the prompt again; the client has it already.
+                        prompt_logprobs_seen = True
+                        event.prompt_logprobs = logprobs_from_proto(chunk.prompt_logprobs)
+                    yield event
                     if chunk.finished:
                         return
                 error = "the attention node closed the stream early"

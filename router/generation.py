@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from afd.errors import AfdError
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,10 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None
     """"stop", "length" or "abort"."""
+    logprobs: list[TokenLogprobs] | None = None
+    """One per token of `token_ids`, when the request asked for logprobs."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """Once, in the first event, when the request asked for prompt_logprobs: prompt tokens 1.."""
 
 
 class Overloaded(AfdError):
