@@ -160,14 +160,20 @@ def _bytes_per_decode_step(spec: ModelSpec, batch: int, context: int, experts_to
     hidden, layers = spec.hidden_size, spec.num_layers
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     attention = hidden * (q + 2 * kv) + q * hidden + 2 * hidden + 2 * spec.head_dim
-    moe = spec.moe(0)
-    assert moe is not None
-    gate = moe.num_experts * hidden
-    expert = 3 * hidden * moe.intermediate_size
-    per_layer = attention + gate + experts_touched * expert
+    # experts_touched is a mean over all layers (dense ones hit no expert): per MoE layer it is larger.
+    moe_layers = sum(layer.moe is not None for layer in spec.layers)
+    touched_per_moe_layer = experts_touched * layers / max(1, moe_layers)
+    ffn = 0.0
+    for layer in spec.layers:
+        moe = layer.moe
+        if moe is None:  # dense MLP (dense models, GLM's and DeepSeek's first layers): read whole
+            ffn += 3 * hidden * layer.dense_intermediate_size
+        else:
+            ffn += moe.num_experts * hidden + touched_per_moe_layer * 3 * hidden * moe.intermediate_size
+            ffn += 3 * hidden * moe.shared_intermediate_size
     head = spec.vocab_size * hidden + hidden + batch * hidden
     kv_cache = batch * context * spec.kv_entry_width * layers
-    return int((layers * per_layer + head + kv_cache) * itemsize)
+    return int((layers * attention + ffn + head + kv_cache) * itemsize)
 
 
 def run(
@@ -244,7 +250,8 @@ def command(
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded per request.")] = 64,
     ffn_shards: Annotated[int, typer.Option(min=1, help="FFN shards behind the in-process transport.")] = 2,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Qwen3-MoE checkpoint; a random mid-size one if omitted.")
+        Path | None,
+        typer.Option(help="Checkpoint of any supported architecture; a random mid-size Qwen3-MoE if omitted."),
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per side, alternating; the best is reported.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Only JSON lines, one per batch size.")] = False,

@@ -1,0 +1,157 @@
+"""Qwen2 dense, GLM-4.5 and gpt-oss: what the spec reads from their configs (as saved by transformers and as
+published on the Hub), the sliding-window mask, and `afd bench engine` accepting them.
+
+Token equivalence with transformers and role-pruned loading for these families run in
+test_engine_equivalence.py and test_checkpoint_roles.py, over every architecture of tests/checkpoints.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from afd.errors import ConfigError
+from afd.model_spec import ModelSpec
+from attn_nodes.attention_metadata import AttentionMetadata, SequenceChunk
+
+NEW_FAMILIES = ("qwen2", "glm4_moe", "gpt_oss")
+
+
+def test_qwen2_dense_spec(tiny_checkpoint):
+    spec = ModelSpec.from_pretrained(tiny_checkpoint("qwen2"))
+    assert spec.family == "qwen2" and not spec.is_moe and spec.qkv_bias and not spec.o_bias
+    assert [layer.dense_intermediate_size for layer in spec.layers] == [96, 96]
+    assert (spec.sliding_window, spec.sliding_layers) == (6, (1,))
+    assert [spec.attention_window(i) for i in range(2)] == [None, 6]
+
+
+def test_glm4_moe_spec(tiny_checkpoint):
+    spec = ModelSpec.from_pretrained(tiny_checkpoint("glm4_moe"))
+    assert [layer.kind for layer in spec.layers] == ["dense", "moe", "moe"]
+    assert spec.rope.rotary_dim == 8 and spec.head_dim == 16  # partial_rotary_factor 0.5
+    assert spec.qk_norm and spec.qkv_bias and not spec.o_bias and not spec.sliding_layers
+    moe = spec.moe(1)
+    assert moe is not None
+    assert (moe.scoring, moe.group_limit, moe.n_group, moe.topk_group, moe.correction_bias) == (
+        "sigmoid",
+        "group_top2_sum",
+        4,
+        2,
+        True,
+    )
+    assert (moe.norm_topk_prob, moe.routed_scaling_factor, moe.shared_intermediate_size) == (True, 2.5, 24)
+
+
+def test_gpt_oss_spec(tiny_checkpoint):
+    spec = ModelSpec.from_pretrained(tiny_checkpoint("gpt_oss"))
+    assert spec.attention_sinks and spec.qkv_bias and spec.o_bias
+    assert (spec.sliding_window, spec.sliding_layers) == (6, (0, 2))
+    assert spec.rope.rope_type == "yarn" and not spec.rope.truncate
+    moe = spec.moe(0)
+    assert moe is not None
+    assert (moe.scoring, moe.router_bias, moe.activation, moe.swiglu_limit, moe.swiglu_alpha) == (
+        "topk_softmax",
+        True,
+        "clamped_swiglu",
+        0.1,
+        1.702,
+    )
+
+
+def _hub_config(arch: str, **overrides):
+    config = {
+        "architectures": [arch],
+        "vocab_size": 32,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    return config | overrides
+
+
+def test_hub_glm45_air_config():
+    """GLM-4.5-Air's published config: partial_rotary_factor at the top level, no q/k norm, no layer_types."""
+    config = _hub_config(
+        "Glm4MoeForCausalLM",
+        head_dim=16,
+        partial_rotary_factor=0.5,
+        rope_theta=1000000,
+        use_qk_norm=False,
+        attention_bias=True,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+    )
+    spec = ModelSpec.from_config(config)
+    assert spec.rope.rotary_dim == 8 and spec.rope.theta == 1e6 and not spec.qk_norm
+    assert [layer.kind for layer in spec.layers] == ["dense", "moe", "moe", "moe"]
+    # The config class defaults to half-rotary when the key is missing altogether.
+    del config["partial_rotary_factor"]
+    assert ModelSpec.from_config(config).rope.rotary_dim == 8
+
+
+def test_hub_gpt_oss_config_without_layer_types_alternates():
+    config = _hub_config(
+        "GptOssForCausalLM", head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=128
+    )
+    spec = ModelSpec.from_config(config)
+    assert spec.sliding_layers == (0, 2) and spec.sliding_window == 128
+    assert spec.moe(3) is not None and spec.moe(3).swiglu_limit == 7.0  # type: ignore[union-attr]
+
+
+def test_hub_qwen25_config_has_no_sliding_layers():
+    """Qwen2.5 / QwQ publish sliding_window with use_sliding_window false: every layer attends fully."""
+    config = _hub_config("Qwen2ForCausalLM", use_sliding_window=False, sliding_window=131072, max_window_layers=2)
+    assert ModelSpec.from_config(config).sliding_layers == ()
+    config["use_sliding_window"] = True
+    spec = ModelSpec.from_config(config)
+    assert spec.sliding_layers == (2, 3) and spec.sliding_window == 131072
+
+
+def test_bad_layer_types_are_named():
+    config = _hub_config("GptOssForCausalLM", num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
+    with pytest.raises(ConfigError, match="chunked_attention"):
+        ModelSpec.from_config(config | {"layer_types": ["chunked_attention"] * 4})
+    with pytest.raises(ConfigError, match="must list 4 layers"):
+        ModelSpec.from_config(config | {"layer_types": ["full_attention"]})
+    with pytest.raises(ConfigError, match="partial_rotary_factor"):
+        ModelSpec.from_config(_hub_config("Glm4MoeForCausalLM", partial_rotary_factor=1.5))
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_window_mask_hides_keys_outside_the_window(decode):
+    """Two sequences (one a prefill chunk that starts mid-context) against explicit per-position rules."""
+    chunks = (
+        [SequenceChunk([0, 1, 2], 9, 1), SequenceChunk([3, 4], 5, 1)]
+        if decode
+        else [SequenceChunk([0, 1, 2], 3, 5), SequenceChunk([3, 4], 0, 2)]
+    )
+    meta = AttentionMetadata.build(chunks, block_size=4)
+    window = 3
+    mask = meta.window_mask(window)
+    assert mask.shape == (2, 1, meta.max_query_len, meta.context_slots.shape[1])
+    for seq, chunk in enumerate(chunks):
+        for row in range(meta.max_query_len):
+            query = chunk.start + row if row < chunk.num_tokens else 0  # padding rows sit at position 0
+            expected = [query - window < key <= query for key in range(mask.shape[-1])]
+            assert mask[seq, 0, row].tolist() == expected
+    assert meta.window_mask(window) is mask, "built once per step, shared by the sliding layers"
+
+
+@pytest.mark.parametrize("arch", NEW_FAMILIES)
+def test_bench_engine_accepts_the_family(arch, tiny_checkpoint, monkeypatch):
+    """`afd bench engine --checkpoint DIR` runs end to end (bandwidth probes stubbed: they read a GiB)."""
+    from benchmarks import engine
+
+    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda: 10.0)
+    results, context = engine.run([1, 2], 8, 2, 3, tiny_checkpoint(arch), repeats=1)
+    assert [r.batch for r in results] == [1, 2] and context["ffn_shards"] == 3
+    assert all(r.bytes_per_decode_step > 0 and r.engine_tok_s > 0 for r in results)
