@@ -73,3 +73,14 @@ def test_chunked_prefill_matches(references):
     directory, expected, _ = references("deepseek_v3")
     config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=6)
     assert inprocess_engine(directory, 2, config).generate(PROMPTS, GREEDY) == expected
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen2"])
+def test_sliding_windows_across_prefill_chunks_and_microbatches(arch, references):
+    """A 6-key window whose keys come from earlier prefill chunks (5-token chunks of a 19-token prompt), and
+    microbatches that each build their own window mask."""
+    directory, expected, _ = references(arch)
+    chunked = EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=5)
+    assert inprocess_engine(directory, 3, chunked).generate(PROMPTS, GREEDY) == expected
+    split = EngineConfig(block_size=4, num_kv_blocks=64, microbatches=2)
+    assert inprocess_engine(directory, 2, split).generate(PROMPTS, GREEDY) == expected
