@@ -1,7 +1,11 @@
 """Role-pruned safetensors reading: each role opens the checkpoint and reads only the tensors it owns.
 
 Reads go through `safe_open`, which memory-maps the files, so a tensor that is never asked for is never
-paged in. Every read is recorded in `tensors_read`, which is how tests prove the pruning.
+paged in. Every read is recorded in `tensors_read`, which is how tests prove the pruning. One shard is held
+open at a time: the pages a read touched stay resident while their file is mapped, so closing the previous
+shard keeps a load's peak memory near one shard plus the weights kept. Quantised tensors (fp8 block-scaled, as
+DeepSeek-V3 and the Qwen3 -FP8 releases publish them) are dequantised to the reader's dtype as they are read,
+by `afd.quantized_weights`, which also refuses every other quantisation format.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from afd.errors import CheckpointError, MissingTensorError, ShapeMismatchError
+from afd.quantized_weights import checkpoint_scheme, is_quantized_storage, read_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -29,6 +34,7 @@ class CheckpointReader:
         self.rows_read: dict[str, set[int]] = {}
         """Stacked tensors read in part (get_rows): name -> the dim-0 rows read."""
         self._handles: dict[Path, Any] = {}
+        self._quant = checkpoint_scheme(self.model_dir)
         self._file_of = self._index()
 
     def _index(self) -> dict[str, Path]:
@@ -52,6 +58,9 @@ class CheckpointReader:
         if file not in self._handles:
             if not file.is_file():
                 raise CheckpointError(f"checkpoint shard {file} is missing")
+            # Tensors already read do not need their handle (slices are copies, whole tensors hold their own
+            # mapping), so dropping it unmaps whatever this reader alone still kept resident of that shard.
+            self._handles.clear()
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
 
@@ -65,7 +74,9 @@ class CheckpointReader:
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The whole tensor, cast to the reader's dtype; `shape` is checked when given."""
-        tensor = self._locate(name).get_tensor(name)
+        handle = self._locate(name)
+        quantized = read_tensor(self._quant, name, handle.get_slice(name), self._scale, self.dtype)
+        tensor = handle.get_tensor(name) if quantized is None else self._note_scale(quantized)
         return self._finish(name, tensor, shape)
 
     def get_slice(
@@ -82,8 +93,18 @@ class CheckpointReader:
             raise ShapeMismatchError(f"tensor {name!r} has shape {full}, config implies {tuple(full_shape)}")
         if len(full) != 2 or not 0 <= start <= end <= full[dim]:
             raise ShapeMismatchError(f"cannot slice {name!r} {full} along dim {dim} at [{start}, {end})")
+        quantized = read_tensor(self._quant, name, part, self._scale, self.dtype, dim, start, end)
+        if quantized is not None:
+            return self._finish(name, self._note_scale(quantized), None)
         tensor = part[start:end] if dim == 0 else part[:, start:end]
         return self._finish(name, tensor, None)
+
+    def _scale(self, name: str) -> Any | None:
+        return self._locate(name).get_slice(name) if name in self._file_of else None
+
+    def _note_scale(self, quantized: tuple[torch.Tensor, str]) -> torch.Tensor:
+        self.tensors_read.add(quantized[1])
+        return quantized[0]
 
     def get_rows(self, name: str, rows: Sequence[int], full_shape: tuple[int, ...]) -> torch.Tensor:
         """Rows `rows` (dim 0, in that order) of a stacked tensor such as gpt-oss's fused experts, reading
@@ -94,6 +115,8 @@ class CheckpointReader:
             raise ShapeMismatchError(f"tensor {name!r} has shape {full}, config implies {tuple(full_shape)}")
         if not rows or any(not 0 <= row < full[0] for row in rows):
             raise ShapeMismatchError(f"cannot read rows {list(rows)} of {name!r} {full}")
+        if is_quantized_storage(part):  # block scales of fused 3-D expert stacks: no published layout yet
+            raise CheckpointError(f"tensor {name!r} is a quantised stack ({part.get_dtype()}); fp8 is read in 2-D")
         tensor = torch.cat([part[row : row + 1] for row in rows])
         self.rows_read.setdefault(name, set()).update(rows)
         return self._finish(name, tensor, None)
