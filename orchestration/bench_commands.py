@@ -10,13 +10,14 @@ from typing import Annotated, Any
 import typer
 
 from afd.builtin_model import builtin_model_dir
-from benchmarks import engine, serve, transport
+from benchmarks import engine, load_memory, serve, transport
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: engine, transport, serve, cluster, soak.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: engine, transport, serve, cluster, soak, load-memory.")
 bench_app.command("engine")(engine.command)
 bench_app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
 bench_app.command("transport")(transport.command)
+bench_app.command("load-memory")(load_memory.command)
 
 
 @bench_app.command("cluster")
