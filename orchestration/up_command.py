@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -14,11 +15,12 @@ from typing import Annotated, Any, Protocol
 import httpx
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from afd.errors import AfdError
 from orchestration.lifeline import ProcessRecord, read_records, start_ticks, stop_recorded
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig, state_path
+from orchestration.status_view import cluster_table, router_fetcher, write_expert_heatmap
+from orchestration.status_view import watch as watch_cluster
 
 console = Console()
 DOWN_ANSWER_TIMEOUT_S = 10.0
@@ -150,41 +152,8 @@ def _control(name: str, method: str, path: str, body: dict[str, Any] | None = No
     return response.json()
 
 
-def expert_ranges(experts: list[int]) -> str:
-    """Sorted expert ids as compact ranges: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
-    ids = sorted(experts)
-    runs: list[list[int]] = []
-    for expert in ids:
-        if runs and expert == runs[-1][1] + 1:
-            runs[-1][1] = expert
-        else:
-            runs.append([expert, expert])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
 def print_cluster(view: dict[str, Any]) -> None:
-    table = Table(title=f"AFD cluster — {view.get('model')}, placement v{view.get('placement_version')}")
-    for column in ("node", "role", "state", "hardware", "load", "experts", "KV use", "tokens/s"):
-        table.add_column(column)
-    for node in sorted(view.get("nodes", []), key=lambda n: (n["role"], n["node_id"])):
-        experts = node.get("experts") or []
-        held = f"{len(experts)} ({expert_ranges(experts)})" if experts else "-"
-        if node["role"] == "attention":
-            load = f"{node['num_running']} running, {node['num_waiting']} waiting, m={node.get('microbatches')}"
-            kv = f"{node['kv_cache_usage']:.0%}"
-        else:
-            load, kv = f"busy {node.get('busy_fraction', 0):.0%}", "-"
-        table.add_row(
-            node["node_id"],
-            node["role"],
-            node["state"],
-            node["device_kind"],
-            load,
-            held,
-            kv,
-            str(node.get("tokens_per_s", "")),
-        )
-    console.print(table)
+    console.print(cluster_table(view))
 
 
 def up(
@@ -294,16 +263,57 @@ def scale(
     print_cluster(_control(name, "POST", "/scale", {"attn": attn, "ffn": ffn}))
 
 
+def _status_fetcher(name: str) -> Callable[[], dict[str, Any]]:
+    """GET /status of the launcher of cluster `name`; a failure raises AfdError, so that --watch can retry."""
+    state = _state(name)  # no such cluster: a clear error before any live view starts
+    headers = {"Authorization": f"Bearer {state['secret']}"}
+
+    def fetch() -> dict[str, Any]:
+        try:
+            response = httpx.get(state["control_url"] + "/status", headers=headers, timeout=30)
+        except httpx.HTTPError as exc:
+            raise AfdError(f"the launcher of {name!r} does not answer ({exc}); is `afd up` running?") from None
+        if response.status_code != 200:
+            raise AfdError(f"the launcher of {name!r} answered {response.status_code}: {response.text}")
+        return response.json()
+
+    return fetch
+
+
 def status(
     name: Annotated[str, typer.Option(help="Cluster name.")] = "default",
     json_output: Annotated[bool, typer.Option("--json", help="Print the router's JSON view.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Live view, refreshed until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between --watch refreshes.")] = 2.0,
+    iterations: Annotated[int, typer.Option(help="Stop --watch after N refreshes (0: until Ctrl-C).")] = 0,
+    expert_heatmap: Annotated[
+        Path | None, typer.Option(help="Write a PNG heatmap of tokens per expert and FFN node.")
+    ] = None,
+    router: Annotated[
+        str | None, typer.Option(help="Read this router's /afd/v1/cluster (URL) instead of `afd up`'s cluster.")
+    ] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="API key of --router, if it requires one.")] = None,
 ) -> None:
-    """Every node: role, hardware, state, load, experts held, KV use."""
-    view = _control(name, "GET", "/status")
-    if json_output:
-        print(json.dumps(view))
+    """Every node: role, hardware, state, load, KV use, FFN busy fraction, experts held."""
+    if router is not None:
+        fetch = router_fetcher(router, api_key_file.read_text().strip() if api_key_file else None)
     else:
-        print_cluster(view)
+        fetch = _status_fetcher(name)
+    try:
+        if expert_heatmap is not None:
+            path = write_expert_heatmap(fetch(), expert_heatmap)
+            console.print(f"expert heatmap written to {path}")
+        if watch:
+            watch_cluster(fetch, interval, iterations, console)
+        elif expert_heatmap is None:
+            view = fetch()
+            if json_output:
+                print(json.dumps(view))
+            else:
+                print_cluster(view)
+    except (AfdError, httpx.HTTPError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 def down(name: Annotated[str, typer.Option(help="Cluster name.")] = "default") -> None:
