@@ -240,12 +240,13 @@ RANDOMISED_SUFFIXES = (
 ARCHITECTURES = tuple(CONFIGS)
 
 
-def build_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:
-    """Write a random fp32 checkpoint of architecture `name` into `directory` (created) and return it."""
+def build_checkpoint(name: str, directory: Path, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
+    """Write a random fp32 checkpoint of architecture `name` into `directory` (created) and return it;
+    `overrides` replace entries of its test config."""
     import transformers
 
     config_class, kwargs = CONFIGS[name]
-    config = getattr(transformers, config_class)(**kwargs)
+    config = getattr(transformers, config_class)(**(kwargs | (overrides or {})))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -256,6 +257,19 @@ def build_checkpoint(name: str, directory: Path, seed: int = 0) -> Path:
             if module_name.endswith(RANDOMISED_SUFFIXES):
                 param.copy_(torch.randn_like(param) * (1.0 if module_name.endswith("sinks") else 0.05))
     model.save_pretrained(directory)
+    return directory
+
+
+def build_with_tokenizer(name: str, directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny checkpoint of `name` sized to the vocabulary of the checkpoint in `tokenizer_dir` (the demo model),
+    with its tokenizer files copied, so that a whole cluster (router tokenising text, OpenAI API) serves it."""
+    import json
+    import shutil
+
+    vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    build_checkpoint(name, directory, seed, overrides={"vocab_size": vocab_size})
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / file, directory / file)
     return directory
 
 
