@@ -50,6 +50,7 @@ from benchmarks.serve_metrics import (
     parse_goodput,
     parse_percentiles,
 )
+from benchmarks.serve_plot import plot_latency_distributions
 from benchmarks.serve_request import send_streaming_request
 
 # Ids below 1000 exist in every real tokenizer's vocabulary and in the built-in demo model's (~1000 words).
@@ -388,6 +389,7 @@ def command(
     result_dir: Annotated[Path | None, typer.Option(help="Directory of the result JSON.")] = None,
     result_filename: Annotated[str | None, typer.Option(help="File name of the result JSON.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON line on stdout.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of the TTFT and ITL distributions (CDFs).")] = None,
 ) -> None:
     """Load an OpenAI-compatible server (AFD router, vLLM, ...) and report like `vllm bench serve`.
 
@@ -436,6 +438,12 @@ def command(
         typer.echo(block, err=json_output)
     if save_result:
         typer.echo(f"result saved to {result_path(config, result)}", err=True)
+    if plot is not None and result["completed"]:
+        try:
+            typer.echo(f"latency plot written to {plot_latency_distributions(result, plot)}", err=True)
+        except AfdError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
     if json_output:
         typer.echo(json.dumps(result))
     if not result["completed"]:

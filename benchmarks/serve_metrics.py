@@ -112,7 +112,11 @@ def _meets_slos(output: RequestOutput, slos_ms: Mapping[str, float]) -> bool:
 
 
 def _peaks(done: Sequence[RequestOutput]) -> tuple[float, int]:
-    """Most token chunks received in one wall-clock second, and most requests in flight at once."""
+    """Most token chunks received in one wall-clock second, and most requests in flight at once.
+
+    As `vllm bench serve` computes max_output_tokens_per_s and max_concurrent_requests: seconds counted from
+    the first successful request's start, and an exact sweep over half-open [start, end) intervals.
+    """
     if not done:
         return 0.0, 0
     origin = min(o.start_time for o in done)

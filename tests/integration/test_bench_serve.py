@@ -309,3 +309,17 @@ def test_cli_run_where_everything_fails_exits_nonzero(serve):
     assert CliRunner().invoke(app, [*args, "--api-key", "secret"]).exit_code == 0
     bad = CliRunner().invoke(app, [*args, "--goodput", "latency:5"])
     assert bad.exit_code == 2 and "goodput SLO 'latency' is unknown" in bad.stderr
+
+
+def test_cli_plot_writes_the_ttft_and_itl_figure_next_to_the_saved_result(serve, tmp_path):
+    server = serve(FakeServerBehavior(ttft_s=(0.02,), itl_s=0.005))
+    image = tmp_path / "plots" / "latency.png"
+    args = ["bench", "serve", "--base-url", server.base_url, "--num-prompts", "3", "--random-output-len", "4"]
+    outcome = CliRunner().invoke(app, [*args, "--plot", str(image), "--save-result", "--result-dir", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "latency plot written" in outcome.stderr
+    [saved] = tmp_path.glob("*.json")
+    stored = json.loads(saved.read_text())
+    assert set(stored) >= VLLM_KEYS  # --plot changes nothing in the vLLM-named result
+    assert 1 <= stored["max_output_tokens_per_s"] <= stored["total_output_tokens"]  # one chunk per token here
+    assert 1 <= stored["max_concurrent_requests"] <= 3
