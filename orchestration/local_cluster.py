@@ -63,6 +63,8 @@ class LocalClusterConfig:
     """HTTP request bodies above this get a 413 (the router's default when None)."""
     protect_metrics: bool = False
     """Require the API key on /metrics too."""
+    chat_template: Path | None = None
+    """Jinja chat template file the router uses instead of the checkpoint's (local processes only)."""
     threads_per_node: int | None = None
     """torch threads per attention/FFN process; cores / nodes when None."""
     dtype: str = "auto"
@@ -161,6 +163,8 @@ class LocalCluster:
             args += ["--max-request-body-bytes", str(config.max_request_body_bytes)]
         if config.protect_metrics:
             args += ["--protect-metrics"]
+        if config.chat_template is not None:
+            args += ["--chat-template", str(Path(config.chat_template).resolve())]
         self.router = self._spawn("router", "router", args)
         self._wait_file(ready, self.router)
         ports = json.loads(ready.read_text())

@@ -101,6 +101,9 @@ def router_command(
     protect_metrics: Annotated[
         bool, typer.Option(help="Require the API key on /metrics too (open by default, as in vLLM).")
     ] = False,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="Jinja chat template file used instead of the checkpoint's (as in vLLM).")
+    ] = None,
 ) -> None:
     """The router: OpenAI API, admission, placement and membership."""
     from router.attention_pool import AdmissionConfig
@@ -123,6 +126,7 @@ def router_command(
         ready_file=ready_file,
         max_request_body_bytes=max_request_body_bytes,
         protect_metrics=protect_metrics,
+        chat_template=chat_template,
     )
     _run(run_router(config))
 

@@ -171,6 +171,9 @@ def up(
         int | None, typer.Option(min=1, help="HTTP request bodies above this get a 413 (router default 2 MiB).")
     ] = None,
     protect_metrics: Annotated[bool, typer.Option(help="Require the API key on /metrics too.")] = False,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="Jinja chat template file used instead of the checkpoint's (as in vLLM).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads per node (default: cores / nodes).")] = None,
     name: Annotated[str, typer.Option(help="Cluster name for afd scale/status/down.")] = "default",
     demo: Annotated[bool, typer.Option(help="Run a short serving benchmark against the cluster, then stop.")] = False,
@@ -178,6 +181,13 @@ def up(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (local Ray when omitted).")] = None,
 ) -> None:
     """Start a router, attention nodes and FFN nodes; serve the OpenAI API until Ctrl-C."""
+    if chat_template is not None and ray:
+        # The file is on this machine and the router actor may be on another; refuse rather than ignore it.
+        console.print("[red]error:[/red] --chat-template is not passed to Ray actors; use it without --ray")
+        raise typer.Exit(2)
+    if chat_template is not None and not chat_template.is_file():
+        console.print(f"[red]error:[/red] --chat-template {chat_template}: no such file")
+        raise typer.Exit(2)
     if _launcher_alive(name):
         console.print(f"[red]error:[/red] a cluster named {name!r} is already running; `afd down` it first")
         raise typer.Exit(2)
@@ -192,6 +202,7 @@ def up(
         api_key_file=api_key_file,
         max_request_body_bytes=max_request_body_bytes,
         protect_metrics=protect_metrics,
+        chat_template=chat_template,
         threads_per_node=threads,
     )
     launcher: Any
