@@ -1,8 +1,13 @@
 """Generation of a request's choices on the backend, one generation request each, merged into one stream.
 
 Each choice's tokens become text (stop strings cut it and abort the generation) and are recorded in the
-router's latency and token metrics; the merged stream yields (choice index, text delta, finish reason or
-None, tokens generated so far) and cancels every choice's generation if its consumer stops early.
+router's latency and token metrics; the merged stream yields ChoiceEvents and cancels every choice's
+generation if its consumer stops early.
+
+A request that the engine ends on a stop token (EOS or stop_token_ids) keeps that token in its token ids
+and logprobs but not in its text unless include_stop_str_in_output: vLLM's detokenizer
+(v1/engine/detokenizer.py, `update(new_token_ids, stop_terminated)`) skips the last token's text when
+stop-terminated, and appends its id all the same.
 """
 
 from __future__ import annotations
@@ -11,32 +16,57 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
-from afd.sampling_params import SamplingParams
+from afd.sampling_params import SamplingParams, TokenLogprobs
 from afd.tokenizer import Tokenizer
 from router.generation import GenerationBackend, GenerationFailed, GenerationRequest
 from router.metrics import RouterMetrics
 from router.text_stream import TextStream
 
-ChoiceEvent = tuple[int, str, str | None, int]
-"""(choice index, text delta, finish reason or None while running, completion tokens so far)."""
+
+@dataclass(slots=True)
+class ChoiceEvent:
+    """What one choice produced since its previous event."""
+
+    index: int
+    text: str
+    """The text delta (held-back text of a possible stop string comes later)."""
+    finish_reason: str | None
+    """None while the choice runs."""
+    completion_tokens: int
+    """Tokens generated so far."""
+    token_ids: list[int] = field(default_factory=list)
+    """The new tokens (a stop token included)."""
+    logprobs: list[TokenLogprobs] | None = None
+    """One per new token, when logprobs were asked for."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """Once, when prompt logprobs were asked for: prompt tokens 1.."""
 
 
 class ChoiceGenerator:
     """Runs the choices of one OpenAI request on `backend`."""
 
-    def __init__(self, backend: GenerationBackend, metrics: RouterMetrics, tokenizer: Tokenizer | None) -> None:
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        metrics: RouterMetrics,
+        tokenizer: Tokenizer | None,
+        include_stop: bool = False,
+    ) -> None:
+        """include_stop: include_stop_str_in_output (the matched stop string or stop token stays in the text)."""
         self.backend = backend
         self.metrics = metrics
         self.tokenizer = tokenizer
+        self.include_stop = include_stop
 
     async def _one(
         self, index: int, prompt_ids: list[int], params: SamplingParams, stops: list[str], events: asyncio.Queue
     ) -> None:
-        """Generate one choice, putting (index, text delta, finish_reason) on `events`."""
+        """Generate one choice, putting its ChoiceEvents on `events`."""
         request_id = uuid.uuid4().hex
         request = GenerationRequest(request_id, prompt_ids, params)
-        text = TextStream(self.tokenizer, stops)
+        text = TextStream(self.tokenizer, stops, self.include_stop)
         start = last = time.monotonic()
         first = True
         generated = 0
@@ -54,16 +84,24 @@ class ChoiceGenerator:
                             self.metrics.itl.labels(label).observe(gap)
                     last = now
                     generated += len(event.token_ids)
-                delta = text.add(event.token_ids)
+                shown = event.token_ids
+                if event.finished and event.finish_reason == "stop" and shown and not self.include_stop:
+                    shown = shown[:-1]  # the stop token's text is left out (vLLM), its id and logprob stay
+                delta = text.add(shown)
+                finish = None
                 if text.stopped:
                     await self.backend.abort(request_id)
-                    await events.put((index, delta, "stop", generated))
-                    break
-                if event.finished:
+                    finish = "stop"
+                elif event.finished:
                     delta += text.finish()
-                    await events.put((index, delta, event.finish_reason or "stop", generated))
+                    finish = event.finish_reason or "stop"
+                await events.put(
+                    ChoiceEvent(
+                        index, delta, finish, generated, list(event.token_ids), event.logprobs, event.prompt_logprobs
+                    )
+                )
+                if finish is not None:
                     break
-                await events.put((index, delta, None, generated))
             else:
                 raise GenerationFailed("the attention node ended the stream without finishing the request")
         except BaseException:
@@ -98,7 +136,7 @@ class ChoiceGenerator:
                             raise task.exception()  # type: ignore[misc]
                     continue
                 item = getter.result()
-                if item[2] is not None:
+                if item.finish_reason is not None:
                     remaining -= 1
                 yield item
         finally:

@@ -1,7 +1,9 @@
-"""OpenAI-compatible request bodies (with vLLM's extensions top_k, stop_token_ids, ignore_eos).
+"""OpenAI-compatible request bodies (with vLLM's extensions top_k, stop_token_ids, ignore_eos, min_tokens,
+repetition_penalty, include_stop_str_in_output, return_token_ids, return_tokens_as_token_ids).
 
-Unknown fields are ignored, as OpenAI's and vLLM's servers do; fields we cannot honour (n > 1, logprobs,
-echo, penalties) are refused with a 400 that names them, rather than silently ignored.
+Unknown fields are ignored, as OpenAI's and vLLM's servers do. Values out of range (n < 1, logprobs or
+top_logprobs outside 0..20, a logit_bias key that is not a token id or a bias outside -100..100) get a 400
+that names the field.
 
 The schema is the contract published at /openapi.json, so it is strict where the server is: integers are
 JSON integers (no 1.0, no booleans) within the range of the protobuf fields they travel in (int32 token
@@ -24,6 +26,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 
 from afd.errors import RequestError
@@ -50,6 +53,14 @@ NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode
 TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 """A token id as a JSON integer; the vocabulary bound is checked by the service, which knows the model."""
 Int32 = Annotated[StrictInt, Field(le=INT32_MAX)]
+MAX_N = 128
+"""Most choices per prompt (OpenAI's limit); each is a generation on the attention nodes."""
+MAX_LOGPROBS = 20
+"""Most top logprobs per token (OpenAI's and vLLM's default limit)."""
+LogitBiasKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
+"""A token id written as a decimal string (JSON object keys are strings); checked against the vocabulary later."""
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
+NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class StreamOptions(BaseModel):
@@ -76,23 +87,34 @@ class _SamplingFields(BaseModel):
     """Strings that end generation; not included in the output."""
     stop_token_ids: list[TokenId] = Field(default_factory=list)
     ignore_eos: StrictBool = False
-    n: StrictInt = Field(default=1, ge=1)
-    """Choices per prompt; only 1 is implemented (larger values get a 400 that says so)."""
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
+    """Choices per prompt, each its own generation (with a seed, choice i samples with seed + i, as vLLM)."""
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    """OpenAI: lowers the logits of tokens already in the output."""
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    """OpenAI: lowers the logits of tokens in proportion to their count in the output."""
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    """vLLM / HF: > 1 discourages tokens of the prompt and the output, < 1 encourages them."""
+    min_tokens: Int32 = Field(default=0, ge=0)
+    """vLLM: EOS and stop_token_ids cannot end the output before this many tokens."""
+    logit_bias: dict[LogitBiasKey, LogitBias] | None = None
+    """Token id (as a string, as OpenAI sends it) -> bias added to its logit; ids are checked against the vocabulary."""
+    include_stop_str_in_output: StrictBool = False
+    """vLLM: keep the matched stop string (or the stop token's text) in the output."""
+    return_token_ids: StrictBool = False
+    """vLLM: choices carry `token_ids` and `prompt_token_ids` (the output of a tokenizer-less checkpoint)."""
+    return_tokens_as_token_ids: StrictBool = False
+    """vLLM: logprob tokens are written "token_id:N" instead of their text."""
     user: str | None = None
 
     def unsupported(self) -> str | None:
-        """Name of a requested feature this server does not implement, if any."""
-        if self.n != 1:
-            return "n > 1 is not supported"
-        if self.logprobs not in (None, False, 0):
-            return "logprobs are not supported"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence/frequency penalties are not supported"
+        """Name of a requested feature this server does not implement, if any (none left today)."""
+        return None
+
+    def num_logprobs(self) -> int | None:
+        """How many top logprobs each output token gets (None: no logprobs)."""
         return None
 
     def stop_strings(self) -> list[str]:
@@ -103,15 +125,27 @@ class _SamplingFields(BaseModel):
             raise RequestError("stop strings must not be empty")
         return strings
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, choice: int = 0, prompt_logprobs: int | None = None) -> SamplingParams:
+        """The parameters of choice `choice`: vLLM's parallel sampling gives child i the seed seed + i
+        (wrapped into int64), so choices differ yet each is reproducible."""
+        seed = self.seed
+        if seed is not None and choice:
+            seed = (seed + choice - INT64_MIN) % 2**64 + INT64_MIN
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
-            seed=self.seed,
+            seed=seed,
             stop_token_ids=tuple(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
+            logprobs=self.num_logprobs(),
+            prompt_logprobs=prompt_logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=min(self.min_tokens, max_tokens),
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
         )
 
     @property
@@ -155,9 +189,12 @@ class CompletionRequest(_SamplingFields):
     prompt: Prompt
     """Text, token ids, or a batch of either."""
     echo: StrictBool = False
+    """Prepend the prompt to each choice's text (and, with logprobs, its tokens' logprobs, the first None)."""
+    logprobs: NumLogprobs | None = None
+    """Logprobs of each token and of the `logprobs` most likely ones (0..20)."""
 
-    def unsupported(self) -> str | None:
-        return "echo is not supported" if self.echo else super().unsupported()
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts (one element for a single prompt)."""
@@ -201,6 +238,19 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int32 | None = Field(default=None, ge=1)
     add_generation_prompt: StrictBool = True
+    logprobs: StrictBool = False
+    """Return each output token's logprob."""
+    top_logprobs: NumLogprobs | None = None
+    """With logprobs: the most likely tokens at each position (0..20)."""
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:  # vLLM's check, same words
+            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true")
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -216,11 +266,27 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions logprobs: parallel lists, one entry per token (a prompt's first token,
+    with echo, has None: nothing predicts it)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    """The sampled token and the `logprobs` most likely ones, token text -> logprob (up to logprobs + 1)."""
+    text_offset: list[int]
+    """Character offset of each token in the choice's text."""
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
+    token_ids: list[int] | None = None
+    """With return_token_ids: the generated token ids (the stop token included)."""
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids: the prompt's token ids."""
 
 
 class CompletionResponse(BaseModel):
@@ -239,11 +305,29 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    """The token's UTF-8 bytes."""
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+    """The `top_logprobs` most likely tokens at this position, most likely first."""
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
+    token_ids: list[int] | None = None
+    """With return_token_ids: the generated token ids."""
 
 
 class ChatCompletionResponse(BaseModel):
@@ -255,6 +339,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids: the prompt's token ids (after the chat template)."""
 
 
 class ModelCard(BaseModel):

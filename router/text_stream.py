@@ -1,7 +1,8 @@
 """Incremental detokenization of one request, with OpenAI `stop` strings.
 
 Text that could be the start of a stop string is held back until the next tokens decide it, so a stop
-string never leaks into the output, even when it spans several tokens.
+string never leaks into the output, even when it spans several tokens (unless include_stop_str_in_output,
+as in vLLM, keeps the matched string).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from afd.tokenizer import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer | None, stop_strings: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, stop_strings: list[str], include_stop: bool = False) -> None:
         self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
         self._stops = stop_strings
+        self._include_stop = include_stop
         self._hold = max((len(s) for s in stop_strings), default=1) - 1
         self._pending = ""
         self.text = ""
@@ -34,8 +36,10 @@ class TextStream:
 
     def _release(self, final: bool) -> str:
         if self._stops:
-            cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
-            if cut >= 0:
+            found = [(i, len(s)) for i, s in ((self._pending.find(s), s) for s in self._stops) if i >= 0]
+            if found:
+                start, length = min(found)
+                cut = start + length if self._include_stop else start
                 self.stopped = True
                 out, self._pending = self._pending[:cut], ""
                 self.text += out

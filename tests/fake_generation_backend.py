@@ -1,6 +1,7 @@
 """A GenerationBackend without a cluster, for tests of the router's HTTP layer.
 
 Generates prompt[-1]+1, +2, ... (mod vocab), `per_event` tokens per event, optionally `delay_s` apart, and
+attaches made-up logprobs (token t: -t / vocab, its top-k t, t+1, ...) when the request asks for them, and
 keeps the bookkeeping the real backend's nodes report: requests running now (also exported as
 `vllm:num_requests_running`, as the controller does from heartbeats), aborts seen, the peak.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from afd.sampling_params import TokenLogprobs
 from router.generation import GenerationRequest, Overloaded, TokenEvent
 from router.metrics import RouterMetrics
 
@@ -34,6 +36,20 @@ class FakeBackend:
             self.metrics.num_requests_running.labels(self.metrics.model_name).set(len(self.running))
         self.changed.set()
 
+    def logprob(self, token: int, k: int) -> TokenLogprobs:
+        """The made-up logprobs of `token`: -token / vocab, rank 1, top-k token, token + 1, ..."""
+        top = tuple(((token + i) % self.vocab, -((token + i) % self.vocab) / self.vocab) for i in range(k))
+        return TokenLogprobs(token, -token / self.vocab, 1, top)
+
+    def _event(self, request: GenerationRequest, batch: list[int], first: bool, *args) -> TokenEvent:
+        event = TokenEvent(batch, *args)
+        params = request.params
+        if params.logprobs is not None:
+            event.logprobs = [self.logprob(t, params.logprobs) for t in batch]
+        if first and params.prompt_logprobs is not None:
+            event.prompt_logprobs = [self.logprob(t, params.prompt_logprobs) for t in request.prompt_token_ids[1:]]
+        return event
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         if self.overloaded:
             raise Overloaded("the router queue is full (2 waiting)")
@@ -51,12 +67,12 @@ class FakeBackend:
                     batch.append(token)
                     produced += 1
                     if token in request.params.stop_token_ids:
-                        yield TokenEvent(batch, True, "stop")
+                        yield self._event(request, batch, produced <= self.per_event, True, "stop")
                         return
                     if produced >= request.params.max_tokens:
-                        yield TokenEvent(batch, True, "length")
+                        yield self._event(request, batch, produced <= self.per_event, True, "length")
                         return
-                yield TokenEvent(batch)
+                yield self._event(request, batch, produced <= self.per_event)
                 await asyncio.sleep(self.delay_s)
         finally:
             self.running.discard(request.request_id)

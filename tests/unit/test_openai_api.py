@@ -107,7 +107,13 @@ async def test_stop_string_is_cut_and_request_aborted(api):
         ({"prompt": ""}, openai.BadRequestError, "the prompt is empty"),
         ({"prompt": [99999]}, openai.BadRequestError, "outside the vocabulary"),
         ({"temperature": -1}, openai.BadRequestError, "temperature"),
-        ({"n": 2}, openai.BadRequestError, "n > 1 is not supported"),
+        ({"n": 0}, openai.BadRequestError, "n: Input should be greater than or equal to 1"),
+        ({"logprobs": 21}, openai.BadRequestError, "logprobs: Input should be less than or equal to 20"),
+        ({"presence_penalty": 2.5}, openai.BadRequestError, "presence_penalty"),
+        ({"logit_bias": {"5": 101}}, openai.BadRequestError, "logit_bias.5: Input should be less than or equal"),
+        ({"logit_bias": {"the": 1}}, openai.BadRequestError, "logit_bias.the: String should match pattern"),
+        ({"logit_bias": {"99999": 1}}, openai.BadRequestError, "logit_bias: token ids ['99999'] are outside"),
+        ({"extra_body": {"repetition_penalty": 0}}, openai.BadRequestError, "repetition_penalty"),
     ],
 )
 async def test_bad_requests(api, kwargs, error, message):
