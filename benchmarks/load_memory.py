@@ -1,10 +1,11 @@
 """`afd bench load-memory`: peak resident memory while one node loads its share of a checkpoint.
 
 Each role loads in a fresh subprocess (an attention node, each FFN node of an N-node pool, or all of them in one
-process as `afd generate` does) and reports its RSS high-water mark (`getrusage(RUSAGE_SELF).ru_maxrss`,
-which counts the checkpoint pages a read touched as well as the tensors kept) above its RSS just before the
-load. The issue's bound for an fp8 checkpoint: peak <= 1.5 x the largest shard file + the node's weights in
-the compute dtype (the bytes the role's reads returned).
+process as `afd generate` does) and reports its RSS high-water mark (`VmHWM` of /proc/self/status, reset
+just before the load through /proc/self/clear_refs; it counts the checkpoint pages a read touched as well as
+the tensors kept) above its RSS just before the load. Not `getrusage`'s ru_maxrss: Linux carries that across
+exec, so a child would report its parent's peak. The issue's bound for an fp8 checkpoint: peak <= 1.5 x the
+largest shard file + the node's weights in the compute dtype (the bytes the role's reads returned).
 
 Without `--checkpoint` it measures a mid-size random DeepSeek-V3-shaped checkpoint written in the published
 fp8 block format (`write_fp8_checkpoint`, also what the tests use to make their fp8 checkpoints).
@@ -12,10 +13,10 @@ fp8 block format (`write_fp8_checkpoint`, also what the tests use to make their 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -202,6 +203,19 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def _reset_peak_rss() -> None:
+    """Start the high-water mark afresh (Linux >= 4.0); without it the peak of imports stays in (conservative)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _child(model_dir: Path, role: str, ffn_nodes: int, dtype_name: str) -> dict[str, Any]:
     """Load `role` here and measure; runs in the subprocess."""
     from afd.dtypes import resolve_dtype
@@ -213,6 +227,7 @@ def _child(model_dir: Path, role: str, ffn_nodes: int, dtype_name: str) -> dict[
     spec = ModelSpec.from_pretrained(model_dir)
     dtype = resolve_dtype(dtype_name, spec.dtype)
     placement = ExpertPlacement.balanced(spec.num_experts, [f"ffn-{i}" for i in range(ffn_nodes)])
+    _reset_peak_rss()
     before = _rss_bytes()
     reader = _CountingReader(model_dir, dtype=dtype)
     kept: list[Any] = []
@@ -223,7 +238,7 @@ def _child(model_dir: Path, role: str, ffn_nodes: int, dtype_name: str) -> dict[
             kept.append(FfnShard.load(model_dir, placement, node, spec=spec, reader=reader))
     if not kept:
         raise SystemExit(f"unknown role {role!r}: attn, all or one of {placement.nodes}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _peak_rss_bytes()
     return {"rss_before": before, "peak_rss": peak, "weights_bytes": reader.bytes_returned, "dtype": str(dtype)}
 
 
