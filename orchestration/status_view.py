@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -52,18 +53,30 @@ def _share(value: float, warn: float = 0.9) -> Text:
     return Text(f"{value:.0%}", style="red" if value >= warn else "")
 
 
+_ROLES = {"attention": "attn"}
+"""Short role names for the table (the JSON keeps the full ones)."""
+
+
 def cluster_table(view: View) -> Table:
     """One row per node: role, state, device, load, KV use, FFN busy fraction, experts held, tokens/s."""
-    table = Table(title=f"AFD cluster — {view.get('model')}, placement v{view.get('placement_version')}")
-    for column in ("node", "role", "state", "device", "load", "KV use", "FFN busy", "experts", "tokens/s"):
-        table.add_column(column, justify="right" if column in ("KV use", "FFN busy", "tokens/s") else "left")
+    # No vertical rules, short headers and fixed narrow columns: the table still reads on an 80-column terminal.
+    table = Table(
+        title=f"AFD cluster — {view.get('model')}, placement v{view.get('placement_version')}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    numbers = ("KV", "busy", "tok/s")
+    for column in ("node", "role", "state", "device", "load", *numbers[:2], "experts", numbers[2]):
+        fixed = column in ("node", "role", "state", *numbers)
+        table.add_column(column, justify="right" if column in numbers else "left", no_wrap=fixed)
     for node in sorted(view.get("nodes", []), key=lambda n: (n["role"], n["node_id"])):
         experts = node.get("experts") or []
         held = f"{len(experts)} ({expert_ranges(experts)})" if experts else "-"
         kv: Text | str = "-"
         busy: Text | str = "-"
         if node["role"] == "attention":
-            load = f"{node.get('num_running', 0)} running, {node.get('num_waiting', 0)} waiting"
+            load = f"{node.get('num_running', 0)} run, {node.get('num_waiting', 0)} wait"
             if node.get("microbatches") is not None:
                 load += f", m={node['microbatches']}"
             kv = _share(float(node.get("kv_cache_usage", 0.0)))
@@ -74,7 +87,7 @@ def cluster_table(view: View) -> Table:
             load = ""
         table.add_row(
             node["node_id"],
-            node["role"],
+            _ROLES.get(node["role"], node["role"]),
             node["state"],
             _device(node),
             load,

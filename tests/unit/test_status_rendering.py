@@ -70,13 +70,21 @@ def test_the_table_shows_role_device_load_kv_busy_and_experts_per_node():
     console = _console()
     console.print(cluster_table(VIEW))
     out = _text(console)
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
-    attn, ffn0, ffn1 = rows["attn-0"], rows["ffn-0"], rows["ffn-1"]
-    assert "attention" in attn and "cuda:H100, 80 GiB" in attn and "3 running, 1 waiting, m=2" in attn
-    assert "95%" in attn and "41.5" in attn
-    assert "38%" in ffn0 and "4 (0-3)" in ffn0 and "ffn-0" in ffn0
-    assert "draining" in ffn1 and "cpu x2" in ffn1 and "5 (3-7)" in ffn1 and "50%" in ffn1
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith(("attn-", "ffn-"))}
+    attn, ffn0, ffn1 = (" ".join(rows[name]) for name in ("attn-0", "ffn-0", "ffn-1"))
+    assert attn == "attn-0 attn ready cuda:H100, 80 GiB 3 run, 1 wait, m=2 95% - - 41.5"
+    assert ffn0 == "ffn-0 ffn ready cpu - 38% 4 (0-3) 20.0"
+    assert ffn1 == "ffn-1 ffn draining cpu x2 - 50% 5 (3-7) 22.0"
     assert "placement v4" in out
+
+
+def test_the_table_fits_80_columns_without_cutting_names_or_figures():
+    console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=80)
+    console.print(cluster_table(VIEW))
+    out = _text(console)
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for figure in ("attn-0", "draining", "95%", "38%", "4 (0-3)", "41.5"):
+        assert figure in out and "…" not in out
 
 
 def test_watch_redraws_each_refresh_and_stops_after_the_bound():
