@@ -138,6 +138,28 @@ def test_every_weight_and_slice_dequantizes_exactly(fp8_checkpoint):
     assert CheckpointReader(fp8, dtype=torch.bfloat16).get(down).dtype == torch.bfloat16
 
 
+def test_scales_in_another_shard_than_their_weights(fp8_checkpoint, tmp_path):
+    """The reader keeps one shard open; a weight whose scale lives in another shard still reads exactly."""
+    fp8, dequantized = fp8_checkpoint
+    tensors = _tensors(fp8)
+    groups = {
+        "weights.safetensors": {n: t for n, t in tensors.items() if not n.endswith("_scale_inv")},
+        "scales.safetensors": {n: t for n, t in tensors.items() if n.endswith("_scale_inv")},
+    }
+    split = tmp_path / "split"
+    split.mkdir()
+    for file, members in groups.items():
+        save_file(members, str(split / file), metadata={"format": "pt"})
+    weight_map = {n: file for file, members in groups.items() for n in members}
+    (split / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(fp8 / "config.json", split / "config.json")
+    reader = CheckpointReader(split, dtype=torch.float32)
+    for name, tensor in _tensors(dequantized).items():
+        assert torch.equal(reader.get(name), tensor), name
+        if tensor.ndim == 2:
+            assert torch.equal(reader.get_slice(name, 0, 1, tensor.shape[0]), tensor[1:]), name
+
+
 @pytest.mark.parametrize("num_shards", [1, 2])
 def test_greedy_tokens_match_transformers_on_the_dequantized_weights(num_shards, fp8_checkpoint):
     fp8, dequantized = fp8_checkpoint
