@@ -11,6 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e ".[dev]"
+	$(BIN)/python -m afd.kernels.native
 	touch $(STAMP)
 
 demo: $(STAMP)

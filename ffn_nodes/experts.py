@@ -7,7 +7,11 @@ no Python loop over tokens:
   experts with the tokens padded to the busiest expert's count — it streams the stacked weights at
   close to memory bandwidth (see afd.kernels);
 - on CPU when few experts are hit (small batches), a loop over just those experts, so the weights of
-  idle experts are never read.
+  idle experts are never read;
+- on CPU in bf16 for decode batches, ahead of all of these, the fused native kernel
+  (afd.kernels.routed_experts_swiglu) where it built: one call per layer that reads each hit expert's
+  weights once for all its tokens, with the same rounding as the torch paths below ("fused" forces it
+  where it serves; the other strategies force a torch path).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from afd.kernels import linear
+from afd.kernels import linear, routed_experts_swiglu
 
-Strategy = Literal["auto", "grouped", "padded", "looped"]
+Strategy = Literal["auto", "fused", "grouped", "padded", "looped"]
 
 # "auto" on CPU: the padded bmm once at least this share of the local experts received tokens.
 PADDED_MIN_BUSY_SHARE = 0.7
@@ -74,6 +78,16 @@ class StackedExperts:
         skip; expert_weights: `[num_tokens, top_k] float32`; out: `[num_tokens, hidden]` accumulator in the
         hidden dtype (the weights are rounded to it first, as the reference models do).
         """
+        if self.strategy in ("auto", "fused") and not self._grouped:
+            fused = routed_experts_swiglu(hidden, expert_ids, expert_weights, self.gate_up, self.down, out)
+            if fused is not None:
+                busy = 0
+                for expert, count in enumerate(fused):
+                    if count:
+                        self.expert_tokens[expert] += count
+                        busy += 1
+                self.experts_hit += busy
+                return
         if expert_ids.numel() <= FEW_ASSIGNMENTS and self.strategy in ("auto", "looped") and not self._grouped:
             self._few_assignments(hidden, expert_ids, expert_weights, out)
             return

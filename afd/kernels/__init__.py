@@ -1,0 +1,121 @@
+"""Kernels by operation, one interface each, with the implementation chosen per device and shape.
+
+- `linear(x, weight, bias)`: every projection of both halves (attention, gates, experts, LM head).
+- `routed_experts_swiglu(...)`: the FFN node's routed experts for a small batch (the decode step), or
+  None where no fused implementation serves and the caller's torch path runs.
+
+Decode is bound by reading weights, and which call reads them fastest differs from CPU to CPU: on an
+Intel Xeon with AMX, torch's weight-stationary forms (`torch.mv`, `w @ x.T`, the LM head as two halves
+in one `bmm`) streamed bf16 weights at 16-28 GB/s against 11-15 GB/s for `F.linear`; on an AMD EPYC
+(avx512_bf16, no AMX) `F.linear` read 48.6 GB/s against 27.7 GB/s for `torch.mv` on a 1536x1024 matrix.
+So on CPU with bf16 and up to 64 rows, the form is measured at first use for each weight shape and
+power-of-two row count (afd.kernels.tuning), among torch's two forms and the native kernels
+(afd.kernels.native, C++ built on this machine) where they built. Other devices and dtypes take
+`F.linear` and torch's own choice inside it. All forms compute the same products with fp32
+accumulation; they differ only in the order of the fp32 sums.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from afd.kernels import native
+from afd.kernels.tuning import LINEAR_FORMS, choose_linear_form
+
+# Above this many rows the product is compute-bound and the library's own choice is as good.
+TUNED_MAX_ROWS = 64
+# Weights at least this large (the LM head) stream faster as two halves in one bmm than through
+# torch.mv on some CPUs; the tuner measures that form like the others.
+SPLIT_MIN_BYTES = 16 << 20
+SPLIT_PARTS = 2
+# Decode batches up to this many tokens take the fused native expert kernel; prefill keeps torch's
+# batched matmuls, which are compute-bound there and use the CPU's matrix units.
+FUSED_EXPERTS_MAX_TOKENS = 64
+
+
+def _tuned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.dim() == 2
+        and x.shape[0] <= TUNED_MAX_ROWS
+        and weight.is_contiguous()
+    )
+
+
+def _stationary(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The weight-stationary torch forms: `mv` for one row, `w @ x.T` for a few, halves in a `bmm`."""
+    rows, (out_features, in_features) = x.shape[0], weight.shape
+    if weight.nbytes >= SPLIT_MIN_BYTES and out_features % SPLIT_PARTS == 0:
+        halves = weight.view(SPLIT_PARTS, out_features // SPLIT_PARTS, in_features)
+        out = torch.bmm(halves, x.T.unsqueeze(0).expand(SPLIT_PARTS, in_features, rows))  # [parts, out/parts, rows]
+        return out.permute(2, 0, 1).reshape(rows, out_features).contiguous()
+    if rows == 1:
+        return torch.mv(weight, x[0]).unsqueeze(0)
+    return (weight @ x.T).T.contiguous()
+
+
+def _native_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    module = native.load()
+    assert module is not None  # the tuner offers "native" only where it loaded
+    return module.linear_bf16(x.contiguous(), weight)
+
+
+def linear_form(name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` through one named form (see LINEAR_FORMS); the tuner and the benchmarks call this."""
+    if name == "native":
+        return _native_linear(x, weight)
+    if name == "stationary":
+        return _stationary(x, weight)
+    if name == "library":
+        return F.linear(x, weight)
+    raise ValueError(f"unknown linear form {name!r}; expected one of {LINEAR_FORMS}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x: [rows, in]` @ `weight: [out, in]`.T (+ `bias: [out]`) -> `[rows, out]`, contiguous, x's dtype."""
+    if not _tuned(x, weight):
+        return F.linear(x, weight, bias)
+    form = choose_linear_form(x.shape[0], weight.shape[0], weight.shape[1], linear_form)
+    out = linear_form(form, x, weight)
+    return out if bias is None else out + bias
+
+
+def routed_experts_swiglu(
+    hidden: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    out: torch.Tensor,
+) -> list[int] | None:
+    """Fused routed-expert SwiGLU where one serves this call, else None (nothing was computed).
+
+    hidden: `[tokens, hidden]`; expert_ids: `[tokens, top_k]` local ids (-1: held elsewhere); expert_weights:
+    `[tokens, top_k] float32`; gate_up: `[experts, 2 * intermediate, hidden]`; down: `[experts, hidden,
+    intermediate]`; out: `[tokens, hidden]`, to which the weighted expert outputs are added. Returns the
+    tokens each local expert received. Each hit expert's weights are read once for all of its tokens, and
+    the rounding matches ffn_nodes.experts' torch path step for step.
+    """
+    if (
+        hidden.device.type != "cpu"
+        or hidden.dtype != torch.bfloat16
+        or gate_up.dtype != torch.bfloat16
+        or hidden.shape[0] > FUSED_EXPERTS_MAX_TOKENS
+        or not (gate_up.is_contiguous() and down.is_contiguous() and out.is_contiguous())
+    ):
+        return None
+    module = native.load()
+    if module is None:
+        return None
+    counts = module.moe_swiglu_bf16(
+        hidden.contiguous(),
+        expert_ids.to(torch.int64).contiguous(),
+        expert_weights.to(torch.float32).contiguous(),
+        gate_up,
+        down,
+        out,
+    )
+    return counts.tolist()

@@ -1,0 +1,274 @@
+// CPU decode kernels for bf16: a small-batch linear that streams each weight row once for all input
+// rows, and the routed-expert SwiGLU that reads each hit expert's weights once for all its tokens.
+//
+// Why our own: decode on a CPU is bound by reading weights, and for 1-32 input rows the BLAS calls
+// torch reaches (oneDNN's gemm, torch.mv, bmm) read bf16 weights well below the memory bandwidth on
+// some CPUs and pay a large fixed cost per call on small matrices (afd/kernels/__init__.py has the
+// figures; `python -m benchmarks.kernels` measures them on the current machine). The instruction set
+// is chosen at run time (AVX512-BF16 dot products, else AVX2 + FMA on bf16 widened to fp32), so one
+// build serves every x86-64 CPU; `available_isa()` says which path runs, "" when neither does and the
+// Python side keeps torch's kernels.
+//
+// Rounding follows the reference models: products accumulate in fp32 and are rounded to bf16 once per
+// linear; the SwiGLU rounds after each op as the torch code does (gate/up, silu, product, down, weight).
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+constexpr int kRowsPerTile = 4;   // weight rows sharing one pass over the input rows
+constexpr int kInputsPerTile = 4; // input rows held in registers per pass
+
+enum class Isa { kNone, kAvx2, kAvx512Bf16 };
+
+// AFD_NATIVE_ISA=avx2 (or none) caps the choice, so tests run every path on one CPU.
+Isa detect_isa() {
+  __builtin_cpu_init();
+  const char* cap = std::getenv("AFD_NATIVE_ISA");
+  const std::string limit = cap ? cap : "";
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (limit == "none") return Isa::kNone;
+  if (limit != "avx2" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
+    return Isa::kAvx512Bf16;
+  return avx2 ? Isa::kAvx2 : Isa::kNone;
+}
+
+const Isa kIsa = detect_isa();
+
+// acc[i * kRowsPerTile + j] = dot(x row i, w row j) over k in [0, K), for i < inputs, j < rows.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_avx512bf16(
+    const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K, float* acc) {
+  __m512 sums[kInputsPerTile][kRowsPerTile];
+  for (auto& row : sums)
+    for (auto& s : row) s = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t left = K - k;
+    const __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+    __m512bh wv[kRowsPerTile];
+    for (int j = 0; j < kRowsPerTile; ++j)
+      wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (j < rows ? j : 0) * ldw + k);
+    for (int i = 0; i < kInputsPerTile; ++i) {
+      if (i >= inputs) break;
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
+      for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], wv[j], xv);
+    }
+  }
+  for (int i = 0; i < inputs; ++i)
+    for (int j = 0; j < rows; ++j) acc[i * kRowsPerTile + j] = _mm512_reduce_add_ps(sums[i][j]);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 widen_bf16(const uint16_t* p, int64_t left) {
+  __m128i raw;
+  if (left >= 8) {
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  } else {
+    alignas(16) uint16_t tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t t = 0; t < left; ++t) tail[t] = p[t];
+    raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+__attribute__((target("avx2,fma"))) float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Same contract as tile_avx512bf16, two input rows per pass (16 ymm registers).
+__attribute__((target("avx2,fma"))) void tile_avx2(
+    const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K, float* acc) {
+  for (int i0 = 0; i0 < inputs; i0 += 2) {
+    const int pair = std::min(2, inputs - i0);
+    __m256 sums[2][kRowsPerTile];
+    for (auto& row : sums)
+      for (auto& s : row) s = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const int64_t left = K - k;
+      __m256 wv[kRowsPerTile];
+      for (int j = 0; j < kRowsPerTile; ++j) wv[j] = widen_bf16(w + (j < rows ? j : 0) * ldw + k, left);
+      for (int i = 0; i < pair; ++i) {
+        const __m256 xv = widen_bf16(x + (i0 + i) * ldx + k, left);
+        for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm256_fmadd_ps(wv[j], xv, sums[i][j]);
+      }
+    }
+    for (int i = 0; i < pair; ++i)
+      for (int j = 0; j < rows; ++j) acc[(i0 + i) * kRowsPerTile + j] = hsum256(sums[i][j]);
+  }
+}
+
+inline void tile(const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K,
+                 float* acc) {
+  if (kIsa == Isa::kAvx512Bf16)
+    tile_avx512bf16(w, ldw, rows, x, ldx, inputs, K, acc);
+  else
+    tile_avx2(w, ldw, rows, x, ldx, inputs, K, acc);
+}
+
+// y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m.
+void linear_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n_begin, int64_t n_end,
+                 bf16* y, int64_t ldy) {
+  float acc[kInputsPerTile * kRowsPerTile];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowsPerTile) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTile, n_end - n0));
+    // The weight tile stays in L1 while every input row passes over it: weights are read once.
+    for (int64_t m0 = 0; m0 < M; m0 += kInputsPerTile) {
+      const int inputs = static_cast<int>(std::min<int64_t>(kInputsPerTile, M - m0));
+      tile(w + n0 * K, K, rows, x + m0 * K, K, inputs, K, acc);
+      for (int i = 0; i < inputs; ++i)
+        for (int j = 0; j < rows; ++j) y[(m0 + i) * ldy + n0 + j] = bf16(acc[i * kRowsPerTile + j]);
+    }
+  }
+}
+
+// Output rows per parallel task: enough work per task that the thread hand-off stays small.
+int64_t grain_rows(int64_t K, int64_t M) {
+  const int64_t work = std::max<int64_t>(1, K * std::min<int64_t>(M, 8));
+  return std::max<int64_t>(kRowsPerTile, ((int64_t{1} << 16) / work + kRowsPerTile - 1) / kRowsPerTile * kRowsPerTile);
+}
+
+void parallel_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, bf16* y, int64_t ldy) {
+  const int64_t grain = grain_rows(K, M);
+  const int64_t tasks = (N + grain - 1) / grain;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    linear_rows(x, M, K, w, t0 * grain, std::min(N, t1 * grain), y, ldy);
+  });
+}
+
+void check_bf16_matrix(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline float bf16_round(float v) { return static_cast<float>(bf16(v)); }
+
+}  // namespace
+
+std::string available_isa() {
+  switch (kIsa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
+    case Isa::kAvx2: return "avx2";
+    default: return "";
+  }
+}
+
+// x: [M, K] bf16, weight: [N, K] bf16 -> [M, N] bf16 (= F.linear(x, weight) up to fp32 summation order).
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& weight) {
+  TORCH_CHECK(kIsa != Isa::kNone, "this CPU has neither AVX512-BF16 nor AVX2+FMA");
+  check_bf16_matrix(x, "x");
+  check_bf16_matrix(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "shapes ", x.sizes(), " and ",
+              weight.sizes(), " do not multiply");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  parallel_linear(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K,
+                  reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, y.data_ptr<bf16>(), N);
+  return y;
+}
+
+// Adds sum_e weight[t, e] * down_e(silu(gate_e(x_t)) * up_e(x_t)) into out[t] for every token t and each of
+// its local experts e (expert_ids -1: held elsewhere, skipped). Each hit expert's weights are read once for
+// all of its tokens. Returns the tokens each local expert received ([num_local] int64).
+//
+// hidden: [T, H] bf16; expert_ids: [T, top_k] int64; expert_weights: [T, top_k] float32;
+// gate_up: [E, 2 * I, H] bf16 (gate rows first); down: [E, H, I] bf16; out: [T, H] bf16, accumulated in place.
+torch::Tensor moe_swiglu_bf16(const torch::Tensor& hidden, const torch::Tensor& expert_ids,
+                              const torch::Tensor& expert_weights, const torch::Tensor& gate_up,
+                              const torch::Tensor& down, torch::Tensor& out) {
+  TORCH_CHECK(kIsa != Isa::kNone, "this CPU has neither AVX512-BF16 nor AVX2+FMA");
+  check_bf16_matrix(hidden, "hidden");
+  check_bf16_matrix(gate_up, "gate_up");
+  check_bf16_matrix(down, "down");
+  check_bf16_matrix(out, "out");
+  TORCH_CHECK(expert_ids.scalar_type() == at::kLong && expert_ids.is_contiguous(), "expert_ids must be contiguous int64");
+  TORCH_CHECK(expert_weights.scalar_type() == at::kFloat && expert_weights.is_contiguous(),
+              "expert_weights must be contiguous float32");
+  const int64_t T = hidden.size(0), H = hidden.size(1), top_k = expert_ids.size(1);
+  const int64_t E = gate_up.size(0), I = down.size(2);
+  TORCH_CHECK(expert_ids.size(0) == T && expert_weights.sizes() == expert_ids.sizes(), "routing shapes ",
+              expert_ids.sizes(), " / ", expert_weights.sizes(), " do not match ", T, " tokens");
+  TORCH_CHECK(gate_up.size(1) == 2 * I && gate_up.size(2) == H && down.size(0) == E && down.size(1) == H,
+              "expert weight shapes ", gate_up.sizes(), " / ", down.sizes(), " do not match hidden ", H);
+  TORCH_CHECK(out.sizes() == hidden.sizes(), "out must be shaped like hidden");
+
+  const int64_t* ids = expert_ids.data_ptr<int64_t>();
+  const float* weights = expert_weights.data_ptr<float>();
+  auto counts = torch::zeros({E}, expert_ids.options());
+  int64_t* count = counts.data_ptr<int64_t>();
+  for (int64_t s = 0; s < T * top_k; ++s) {
+    TORCH_CHECK(ids[s] >= -1 && ids[s] < E, "expert id ", ids[s], " is outside [-1, ", E, ")");
+    if (ids[s] >= 0) ++count[ids[s]];
+  }
+  // Assignments grouped by expert, tokens ascending within an expert (the torch path's stable sort).
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<int64_t> token_of(start[E]), fill(start.begin(), start.end() - 1);
+  std::vector<float> weight_of(start[E]);
+  for (int64_t s = 0; s < T * top_k; ++s) {
+    if (ids[s] < 0) continue;
+    const int64_t slot = fill[ids[s]]++;
+    token_of[slot] = s / top_k;
+    weight_of[slot] = weights[s];
+  }
+  const auto* gu_all = reinterpret_cast<const uint16_t*>(gate_up.data_ptr());
+  const auto* down_all = reinterpret_cast<const uint16_t*>(down.data_ptr());
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, count[e]);
+  std::vector<bf16> x(max_rows * H), h(max_rows * 2 * I), act(max_rows * I);
+  std::vector<bf16> y(start[E] * H);  // each assignment's weighted expert output, rounded as the torch path
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = count[e];
+    if (m == 0) continue;
+    for (int64_t r = 0; r < m; ++r)
+      std::copy_n(hidden.data_ptr<bf16>() + token_of[start[e] + r] * H, H, x.data() + r * H);
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data());
+    parallel_linear(xp, m, H, gu_all + e * 2 * I * H, 2 * I, h.data(), 2 * I);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t c = 0; c < I; ++c) {
+        const float g = static_cast<float>(h[r * 2 * I + c]);
+        const float silu = bf16_round(g / (1.0f + std::exp(-g)));
+        act[r * I + c] = bf16(silu * static_cast<float>(h[r * 2 * I + I + c]));
+      }
+    }
+    bf16* ye = y.data() + start[e] * H;
+    parallel_linear(reinterpret_cast<const uint16_t*>(act.data()), m, I, down_all + e * H * I, H, ye, H);
+    for (int64_t r = 0; r < m; ++r) {
+      const float w = bf16_round(weight_of[start[e] + r]);
+      for (int64_t c = 0; c < H; ++c) ye[r * H + c] = bf16(static_cast<float>(ye[r * H + c]) * w);
+    }
+  }
+  // Per token: its rows summed in fp32 in expert order, added to out and rounded once (index_add_'s order).
+  bf16* o = out.data_ptr<bf16>();
+  std::vector<float> sum(H);
+  std::vector<std::vector<int64_t>> rows_of(T);
+  for (int64_t slot = 0; slot < start[E]; ++slot) rows_of[token_of[slot]].push_back(slot);
+  for (int64_t t = 0; t < T; ++t) {
+    if (rows_of[t].empty()) continue;
+    for (int64_t c = 0; c < H; ++c) sum[c] = static_cast<float>(o[t * H + c]);
+    for (int64_t slot : rows_of[t])
+      for (int64_t c = 0; c < H; ++c) sum[c] += static_cast<float>(y[slot * H + c]);
+    for (int64_t c = 0; c < H; ++c) o[t * H + c] = bf16(sum[c]);
+  }
+  return counts;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("available_isa", &available_isa, "The instruction set the kernels use on this CPU ('' when none).");
+  m.def("linear_bf16", &linear_bf16, "x [M, K] @ weight [N, K]^T for bf16 on the CPU.");
+  m.def("moe_swiglu_bf16", &moe_swiglu_bf16, "Routed-expert SwiGLU over grouped assignments, added into out.");
+}

@@ -1,0 +1,199 @@
+"""The native CPU kernels (afd.kernels.native) against torch, their fallback, and the form tuner.
+
+The build happens once per machine (make setup does it); where it cannot happen here the kernel tests
+skip with the reason and the fallback tests still run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afd.kernels import linear, native, routed_experts_swiglu, tuning
+from afd.sampling_params import SamplingParams
+from attn_nodes.config import EngineConfig
+from ffn_nodes.experts import StackedExperts
+from tests.checkpoints import build_checkpoint
+from tests.engines import inprocess_engine
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = native.load()
+    if module is None:
+        pytest.skip(f"native kernels unavailable here: {native.failure()}")
+    return module
+
+
+def _bf16(*shape: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(("rows", "inner", "out"), [(1, 1024, 1536), (3, 1000, 37), (8, 512, 1024), (70, 96, 5)])
+def test_linear_matches_torch_up_to_one_rounding(kernels, rows: int, inner: int, out: int) -> None:
+    """Tails in every dimension (inner not a multiple of 32, out not of 4, rows not of 4): each output is the
+    fp32 dot product rounded once to bf16, so it lies within one bf16 step of torch's and of the exact value."""
+    x, w = _bf16(rows, inner, seed=1), _bf16(out, inner, scale=0.05, seed=2)
+    got, expected = kernels.linear_bf16(x, w), F.linear(x, w)
+    exact = x.double() @ w.double().T
+    assert got.shape == (rows, out) and got.dtype == torch.bfloat16
+    step = exact.abs().clamp_min(1e-3) * 2**-7  # one bf16 ulp (8 significant bits) of each value
+    assert ((got.double() - exact).abs() <= step).all()
+    assert ((got.double() - expected.double()).abs() <= step).all()
+    assert (got == expected).float().mean() > 0.99
+
+
+def test_linear_refuses_bad_inputs_with_the_reason(kernels) -> None:
+    x, w = _bf16(2, 64), _bf16(8, 64)
+    with pytest.raises(RuntimeError, match="weight must be bfloat16"):
+        kernels.linear_bf16(x, w.float())
+    with pytest.raises(RuntimeError, match="do not multiply"):
+        kernels.linear_bf16(x, _bf16(8, 32))
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        kernels.linear_bf16(_bf16(64, 2).T, w)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5, 40])
+def test_fused_experts_equal_the_torch_path_bit_for_bit(kernels, tokens: int) -> None:
+    """Same rounding steps and the same order of additions as StackedExperts' looped torch path, so the
+    outputs are identical, including -1 (held elsewhere) slots and tokens sent to no local expert."""
+    experts, hidden, inter = 8, 256, 96
+    gate_up = _bf16(experts, 2 * inter, hidden, scale=0.06, seed=3)
+    down = _bf16(experts, hidden, inter, scale=0.1, seed=4)
+    g = torch.Generator().manual_seed(tokens)
+    h = _bf16(tokens, hidden, seed=5)
+    ids = torch.randint(-1, experts, (tokens, 3), generator=g)
+    weights = torch.rand(tokens, 3, generator=g)
+    torch_out = _bf16(tokens, hidden, seed=6)
+    fused_out = torch_out.clone()
+    reference = StackedExperts(gate_up, down, "looped")
+    reference.forward(h, ids, weights, torch_out)
+    counts = kernels.moe_swiglu_bf16(h, ids, weights, gate_up, down, fused_out)
+    assert torch.equal(fused_out, torch_out)
+    assert counts.tolist() == reference.expert_tokens
+
+
+def test_fused_experts_refuse_an_expert_id_out_of_range(kernels) -> None:
+    gate_up, down = _bf16(2, 16, 32), _bf16(2, 32, 8)
+    out = _bf16(1, 32)
+    before = out.clone()
+    with pytest.raises(RuntimeError, match="expert id 2 is outside"):
+        kernels.moe_swiglu_bf16(_bf16(1, 32), torch.tensor([[2]]), torch.ones(1, 1), gate_up, down, out)
+    assert torch.equal(out, before)  # refused before anything was added
+
+
+def test_stacked_experts_take_the_fused_kernel_in_bf16_decode(kernels) -> None:
+    gate_up, down = _bf16(4, 64, 32, scale=0.1), _bf16(4, 32, 32, scale=0.1)
+    experts = StackedExperts(gate_up, down)
+    h, ids, weights = _bf16(2, 32), torch.tensor([[0, 3], [3, -1]]), torch.rand(2, 2)
+    fused = torch.zeros(2, 32, dtype=torch.bfloat16)
+    experts.forward(h, ids, weights, fused)
+    looped = torch.zeros(2, 32, dtype=torch.bfloat16)
+    StackedExperts(gate_up, down, "looped").forward(h, ids, weights, looped)
+    assert torch.equal(fused, looped)
+    assert experts.expert_tokens == [1, 0, 0, 2] and experts.experts_hit == 2
+    # Prefill-sized batches and other dtypes keep the torch paths: the fused call declines them.
+    many, one_each = _bf16(100, 32), torch.zeros(100, 1, dtype=torch.long)
+    assert routed_experts_swiglu(many, one_each, torch.ones(100, 1), gate_up, down, many) is None
+    h32 = h.float()
+    assert routed_experts_swiglu(h32, ids, weights, gate_up.float(), down.float(), h32.clone()) is None
+
+
+def _run(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+def test_avx2_path_matches_the_avx512_path(kernels, tmp_path: Path) -> None:
+    """AFD_NATIVE_ISA=avx2 runs the AVX2 + FMA path on this CPU: same results within one rounding."""
+    x, w = _bf16(5, 200, seed=7), _bf16(9, 200, scale=0.05, seed=8)
+    torch.save({"x": x, "w": w}, tmp_path / "inputs.pt")
+    code = (
+        "import torch; from afd.kernels import native; m = native.load(); "
+        f"d = torch.load({str(tmp_path / 'inputs.pt')!r}); "
+        f"torch.save(m.linear_bf16(d['x'], d['w']), {str(tmp_path / 'out.pt')!r}); print(m.available_isa())"
+    )
+    assert _run(code, AFD_NATIVE_ISA="avx2") == "avx2"
+    avx2 = torch.load(tmp_path / "out.pt")
+    exact = x.double() @ w.double().T
+    assert ((avx2.double() - exact).abs() <= exact.abs().clamp_min(1e-3) * 2**-7).all()
+
+
+def test_disabled_native_kernels_fall_back_to_torch() -> None:
+    """AFD_NATIVE_KERNELS=0: load() says why, linear still computes, and the fused expert call declines."""
+    code = (
+        "import torch; from afd.kernels import native, linear, routed_experts_swiglu as r; b = torch.bfloat16; "
+        "x = torch.ones(1, 8, dtype=b); w = torch.ones(4, 8, dtype=b); y = linear(x, w); "
+        "g = torch.ones(1, 8, 8, dtype=b); d = torch.ones(1, 8, 4, dtype=b); ids = torch.zeros(1, 1).long(); "
+        "print(native.load(), native.failure(), y.tolist(), r(x, ids, torch.ones(1, 1), g, d, x))"
+    )
+    assert _run(code, AFD_NATIVE_KERNELS="0") == "None AFD_NATIVE_KERNELS=0 [[8.0, 8.0, 8.0, 8.0]] None"
+
+
+def test_the_tuner_keeps_the_fastest_form_and_measures_each_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    tuning.reset()
+    monkeypatch.setattr(tuning, "candidates", lambda: ("native", "library", "stationary"))
+    monkeypatch.setattr(tuning, "ROTATION_BYTES", 1 << 16)
+    delays = {"native": 2e-4, "library": 0.0, "stationary": 1e-4}
+    calls: list[str] = []
+
+    def run(form: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(form)
+        time.sleep(delays[form])
+        return x
+
+    assert tuning.choose_linear_form(3, 16, 32, run) == "library"
+    measured = len(calls)
+    assert measured > 0 and set(calls) == set(delays)
+    assert tuning.choose_linear_form(4, 16, 32, run) == "library"  # 3 and 4 rows share the bucket of 4
+    assert len(calls) == measured
+    assert tuning.choices() == {"4x16x32": "library"}
+    monkeypatch.setenv(tuning.TUNING_ENV, "off")
+    assert tuning.choose_linear_form(1, 16, 32, run) == "native"  # the fixed preference, not measured
+    assert len(calls) == measured
+    tuning.reset()
+
+
+def test_linear_adds_the_bias_and_keeps_torch_for_other_dtypes() -> None:
+    x, w, b = _bf16(2, 64), _bf16(8, 64, scale=0.1), _bf16(8)
+    assert torch.allclose(linear(x, w, b).float(), F.linear(x, w, b).float(), atol=0.05, rtol=0.02)
+    x32, w32 = x.float(), w.float()
+    assert torch.equal(linear(x32, w32), F.linear(x32, w32))
+
+
+def test_bf16_engine_tokens_agree_with_and_without_native_kernels(
+    kernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy decode of a tiny MoE in bf16, 2 FFN shards: the native path and the pure-torch fallback agree
+    token for token (they differ only in the order of fp32 sums inside each product)."""
+    model_dir = build_checkpoint("qwen3_moe", tmp_path / "m", seed=3)
+    prompts = [[5, 9, 11, 40], [7], list(range(1, 30))]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(dtype="bfloat16")
+    fast = inprocess_engine(model_dir, 2, config).generate(prompts, params)
+    monkeypatch.setattr(native, "load", lambda verbose=False: None)
+    tuning.reset()
+    try:
+        eager = inprocess_engine(model_dir, 2, config).generate(prompts, params)
+    finally:
+        tuning.reset()
+    assert fast == eager
