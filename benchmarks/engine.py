@@ -28,6 +28,7 @@ from afd.sampling_params import SamplingParams
 from afd.transport import InProcessTransport
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
+from benchmarks.vllm_peer import PeerUnavailable, VllmPeer, resolve_python
 from ffn_nodes.local_pool import local_ffn_pool
 
 BENCH_SEED = 7
@@ -119,6 +120,17 @@ class BatchResult:
     roofline_tok_s: float
     roofline_share: float
     experts_touched_per_layer: float
+    engine_tok_s_spread: dict[str, float]
+    """min / median / max of the repeats' total tok/s (engine_tok_s is the best)."""
+    reference_tok_s_spread: dict[str, float]
+    vllm_tok_s: float | None = None
+    """vLLM-CPU's best total tok/s on the same prompts (`--peer vllm`), None without the peer."""
+    vllm_tok_s_spread: dict[str, float] | None = None
+    ratio_vs_vllm: float | None = None
+    """engine_tok_s / vllm_tok_s."""
+    vllm_same_leading_tokens: int | None = None
+    """Leading generated tokens of the first prompt on which vLLM and the engine agree (bf16 on both:
+    different summation orders may part them after a while; 0 would mean a different model)."""
 
 
 def _prompts(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
@@ -137,22 +149,40 @@ def _experts_hit(transport: InProcessTransport) -> int:
 
 def _run_engine(
     engine: AttentionEngine, transport: InProcessTransport, prompts: list[list[int]], new_tokens: int
-) -> tuple[float, float, float]:
-    """Total seconds, decode-only tokens/s, and mean distinct experts per layer per decode step."""
+) -> tuple[float, float, float, list[int]]:
+    """Total seconds, decode-only tokens/s, mean distinct experts per layer per decode step, and the first
+    prompt's generated tokens."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    for prompt in prompts:
+    first = engine.add_request(prompts[0], params)
+    for prompt in prompts[1:]:
         engine.add_request(prompt, params)
+    first_tokens: list[int] = []
     start = time.perf_counter()
-    engine.step()  # prefill (the whole batch fits the token budget)
+    outputs = engine.step()  # prefill (the whole batch fits the token budget)
     decode_start = time.perf_counter()
     touched_before = _experts_hit(transport)
     steps = 0
     while engine.has_unfinished():
-        engine.step()
+        first_tokens += [t for out in outputs if out.request_id == first for t in out.new_token_ids]
+        outputs = engine.step()
         steps += 1
     end = time.perf_counter()
+    first_tokens += [t for out in outputs if out.request_id == first for t in out.new_token_ids]
     touched = (_experts_hit(transport) - touched_before) / max(1, steps * engine.spec.num_layers)
-    return end - start, len(prompts) * steps / (end - decode_start), touched
+    return end - start, len(prompts) * steps / (end - decode_start), touched, first_tokens
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """min / median / max of per-repeat figures, rounded for the JSON line."""
+    return {
+        "min": round(min(values), 2),
+        "median": round(statistics.median(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _bytes_per_decode_step(spec: ModelSpec, batch: int, context: int, experts_touched: float, itemsize: int) -> int:
@@ -177,8 +207,15 @@ def _bytes_per_decode_step(spec: ModelSpec, batch: int, context: int, experts_to
 
 
 def run(
-    batches: list[int], prompt_len: int, new_tokens: int, ffn_shards: int, checkpoint: Path | None, repeats: int
+    batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    ffn_shards: int,
+    checkpoint: Path | None,
+    repeats: int,
+    peer: VllmPeer | None = None,
 ) -> tuple[list[BatchResult], dict[str, Any]]:
+    """Each batch size: warm-up, then `repeats` rounds of engine, transformers and (if given) the vLLM peer."""
     import transformers
 
     model_dir = checkpoint or ensure_checkpoint()
@@ -200,14 +237,21 @@ def run(
         _run_engine(engine, transport, prompts, 4)  # warm-up
         with torch.inference_mode():
             reference.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
-        # Engine and reference runs alternate, so a slow spell of a shared machine hits both sides alike.
-        runs, reference_s = [], float("inf")
+        if peer is not None:
+            peer.generate(prompts, 4)  # warm-up
+        # The sides alternate within each repeat, so a slow spell of a shared machine hits all of them alike.
+        runs, reference_s, peer_s = [], [], []
+        peer_tokens: list[int] = []
         for _ in range(repeats):
             runs.append(_run_engine(engine, transport, prompts, new_tokens))
             with torch.inference_mode():
                 start = time.perf_counter()
                 out = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-                reference_s = min(reference_s, time.perf_counter() - start)
+                reference_s.append(time.perf_counter() - start)
+            if peer is not None:
+                seconds, made, peer_tokens = peer.generate(prompts, new_tokens)
+                assert made == batch * new_tokens, f"vLLM made {made} tokens, expected {batch * new_tokens}"
+                peer_s.append(seconds)
         engine_s = min(r[0] for r in runs)
         decode_tok_s = max(r[1] for r in runs)
         touched = statistics.mean(r[2] for r in runs)
@@ -215,18 +259,25 @@ def run(
         tokens = batch * new_tokens
         step_bytes = _bytes_per_decode_step(spec, batch, prompt_len + new_tokens // 2, touched, 2)
         roofline = batch / (step_bytes / (bandwidth * 1e9))
+        vllm_tok_s = round(tokens / min(peer_s), 2) if peer_s else None
         results.append(
             BatchResult(
                 batch=batch,
                 engine_tok_s=round(tokens / engine_s, 2),
-                reference_tok_s=round(tokens / reference_s, 2),
-                ratio=round(reference_s / engine_s, 3),
+                reference_tok_s=round(tokens / min(reference_s), 2),
+                ratio=round(min(reference_s) / engine_s, 3),
                 engine_decode_tok_s=round(decode_tok_s, 2),
                 bytes_per_decode_step=step_bytes,
                 read_bandwidth_gbs=round(bandwidth, 2),
                 roofline_tok_s=round(roofline, 2),
                 roofline_share=round(decode_tok_s / roofline, 3),
                 experts_touched_per_layer=round(touched, 2),
+                engine_tok_s_spread=_spread([tokens / r[0] for r in runs]),
+                reference_tok_s_spread=_spread([tokens / s for s in reference_s]),
+                vllm_tok_s=vllm_tok_s,
+                vllm_tok_s_spread=_spread([tokens / s for s in peer_s]) if peer_s else None,
+                ratio_vs_vllm=round(min(peer_s) / engine_s, 3) if peer_s else None,
+                vllm_same_leading_tokens=_shared_prefix(runs[-1][3], peer_tokens) if peer_s else None,
             )
         )
         gc.collect()
@@ -244,6 +295,31 @@ def run(
     return results, context
 
 
+def _start_peer(
+    peer: str, python: str | None, preload: bool, model_dir: Path, max_batch: int, max_len: int
+) -> tuple[VllmPeer | None, dict[str, Any]]:
+    """The vLLM peer if asked for and runnable here, with what the JSON says about it (or why it is absent)."""
+    if peer == "none":
+        return None, {}
+    if peer != "vllm":
+        raise typer.BadParameter(f"unknown peer {peer!r}; the one peer is vllm", param_hint="--peer")
+    try:
+        started = VllmPeer(resolve_python(python), model_dir, "bfloat16", max_batch, max_len, preload)
+    except PeerUnavailable as exc:
+        return None, {"vllm_skipped": str(exc)}
+    return started, {"vllm": started.version, "vllm_preload": started.preloaded}
+
+
+def _kernels_context() -> dict[str, Any]:
+    from afd.kernels import native, tuning
+
+    module = native.load()
+    return {
+        "native_kernels": module.available_isa() if module is not None else f"off ({native.failure()})",
+        "linear_forms": tuning.choices(),
+    }
+
+
 def command(
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeatable).")] = None,
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 32,
@@ -254,30 +330,54 @@ def command(
         typer.Option(help="Checkpoint of any supported architecture; a random mid-size Qwen3-MoE if omitted."),
     ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per side, alternating; the best is reported.")] = 3,
+    peer: Annotated[str, typer.Option(help="Also run this engine alternating with ours: none or vllm.")] = "none",
+    peer_python: Annotated[
+        str | None, typer.Option(help="Interpreter of the vLLM virtualenv (default: $AFD_VLLM_PYTHON).")
+    ] = None,
+    peer_preload: Annotated[
+        bool, typer.Option(help="LD_PRELOAD tcmalloc and the venv's libiomp5 for vLLM, as vLLM recommends.")
+    ] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Only JSON lines, one per batch size.")] = False,
 ) -> None:
-    """AFD engine vs transformers generate on the same Qwen3-MoE in bf16, with a bandwidth roofline."""
-    results, context = run(batch or [1, 8, 32], prompt_len, new_tokens, ffn_shards, checkpoint, repeats)
+    """AFD engine vs transformers generate (and vLLM-CPU with --peer vllm) in bf16, with a bandwidth roofline."""
+    batches = batch or [1, 8, 32]
+    model_dir = checkpoint or ensure_checkpoint()
+    started, peer_context = _start_peer(
+        peer, peer_python, peer_preload, model_dir, max(batches), prompt_len + new_tokens + 16
+    )
+    if "vllm_skipped" in peer_context:
+        print(f"vLLM peer skipped: {peer_context['vllm_skipped']}")
+    try:
+        results, context = run(batches, prompt_len, new_tokens, ffn_shards, model_dir, repeats, started)
+    finally:
+        if started is not None:
+            started.close()
+    context |= peer_context | _kernels_context()
     for result in results:
         print(json.dumps(asdict(result) | context))
     if json_output:
         return
-    table = Table(title=f"AFD engine vs transformers ({context['dtype']}, {ffn_shards} FFN shards, in-process)")
-    for column in ("batch", "engine tok/s", "transformers tok/s", "ratio", "decode tok/s", "roofline tok/s", "share"):
+    with_peer = started is not None
+    title = f"AFD engine vs transformers{' and vLLM-CPU' if with_peer else ''} ({context['dtype']}, "
+    table = Table(title=title + f"{ffn_shards} FFN shards, in-process; tok/s median [min-max] of {repeats})")
+    columns = ["batch", "engine tok/s", "transformers tok/s", "vs tf"]
+    columns += ["vLLM tok/s", "vs vLLM"] if with_peer else []
+    columns += ["roofline tok/s", "share"]
+    for column in columns:
         table.add_column(column, justify="right")
+
+    def spread(s: dict[str, float] | None) -> str:
+        return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]" if s else "-"
+
     for r in results:
-        table.add_row(
-            str(r.batch),
-            f"{r.engine_tok_s:.1f}",
-            f"{r.reference_tok_s:.1f}",
-            f"{r.ratio:.2f}x",
-            f"{r.engine_decode_tok_s:.1f}",
-            f"{r.roofline_tok_s:.1f}",
-            f"{r.roofline_share:.0%}",
-        )
+        row = [str(r.batch), spread(r.engine_tok_s_spread), spread(r.reference_tok_s_spread), f"{r.ratio:.2f}x"]
+        row += [spread(r.vllm_tok_s_spread), f"{r.ratio_vs_vllm:.2f}x" if r.ratio_vs_vllm else "-"] if with_peer else []
+        row += [f"{r.roofline_tok_s:.1f}", f"{r.roofline_share:.0%}"]
+        table.add_row(*row)
     console = Console()
     console.print(table)
     console.print(
         f"read bandwidth {results[0].read_bandwidth_gbs} GB/s (reduction), copy {context['copy_bandwidth_gbs']} GB/s "
-        "(read + write); roofline = batch / (bytes per decode step / read bandwidth)"
+        "(read + write); roofline = batch / (bytes per decode step / read bandwidth); "
+        f"native kernels: {context['native_kernels']}"
     )
