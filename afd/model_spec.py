@@ -17,7 +17,17 @@ from typing import Any, Literal, cast
 from afd.errors import ConfigError, UnsupportedArchitectureError
 
 Family = Literal[
-    "llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+    "minimax",
 ]
 
 #: HF `architectures[0]` -> family. The single source of the supported list.
@@ -32,6 +42,7 @@ SUPPORTED_ARCHITECTURES: dict[str, Family] = {
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Glm4MoeForCausalLM": "glm4_moe",
     "GptOssForCausalLM": "gpt_oss",
+    "MiniMaxForCausalLM": "minimax",
 }
 
 RopeType = Literal["default", "linear", "llama3", "yarn"]
@@ -163,6 +174,38 @@ class LayerFfnSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LinearAttentionSpec:
+    """MiniMax lightning attention: layers whose attention is a decayed linear recurrence over a fixed-size
+    `[heads, head_dim, head_dim]` state per request instead of softmax over a KV cache."""
+
+    layers: tuple[int, ...]
+    """Layers with lightning attention (HF `layer_types` "linear_attention"); the others use softmax attention."""
+    block_size: int = 256
+    """Length of the blocks the reference computes a prefill in (MiniMax `block_size`)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"linear attention block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class ResidualScales:
+    """MiniMax's decoder layer: x = norm(h); h = alpha * x + beta * sublayer(x) - the residual is the normalised
+    input, and each sublayer kind has its own factors. The MLP's beta is its MoE `routed_scaling_factor`."""
+
+    full_attn_alpha: float = 1.0
+    """Residual factor after softmax attention."""
+    full_attn_beta: float = 1.0
+    """Output factor of softmax attention."""
+    linear_attn_alpha: float = 1.0
+    """Residual factor after lightning attention."""
+    linear_attn_beta: float = 1.0
+    """Output factor of lightning attention."""
+    mlp_alpha: float = 1.0
+    """Residual factor after the MLP."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     """A decoder-only transformer, as both halves of AFD see it."""
 
@@ -208,6 +251,10 @@ class ModelSpec:
     """Layers that attend only to the last `sliding_window` positions (HF `layer_types` "sliding_attention")."""
     attention_sinks: bool = False
     """Per-head learned logit added to every softmax denominator (gpt-oss `self_attn.sinks`)."""
+    linear_attention: LinearAttentionSpec | None = None
+    """MiniMax lightning-attention layers (a recurrent state per request, no KV cache); None when there are none."""
+    residual_scales: ResidualScales | None = None
+    """MiniMax's scaled residual around the normalised input; None for the usual pre-norm residual."""
     softmax_scale: float = 0.0
     """Attention logit scale; derived from the head size when 0."""
     eos_token_ids: tuple[int, ...] = ()
@@ -235,6 +282,12 @@ class ModelSpec:
             raise ConfigError(f"sliding layers {self.sliding_layers} outside [0, {self.num_layers})")
         if self.mla is not None and (self.sliding_layers or self.attention_sinks):
             raise ConfigError("sliding windows and attention sinks are not supported with MLA")
+        if self.linear_attention is not None:
+            linear = self.linear_attention.layers
+            if any(not 0 <= layer < self.num_layers for layer in linear):
+                raise ConfigError(f"linear attention layers {linear} outside [0, {self.num_layers})")
+            if self.mla is not None or set(linear) & set(self.sliding_layers):
+                raise ConfigError("linear attention layers cannot also be MLA or sliding-window layers")
         if self.softmax_scale == 0.0:
             object.__setattr__(self, "softmax_scale", self._default_softmax_scale())
 
@@ -262,6 +315,10 @@ class ModelSpec:
     def attention_window(self, layer: int) -> int | None:
         """Keys a query of `layer` may see counting back from itself, or None for full causal attention."""
         return self.sliding_window if layer in self.sliding_layers else None
+
+    def is_linear_attention(self, layer: int) -> bool:
+        """True for a lightning-attention layer (recurrent state, no paged KV cache)."""
+        return self.linear_attention is not None and layer in self.linear_attention.layers
 
     @property
     def kv_entry_width(self) -> int:
@@ -352,6 +409,7 @@ def _parse(arch: str, family: Family, c: _Config) -> ModelSpec:
         qk_norm=family in ("qwen3", "qwen3_moe") or (family == "glm4_moe" and bool(c.get("use_qk_norm"))),
         mla=mla,
         **_sliding_windows(family, c, num_layers),
+        **_minimax_attention(family, c, num_layers),
         attention_sinks=family == "gpt_oss",
         eos_token_ids=eos_ids,
         bos_token_id=c.get("bos_token_id"),
@@ -378,6 +436,8 @@ def _qkv_bias(family: Family, c: _Config) -> bool:
 
 def _partial_rotary_factor(family: Family, c: _Config) -> float:
     """Share of each head that rotates: transformers>=5 keeps it in `rope_parameters`, Hub configs at the top."""
+    if family == "minimax":
+        return 1.0  # the MiniMax reference rotates whole heads whatever partial_rotary_factor says
     params = c.get("rope_parameters", default=None) or {}
     # GLM-4.5's config class defaults to half-rotary when the key is absent.
     default = 0.5 if family == "glm4_moe" else 1.0
@@ -385,6 +445,42 @@ def _partial_rotary_factor(family: Family, c: _Config) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {value!r}")
     return float(value)
+
+
+def _minimax_attention(family: Family, c: _Config, num_layers: int) -> dict[str, Any]:
+    """MiniMax: which layers are lightning attention (HF `layer_types`, else the original config's
+    `attn_type_list` with 0 = linear, 1 = softmax, else the config class's alternation starting with softmax),
+    and the residual factors."""
+    if family != "minimax":
+        return {}
+    if c.get("sliding_window") is not None:
+        raise ConfigError("MiniMax sliding_window is not supported (the published models set none)")
+    types = c.get("layer_types", default=None)
+    if types is None and c.get("attn_type_list") is not None:
+        codes = c.get("attn_type_list")
+        if not isinstance(codes, list) or any(code not in (0, 1) for code in codes):
+            raise ConfigError(f"config.json attn_type_list must hold 0 (linear) or 1 (softmax), got {codes!r}")
+        types = ["full_attention" if code else "linear_attention" for code in codes]
+    if types is None:
+        types = ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(num_layers)]
+    if not isinstance(types, list) or len(types) != num_layers:
+        raise ConfigError(f"config.json layer_types must list {num_layers} layers, got {types!r}")
+    unknown = set(types) - {"linear_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(
+            f"layer_types {sorted(map(str, unknown))} are not supported for MiniMax; "
+            "supported: linear_attention, full_attention"
+        )
+    linear = tuple(i for i, kind in enumerate(types) if kind == "linear_attention")
+    scales = ResidualScales(
+        full_attn_alpha=c.float("full_attn_alpha_factor", default=1.0),
+        full_attn_beta=c.float("full_attn_beta_factor", default=1.0),
+        linear_attn_alpha=c.float("linear_attn_alpha_factor", default=1.0),
+        linear_attn_beta=c.float("linear_attn_beta_factor", default=1.0),
+        mlp_alpha=c.float("mlp_alpha_factor", default=1.0),
+    )
+    spec = LinearAttentionSpec(linear, c.int("block_size", default=256)) if linear else None
+    return {"linear_attention": spec, "residual_scales": scales}
 
 
 def _sliding_windows(family: Family, c: _Config, num_layers: int) -> dict[str, Any]:
@@ -488,12 +584,14 @@ def _parse_layer(family: Family, c: _Config, layer: int) -> LayerFfnSpec:
             shared_gate=shared > 0,
         )
         return LayerFfnSpec(kind="moe", moe=moe)
-    if family == "mixtral":
+    if family in ("mixtral", "minimax"):
         moe = MoeSpec(
             num_experts=c.int("num_local_experts"),
             top_k=c.int("num_experts_per_tok"),
             intermediate_size=c.int("intermediate_size"),
             norm_topk_prob=True,
+            # MiniMax scales the MLP output by mlp_beta_factor; every one of its MLPs is routed.
+            routed_scaling_factor=c.float("mlp_beta_factor", default=1.0) if family == "minimax" else 1.0,
         )
         return LayerFfnSpec(kind="moe", moe=moe)
     # DeepSeek-V2 / V3

@@ -40,7 +40,7 @@ class TensorNames:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self._moe_block = "block_sparse_moe" if spec.family == "mixtral" else "mlp"
+        self._moe_block = "block_sparse_moe" if spec.family in ("mixtral", "minimax") else "mlp"
 
     embed = "model.embed_tokens.weight"
     final_norm = "model.norm.weight"
@@ -55,6 +55,12 @@ class TensorNames:
     def attention(self, layer: int) -> dict[str, str]:
         """Attention-side tensors of one layer (norms, projections) keyed by role-local name."""
         p = self.layer(layer)
+        if self.spec.is_linear_attention(layer):
+            return {
+                "input_norm": p + "input_layernorm.weight",
+                "post_norm": p + "post_attention_layernorm.weight",
+                **self.linear_attention(layer),
+            }
         names = {
             "input_norm": p + "input_layernorm.weight",
             "post_norm": p + "post_attention_layernorm.weight",
@@ -90,6 +96,23 @@ class TensorNames:
             names["sinks"] = p + "self_attn.sinks"
         return names
 
+    def linear_attention(self, layer: int) -> dict[str, str]:
+        """MiniMax lightning-attention projections of `layer`: fused q/k/v `[3 * heads * head_dim, hidden]` (per
+        head q, k, v), output gate `[heads * head_dim, hidden]`, the norm over all heads, output projection."""
+        a = self.layer(layer) + "self_attn."
+        return {
+            "qkv_proj": a + "qkv_proj.weight",
+            "output_gate": a + "output_gate.weight",
+            "attn_norm": a + "norm.weight",
+            "out_proj": a + "out_proj.weight",
+        }
+
+    def linear_attention_decays(self, layer: int) -> dict[str, str]:
+        """The decay tables transformers saves beside a lightning layer's weights (persistent buffers, derived from
+        the config); read when a checkpoint has them, since the reference then uses the stored values."""
+        a = self.layer(layer) + "self_attn."
+        return {key: a + key for key in ("slope_rate", "query_decay", "key_decay", "diagonal_decay")}
+
     def router(self, layer: int) -> dict[str, str]:
         """Gate tensors of an MoE layer; they live on the attention side (top-k happens there)."""
         moe = self.spec.moe(layer)
@@ -116,7 +139,7 @@ class TensorNames:
         if self.fused_experts(layer) is not None:
             raise ValueError(f"{self.spec.architecture} stores experts fused; use fused_experts({layer})")
         p = f"{self.layer(layer)}{self._moe_block}.experts.{expert}."
-        if self.spec.family == "mixtral":
+        if self.spec.family in ("mixtral", "minimax"):
             return GatedMlpNames(p + "w1.weight", p + "w3.weight", p + "w2.weight")
         return _gated(p)
 
@@ -128,10 +151,12 @@ class TensorNames:
         return _gated(self.layer(layer) + "mlp.")
 
     def attention_role(self) -> list[str]:
-        """Every tensor the attention role reads."""
+        """Every tensor the attention role reads (MiniMax's decay tables only where the checkpoint stores them)."""
         names = [self.embed, self.final_norm, self.lm_head]
         for layer in range(self.spec.num_layers):
             names += self.attention(layer).values()
+            if self.spec.is_linear_attention(layer):
+                names += self.linear_attention_decays(layer).values()
             names += self.router(layer).values()
         return list(dict.fromkeys(names))
 

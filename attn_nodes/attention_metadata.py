@@ -23,6 +23,8 @@ class SequenceChunk:
     """Tokens already in the cache before this step."""
     num_tokens: int
     """Tokens computed this step."""
+    state_slot: int = -1
+    """Slot of the sequence's linear-attention state (KVCacheManager.state_slot); -1 when the model has none."""
 
 
 @dataclass(slots=True)
@@ -51,6 +53,8 @@ class AttentionMetadata:
     """`[num_seqs, max_query_len] int64` position of each padded query row (padding rows: 0)."""
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     """window -> its mask, built by the first sliding layer of the step and reused by the others."""
+    state_slots: torch.Tensor | None = None
+    """`[num_seqs] int64` linear-attention state slot of each sequence; None when no chunk has one."""
 
     def window_mask(self, window: int) -> torch.Tensor:
         """`[num_seqs, 1, max_query_len, max_context_len] bool` causal mask that also hides keys `window` or
@@ -81,6 +85,8 @@ class AttentionMetadata:
         context_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size
         ctx = torch.tensor(context_lens)
         last = torch.tensor(query_lens).cumsum(0) - 1
+        has_states = any(c.state_slot >= 0 for c in chunks)
+        state_slots = torch.tensor([c.state_slot for c in chunks], dtype=torch.int64) if has_states else None
         if max_q == 1:
             padding = None if min(context_lens) == max_ctx else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
             return cls(
@@ -94,6 +100,7 @@ class AttentionMetadata:
                 1,
                 last,
                 query_positions=positions.view(num_seqs, 1),
+                state_slots=state_slots,
             )
         offsets = torch.cat([torch.arange(n) for n in query_lens])
         query_index = seq_of_token * max_q + offsets
@@ -112,4 +119,5 @@ class AttentionMetadata:
             max_q,
             last,
             query_positions=padded_pos.view(num_seqs, max_q),
+            state_slots=state_slots,
         )

@@ -15,7 +15,7 @@ import torch
 
 from afd.checkpoint import CheckpointReader
 from afd.dtypes import resolve_dtype
-from afd.errors import RequestError
+from afd.errors import ConfigError, RequestError
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
@@ -24,6 +24,7 @@ from attn_nodes.attention_metadata import SequenceChunk
 from attn_nodes.config import EngineConfig
 from attn_nodes.dispatch import FfnDispatcher
 from attn_nodes.kv_cache import KVCacheManager, allocate_cache_tensors, blocks_for_budget
+from attn_nodes.linear_attention import LinearStateStore
 from attn_nodes.model import AttentionHalfModel
 from attn_nodes.request import Request, RequestOutput
 from attn_nodes.runner import Microbatch, ModelRunner
@@ -46,11 +47,25 @@ class AttentionEngine:
         self.max_model_len = max_model_len or model.rope.max_positions
         width = self.spec.kv_entry_width
         cfg = self.config
+        # Lightning-attention layers (MiniMax) keep a state per request instead of a paged cache: the states of
+        # max_num_seqs requests come out of the cache budget first, and only the other layers get KV tensors.
+        paged = [layer for layer in range(self.spec.num_layers) if not self.spec.is_linear_attention(layer)]
+        state_gib = cfg.max_num_seqs * LinearStateStore.bytes_per_slot(self.spec, model.dtype) / 2**30
+        if state_gib and cfg.num_kv_blocks is None and state_gib >= cfg.kv_cache_gib:
+            raise ConfigError(
+                f"the linear-attention states of max_num_seqs={cfg.max_num_seqs} requests need {state_gib:.3f} GiB, "
+                f"kv_cache_gib={cfg.kv_cache_gib} leaves nothing for the KV cache; raise it or lower max_num_seqs"
+            )
         num_blocks = cfg.num_kv_blocks or blocks_for_budget(
-            cfg.kv_cache_gib, self.spec.num_layers, cfg.block_size, width, model.dtype
+            cfg.kv_cache_gib - state_gib, max(1, len(paged)), cfg.block_size, width, model.dtype
         )
-        self.kv = KVCacheManager(num_blocks, cfg.block_size)
-        cache = allocate_cache_tensors(self.spec.num_layers, num_blocks, cfg.block_size, width, model.dtype)
+        states = LinearStateStore(self.spec, cfg.max_num_seqs, model.dtype) if state_gib else None
+        self.kv = KVCacheManager(num_blocks, cfg.block_size, states)
+        tensors = iter(allocate_cache_tensors(len(paged), num_blocks, cfg.block_size, width, model.dtype))
+        cache = [
+            states.layer(layer) if states is not None and layer not in paged else next(tensors)
+            for layer in range(self.spec.num_layers)
+        ]
         self.dispatcher = FfnDispatcher(self.spec, placement)
         self.runner = ModelRunner(model, cache, cfg.block_size, transport, self.dispatcher)
         self.scheduler = Scheduler(cfg, self.kv)
@@ -197,7 +212,14 @@ class AttentionEngine:
         start = 0  # flat row of this chunk's first token: the runner concatenates the chunks' tokens in order
         for c in group:
             r = c.request
-            chunks.append(SequenceChunk(self.kv.block_ids(r.request_id), r.num_computed_tokens, c.num_tokens))
+            chunks.append(
+                SequenceChunk(
+                    self.kv.block_ids(r.request_id),
+                    r.num_computed_tokens,
+                    c.num_tokens,
+                    self.kv.state_slot(r.request_id),
+                )
+            )
             tokens.append(r.token_ids(r.num_computed_tokens, r.num_computed_tokens + c.num_tokens))
             wants.append(c.completes_sequence)
             if r.params.prompt_logprobs is not None:

@@ -12,6 +12,7 @@ from collections import deque
 import torch
 
 from afd.errors import ConfigError
+from attn_nodes.linear_attention import LinearStateStore
 
 
 class BlockPool:
@@ -36,12 +37,16 @@ class BlockPool:
 
 
 class KVCacheManager:
-    """Block tables of the running requests."""
+    """Block tables of the running requests, and their linear-attention state slots when the model has any."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, states: LinearStateStore | None = None) -> None:
+        """`states`: the recurrent states of lightning-attention layers (MiniMax); a request then holds one slot
+        beside its blocks, taken by its first `allocate` and freed by `free`, so finish, abort and preemption
+        return it with the blocks."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self.states = states
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -50,18 +55,36 @@ class KVCacheManager:
         """Make room for `num_tokens` tokens of the request in total; False (nothing changed) if full."""
         table = self._tables.setdefault(request_id, [])
         missing = self.blocks_for(num_tokens) - len(table)
-        if missing <= 0:
+        new_state = self.states is not None and self.states.slot(request_id) < 0
+        if missing <= 0 and not new_state:
             return True
-        blocks = self.pool.take(missing)
+        if new_state and self.states is not None and self.states.num_free == 0:
+            if not table:
+                del self._tables[request_id]
+            return False
+        blocks = self.pool.take(max(missing, 0))
         if blocks is None:
             if not table:
                 del self._tables[request_id]
             return False
         table.extend(blocks)
+        if new_state and self.states is not None:
+            self.states.take(request_id)
         return True
 
     def free(self, request_id: str) -> None:
         self.pool.give_back(self._tables.pop(request_id, []))
+        if self.states is not None:
+            self.states.free(request_id)
+
+    def state_slot(self, request_id: str) -> int:
+        """The request's linear-attention state slot, or -1 (no slot, or the model has no lightning layers)."""
+        return -1 if self.states is None else self.states.slot(request_id)
+
+    @property
+    def num_free_state_slots(self) -> int:
+        """Linear-attention state slots free (0 when the model has none)."""
+        return 0 if self.states is None else self.states.num_free
 
     def block_ids(self, request_id: str) -> list[int]:
         return self._tables[request_id]

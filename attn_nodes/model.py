@@ -19,8 +19,9 @@ from afd.model_spec import ModelSpec, MoeSpec
 from afd.tensor_names import TensorNames
 from attn_nodes.attention import GqaAttention, MlaAttention, rms_norm
 from attn_nodes.attention_metadata import AttentionMetadata
-from attn_nodes.rope import RotaryEmbedding
+from attn_nodes.linear_attention import LightningAttention, decay_tables
 from attn_nodes.moe_gate import GateWeights, Routing, route
+from attn_nodes.rope import RotaryEmbedding
 
 
 @dataclass(slots=True)
@@ -29,9 +30,12 @@ class AttentionLayer:
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    attention: GqaAttention | MlaAttention
+    attention: GqaAttention | MlaAttention | LightningAttention
     gate: GateWeights | None
     moe: MoeSpec | None
+    residual_scales: tuple[float, float, float] | None = None
+    """MiniMax: (alpha, beta) around this layer's attention and the MLP's alpha (see ResidualScales); the
+    residual is then the normalised input. None: the usual pre-norm residual."""
 
 
 class AttentionHalfModel:
@@ -72,8 +76,12 @@ class AttentionHalfModel:
         layers = []
         for layer in range(spec.num_layers):
             w = {key: reader.get(name, shapes.get(key)) for key, name in names.attention(layer).items()}
-            if spec.mla:
-                attention: GqaAttention | MlaAttention = MlaAttention(spec, w, rope)
+            if spec.is_linear_attention(layer):
+                attention: GqaAttention | MlaAttention | LightningAttention = LightningAttention(
+                    spec, layer, w, _stored_decays(reader, names, spec, layer)
+                )
+            elif spec.mla:
+                attention = MlaAttention(spec, w, rope)
             else:
                 attention = GqaAttention(spec, w, rope, window=spec.attention_window(layer))
             moe = spec.moe(layer)
@@ -89,6 +97,14 @@ class AttentionHalfModel:
                     bias=reader.get(r["bias"], (moe.num_experts,)) if "bias" in r else None,
                 )
             layers.append(AttentionLayer(w["input_norm"], w["post_norm"], attention, gate, moe))
+            if spec.residual_scales is not None:
+                s = spec.residual_scales
+                linear = spec.is_linear_attention(layer)
+                layers[-1].residual_scales = (
+                    s.linear_attn_alpha if linear else s.full_attn_alpha,
+                    s.linear_attn_beta if linear else s.full_attn_beta,
+                    s.mlp_alpha,
+                )
         final_norm = reader.get(names.final_norm, (spec.hidden_size,))
         lm_head = embed if spec.tie_word_embeddings else reader.get(names.lm_head, (spec.vocab_size, spec.hidden_size))
         return cls(spec, embed, final_norm, lm_head, layers, rope)
@@ -112,8 +128,16 @@ class AttentionHalfModel:
         """
         weights = self.layers[layer]
         x = rms_norm(residual, weights.input_norm, self.spec.rms_norm_eps)
-        residual += weights.attention.forward(x, meta, cache, *rope_tables)
-        h = rms_norm(residual, weights.post_norm, self.spec.rms_norm_eps)
+        if weights.residual_scales is None:
+            residual += weights.attention.forward(x, meta, cache, *rope_tables)
+            h = rms_norm(residual, weights.post_norm, self.spec.rms_norm_eps)
+        else:
+            # MiniMax: each sublayer's residual is its normalised input, scaled; the FFN partials the caller adds
+            # are already scaled by the MLP's beta (the routing weights carry it).
+            attn_alpha, attn_beta, mlp_alpha = weights.residual_scales
+            residual.copy_(x * attn_alpha + weights.attention.forward(x, meta, cache, *rope_tables) * attn_beta)
+            h = rms_norm(residual, weights.post_norm, self.spec.rms_norm_eps)
+            residual.copy_(h * mlp_alpha)
         if weights.gate is None or weights.moe is None:
             return h, None
         return h, route(h, weights.gate, weights.moe)
@@ -121,6 +145,18 @@ class AttentionHalfModel:
     def logits(self, residual: torch.Tensor) -> torch.Tensor:
         """`[num_rows, hidden]` final residual rows -> `[num_rows, vocab] float32` logits."""
         return linear(rms_norm(residual, self.final_norm, self.spec.rms_norm_eps), self.lm_head).float()
+
+
+def _stored_decays(
+    reader: CheckpointReader, names: TensorNames, spec: ModelSpec, layer: int
+) -> dict[str, torch.Tensor] | None:
+    """The decay tables a checkpoint stores for lightning layer `layer` (transformers saves them), or None when
+    it stores none; their shapes must be those the config implies, as transformers checks when loading."""
+    stored = names.linear_attention_decays(layer)
+    if not all(reader.has(name) for name in stored.values()):
+        return None
+    expected = {key: tuple(t.shape) for key, t in decay_tables(spec, layer).items()}
+    return {key: reader.get(name, expected[key]).float() for key, name in stored.items()}
 
 
 def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -154,4 +190,8 @@ def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         "q_norm": (spec.head_dim,),
         "k_norm": (spec.head_dim,),
         "sinks": (spec.num_heads,),
+        "qkv_proj": (3 * q, hidden),
+        "output_gate": (q, hidden),
+        "attn_norm": (q,),
+        "out_proj": (hidden, q),
     }
