@@ -28,6 +28,7 @@ Family = Literal[
     "glm4_moe",
     "gpt_oss",
     "minimax",
+    "step3p5",
 ]
 
 #: HF `architectures[0]` -> family. The single source of the supported list.
@@ -43,15 +44,17 @@ SUPPORTED_ARCHITECTURES: dict[str, Family] = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "GptOssForCausalLM": "gpt_oss",
     "MiniMaxForCausalLM": "minimax",
+    "Step3p5ForCausalLM": "step3p5",
 }
 
 RopeType = Literal["default", "linear", "llama3", "yarn"]
 GateScoring = Literal["softmax", "sigmoid", "topk_softmax"]
 """softmax / sigmoid over all router logits, then top-k; topk_softmax: top-k logits, softmax over those (gpt-oss)."""
 GroupLimit = Literal["none", "group_max", "group_top2_sum"]
-ExpertActivation = Literal["swiglu", "clamped_swiglu"]
+ExpertActivation = Literal["swiglu", "clamped_swiglu", "limited_swiglu"]
 """swiglu: down(silu(gate) * up); clamped_swiglu: gpt-oss's down((clamp(up) + 1) * g * sigmoid(alpha * g)),
-g = gate clamped from above, with biases on both projections."""
+g = gate clamped from above, with biases on both projections; limited_swiglu: Step-3.5's
+down(min(silu(gate), limit) * clamp(up, -limit, limit))."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +150,12 @@ class MoeSpec:
     swiglu_alpha: float = 1.702
     """clamped_swiglu only: sigmoid gain of the gate."""
     swiglu_limit: float = 7.0
-    """clamped_swiglu only: bound of the gate (from above) and the up projection (both sides)."""
+    """clamped_swiglu / limited_swiglu only: bound of the gate (from above) and the up projection (both sides)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"need 1 <= top_k ({self.top_k}) <= num_experts ({self.num_experts})")
-        if self.activation == "clamped_swiglu" and self.swiglu_limit <= 0:
+        if self.activation in ("clamped_swiglu", "limited_swiglu") and self.swiglu_limit <= 0:
             raise ConfigError(f"swiglu_limit must be positive, got {self.swiglu_limit}")
         if self.group_limit != "none":
             if self.num_experts % self.n_group:
@@ -171,6 +174,9 @@ class LayerFfnSpec:
     """Width of the dense MLP (kind == "dense")."""
     moe: MoeSpec | None = None
     """Routed expert description (kind == "moe")."""
+    mlp_swiglu_limit: float = 0.0
+    """Step-3.5 `swiglu_limits_shared`: bound of min(silu(gate), limit) * clamp(up, +-limit) in this layer's
+    dense MLP or shared expert; 0 for the plain SwiGLU."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +251,16 @@ class ModelSpec:
     """Per-head RMSNorm on q and k before rope (Qwen3)."""
     mla: MlaSpec | None = None
     """Set for DeepSeek multi-head latent attention."""
+    sliding_num_heads: int = 0
+    """Query heads of the sliding layers when they differ from num_heads (Step-3.5); 0: num_heads. Key/value
+    heads and head size are the same on every layer, so is the KV cache entry."""
+    sliding_rope: RopeSpec | None = None
+    """Rotary embedding of the sliding layers when it differs from `rope` (Step-3.5: own theta and rotary share)."""
+    head_gate: bool = False
+    """Each head's attention output is scaled by sigmoid of its own projection of the layer input (Step-3.5
+    `self_attn.g_proj`)."""
+    norm_offset: bool = False
+    """Every RMSNorm scales by 1 + weight: the stored weights are offsets from one (Step-3.5)."""
     sliding_window: int = 0
     """Keys a query of a sliding layer sees, itself included (HF `sliding_window`); 0 when no layer slides."""
     sliding_layers: tuple[int, ...] = ()
@@ -276,6 +292,8 @@ class ModelSpec:
             raise ConfigError(f"{len(self.layers)} layer specs for {self.num_layers} layers")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.sliding_num_heads and (self.sliding_num_heads < 0 or self.sliding_num_heads % self.num_kv_heads):
+            raise ConfigError(f"sliding_num_heads {self.sliding_num_heads} not a multiple of {self.num_kv_heads}")
         if self.sliding_layers and self.sliding_window <= 0:
             raise ConfigError(f"sliding layers {self.sliding_layers} need a positive sliding_window")
         if any(not 0 <= layer < self.num_layers for layer in self.sliding_layers):
@@ -311,6 +329,12 @@ class ModelSpec:
 
     def moe(self, layer: int) -> MoeSpec | None:
         return self.layers[layer].moe
+
+    def layer_num_heads(self, layer: int) -> int:
+        """Query heads of `layer` (sliding layers may have their own count, see sliding_num_heads)."""
+        if self.sliding_num_heads and layer in self.sliding_layers:
+            return self.sliding_num_heads
+        return self.num_heads
 
     def attention_window(self, layer: int) -> int | None:
         """Keys a query of `layer` may see counting back from itself, or None for full causal attention."""
@@ -395,19 +419,23 @@ def _parse(arch: str, family: Family, c: _Config) -> ModelSpec:
         hidden_size=hidden,
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=num_heads if mla else c.int("num_key_value_heads", default=num_heads),
+        num_kv_heads=num_heads if mla else c.int("num_key_value_heads", "num_attention_groups", default=num_heads),
         head_dim=head_dim,
         rms_norm_eps=c.float("rms_norm_eps", default=1e-6),
         max_position_embeddings=c.int("max_position_embeddings", default=4096),
-        rope=_parse_rope(c, rotary_dim, interleaved=family == "deepseek_v2" or _v3_interleave(family, c)),
+        rope=_step3p5_ropes(c, num_layers, head_dim)[0]
+        if family == "step3p5"
+        else _parse_rope(c, rotary_dim, interleaved=family == "deepseek_v2" or _v3_interleave(family, c)),
         layers=tuple(_parse_layer(family, c, i) for i in range(num_layers)),
-        hidden_act=str(c.get("hidden_act", default="silu")),
+        # Step-3.5 configs say "swigluoai"; their reference computes silu with limits (LayerFfnSpec.mlp_swiglu_limit).
+        hidden_act="silu" if family == "step3p5" else str(c.get("hidden_act", default="silu")),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", default=False)),
         qkv_bias=_qkv_bias(family, c),
         o_bias=bool(c.get("attention_bias", default=family == "gpt_oss"))
         and family in ("llama", "qwen3", "qwen3_moe", "gpt_oss"),
-        qk_norm=family in ("qwen3", "qwen3_moe") or (family == "glm4_moe" and bool(c.get("use_qk_norm"))),
+        qk_norm=family in ("qwen3", "qwen3_moe", "step3p5") or (family == "glm4_moe" and bool(c.get("use_qk_norm"))),
         mla=mla,
+        **(_step3p5_attention(c, num_layers, head_dim) if family == "step3p5" else {}),
         **_sliding_windows(family, c, num_layers),
         **_minimax_attention(family, c, num_layers),
         attention_sinks=family == "gpt_oss",
@@ -557,6 +585,8 @@ def _parse_layer(family: Family, c: _Config, layer: int) -> LayerFfnSpec:
         return dense
     if family == "glm4_moe":
         return _parse_glm4_moe_layer(c, layer, dense)
+    if family == "step3p5":
+        return _parse_step3p5_layer(c, layer, dense)
     if family == "gpt_oss":
         moe = MoeSpec(
             num_experts=c.int("num_local_experts", "num_experts"),
@@ -645,6 +675,138 @@ def _parse_glm4_moe_layer(c: _Config, layer: int, dense: LayerFfnSpec) -> LayerF
         shared_intermediate_size=moe_inter * c.int("n_shared_experts", default=1),
     )
     return LayerFfnSpec(kind="moe", moe=moe)
+
+
+STEP3P5_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _step3p5_per_layer(c: _Config, key: str, num_layers: int) -> list[Any] | None:
+    """A per-layer list of a Step-3.5 config, without the entries that Hub configs append for their
+    `num_nextn_predict_layers` multi-token-prediction layers (which the engine does not run)."""
+    value = c.get(key)
+    if value is None:
+        return None
+    lengths = {num_layers, num_layers + c.int("num_nextn_predict_layers", default=0)}
+    if not isinstance(value, list) or len(value) not in lengths:
+        raise ConfigError(f"config.json {key} must list {num_layers} layers (+ MTP layers), got {value!r}")
+    return value[:num_layers]
+
+
+def _step3p5_layer_types(c: _Config, num_layers: int) -> list[str]:
+    types = _step3p5_per_layer(c, "layer_types", num_layers) or ["full_attention"] * num_layers
+    unknown = set(types) - set(STEP3P5_LAYER_TYPES)
+    if unknown:
+        supported = ", ".join(STEP3P5_LAYER_TYPES)
+        raise ConfigError(f"layer_types {sorted(map(str, unknown))} are not supported; supported: {supported}")
+    return types
+
+
+def _step3p5_ropes(c: _Config, num_layers: int, head_dim: int) -> tuple[RopeSpec, RopeSpec | None]:
+    """Step-3.5's rope of the full layers and, when it has sliding layers, theirs. Each layer type has its own
+    theta and rotary share: Hub configs list them per layer (`rope_theta`, `partial_rotary_factors`) and apply
+    `rope_scaling` to the types in `yarn_only_types`; transformers' Step3p7TextConfig saves `rope_parameters`
+    keyed by layer type (scaling merged into full_attention, its choice when yarn_only_types is absent)."""
+    types = _step3p5_layer_types(c, num_layers)
+    by_type = c.get("rope_parameters", default=None) or {}
+    specs: dict[str, RopeSpec] = {}
+    for kind in dict.fromkeys(types):
+        if isinstance(by_type.get(kind), dict):
+            params = dict(by_type[kind])
+        else:
+            first = types.index(kind)
+            theta = c.get("rope_theta", default=10000.0)
+            params = {"rope_type": "default", "rope_theta": theta[first] if isinstance(theta, list) else theta}
+            factors = _step3p5_per_layer(c, "partial_rotary_factors", num_layers)
+            if factors:
+                params["partial_rotary_factor"] = factors[first]
+            if kind in (c.get("yarn_only_types", default=None) or ["full_attention"]):
+                params.update(c.get("rope_scaling", default=None) or {})
+        share = params.get("partial_rotary_factor", 1.0)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"partial_rotary_factor of {kind} layers must be in (0, 1], got {share!r}")
+        rope_config = _Config({"rope_parameters": params, "max_position_embeddings": c.get("max_position_embeddings")})
+        specs[kind] = _parse_rope(rope_config, int(head_dim * share), interleaved=False)
+    full = specs.get("full_attention", specs.get("sliding_attention"))
+    assert full is not None
+    sliding = specs.get("sliding_attention")
+    return full, (sliding if sliding is not None and sliding != full else None)
+
+
+def _step3p5_attention(c: _Config, num_layers: int, head_dim: int) -> dict[str, Any]:
+    """Step-3.5's attention fields: sliding layers with their own query-head count (Hub `attention_other_setting`,
+    transformers' `num_sliding_attention_heads`) and rope, the per-head output gate, offset norms, and the
+    `query_pre_attn_scalar` softmax scale."""
+    if c.get("attention_bias", default=False):
+        raise ConfigError("Step-3.5 with attention_bias is not supported (the published checkpoints have none)")
+    types = _step3p5_layer_types(c, num_layers)
+    num_heads = c.int("num_attention_heads")
+    kv_heads = c.int("num_key_value_heads", "num_attention_groups", default=num_heads)
+    other = c.get("attention_other_setting", default=None) or {}
+    if not isinstance(other, dict):
+        raise ConfigError(f"config.json attention_other_setting must be an object, got {other!r}")
+    for key, value in (("num_attention_groups", kv_heads), ("num_key_value_heads", kv_heads), ("head_dim", head_dim)):
+        if key in other and other[key] != value:
+            # transformers' Step3p7 reads only num_attention_heads from it; so does the engine's one-width KV cache.
+            raise ConfigError(
+                f"attention_other_setting {key}={other[key]} differs from the full layers' {value}: sliding layers "
+                "with their own key/value heads or head size are not supported"
+            )
+    sliding_heads = c.int("num_sliding_attention_heads", default=int(other.get("num_attention_heads", num_heads)))
+    sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
+    fields: dict[str, Any] = {
+        "head_gate": bool(c.get("use_head_wise_attn_gate", default=True)),
+        "norm_offset": True,
+        "sliding_rope": _step3p5_ropes(c, num_layers, head_dim)[1],
+    }
+    if sliding:
+        fields |= {"sliding_window": c.int("sliding_window"), "sliding_layers": sliding}
+        if sliding_heads != num_heads:
+            fields["sliding_num_heads"] = sliding_heads
+    scalar = c.get("query_pre_attn_scalar")
+    if scalar is not None:
+        fields["softmax_scale"] = c.float("query_pre_attn_scalar") ** -0.5
+    return fields
+
+
+def _parse_step3p5_layer(c: _Config, layer: int, dense: LayerFfnSpec) -> LayerFfnSpec:
+    """Step-3.5: dense MLPs on the layers outside `moe_layers_enum` (Hub) / `mlp_layer_types` "dense"
+    (transformers; both default to layers 0-2), else sigmoid routing with a correction bias (`moe.router_bias`),
+    renormalised top-k, `moe_router_scaling_factor`, and an ungated shared expert; `swiglu_limits` bound the
+    routed experts, `swiglu_limits_shared` the shared expert or the dense MLP (0 or null: no bound)."""
+    num_layers = c.int("num_hidden_layers")
+    kinds = _step3p5_per_layer(c, "mlp_layer_types", num_layers)
+    if kinds is not None:
+        moe_layer = kinds[layer] == "sparse"
+    elif c.get("moe_layers_enum") is not None:
+        listed = c.get("moe_layers_enum")
+        items = listed.split(",") if isinstance(listed, str) else listed
+        try:
+            moe_layer = layer in {int(item) for item in items if str(item).strip()}
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config.json moe_layers_enum must list layer numbers, got {listed!r}") from exc
+    else:
+        moe_layer = layer >= 3
+    limits = _step3p5_per_layer(c, "swiglu_limits", num_layers) or [None] * num_layers
+    shared_limits = _step3p5_per_layer(c, "swiglu_limits_shared", num_layers) or [None] * num_layers
+    mlp_limit = float(shared_limits[layer] or 0.0)
+    if not moe_layer:
+        return LayerFfnSpec(
+            kind="dense", dense_intermediate_size=dense.dense_intermediate_size, mlp_swiglu_limit=mlp_limit
+        )
+    limit = float(limits[layer] or 0.0)
+    moe = MoeSpec(
+        num_experts=c.int("n_routed_experts", "moe_num_experts"),
+        top_k=c.int("num_experts_per_tok", "moe_top_k"),
+        intermediate_size=c.int("moe_intermediate_size"),
+        scoring="sigmoid",
+        norm_topk_prob=bool(c.get("norm_expert_weight", default=True)),
+        routed_scaling_factor=c.float("moe_router_scaling_factor", default=1.0),
+        correction_bias=bool(c.get("use_moe_router_bias", default=True)),
+        shared_intermediate_size=c.int("share_expert_dim", "share_expert_dims"),
+        activation="limited_swiglu" if limit else "swiglu",
+        swiglu_limit=limit or 7.0,
+    )
+    return LayerFfnSpec(kind="moe", moe=moe, mlp_swiglu_limit=mlp_limit)
 
 
 FINGERPRINT_IGNORED_KEYS = frozenset({"_name_or_path", "transformers_version"})

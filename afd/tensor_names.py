@@ -41,6 +41,8 @@ class TensorNames:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self._moe_block = "block_sparse_moe" if spec.family in ("mixtral", "minimax") else "mlp"
+        if spec.family == "step3p5":
+            self._moe_block = "moe"
 
     embed = "model.embed_tokens.weight"
     final_norm = "model.norm.weight"
@@ -94,6 +96,8 @@ class TensorNames:
             names["k_norm"] = p + "self_attn.k_norm.weight"
         if self.spec.attention_sinks:
             names["sinks"] = p + "self_attn.sinks"
+        if self.spec.head_gate:
+            names["g_proj"] = p + "self_attn.g_proj.weight"
         return names
 
     def linear_attention(self, layer: int) -> dict[str, str]:
@@ -123,7 +127,8 @@ class TensorNames:
             return {"gate": p + "router.weight", "bias": p + "router.bias"}
         names = {"gate": p + "gate.weight"}
         if moe.correction_bias:
-            names["correction_bias"] = p + "gate.e_score_correction_bias"
+            bias = "router_bias" if self.spec.family == "step3p5" else "gate.e_score_correction_bias"
+            names["correction_bias"] = p + bias
         if moe.shared_gate:
             names["shared_gate"] = p + "shared_expert_gate.weight"
         return names
@@ -135,15 +140,26 @@ class TensorNames:
         p = f"{self.layer(layer)}{self._moe_block}.experts."
         return FusedExpertNames(p + "gate_up_proj", p + "gate_up_proj_bias", p + "down_proj", p + "down_proj_bias")
 
+    def stacked_experts(self, layer: int) -> GatedMlpNames | None:
+        """Step-3.5 stores each projection of a layer's routed experts as one tensor, one row per expert: gate and
+        up `[num_experts, intermediate, hidden]`, down `[num_experts, hidden, intermediate]`; None elsewhere."""
+        if self.spec.family != "step3p5" or self.spec.moe(layer) is None:
+            return None
+        return _gated(f"{self.layer(layer)}{self._moe_block}.")
+
     def expert(self, layer: int, expert: int) -> GatedMlpNames:
         if self.fused_experts(layer) is not None:
             raise ValueError(f"{self.spec.architecture} stores experts fused; use fused_experts({layer})")
+        if self.stacked_experts(layer) is not None:
+            raise ValueError(f"{self.spec.architecture} stacks its experts; use stacked_experts({layer})")
         p = f"{self.layer(layer)}{self._moe_block}.experts.{expert}."
         if self.spec.family in ("mixtral", "minimax"):
             return GatedMlpNames(p + "w1.weight", p + "w3.weight", p + "w2.weight")
         return _gated(p)
 
     def shared_expert(self, layer: int) -> GatedMlpNames:
+        if self.spec.family == "step3p5":
+            return _gated(f"{self.layer(layer)}share_expert.")
         block = "shared_expert" if self.spec.family == "qwen2_moe" else "shared_experts"
         return _gated(f"{self.layer(layer)}mlp.{block}.")
 

@@ -24,6 +24,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Bit-identical to the reference models (normalise in float32, round to x's dtype, then scale by the
     weight in that dtype); F.rms_norm does the float32 part in one kernel.
     """
+    if weight.dtype != x.dtype:
+        # Offset norms (ModelSpec.norm_offset) keep 1 + weight in float32 and scale before rounding, as their
+        # reference does.
+        return (weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps)).to(x.dtype)
     return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 
@@ -121,21 +125,35 @@ class GqaAttention:
     """Multi-head / grouped-query attention with optional qkv bias and per-head q/k RMSNorm (Qwen3)."""
 
     def __init__(
-        self, spec: ModelSpec, w: dict[str, torch.Tensor], rope: RotaryEmbedding, window: int | None = None
+        self,
+        spec: ModelSpec,
+        w: dict[str, torch.Tensor],
+        rope: RotaryEmbedding,
+        window: int | None = None,
+        num_heads: int | None = None,
+        layer_rope: bool = False,
     ) -> None:
-        """`window`: this layer's sliding window (spec.attention_window), None for full causal attention."""
+        """`window`: this layer's sliding window (spec.attention_window), None for full causal attention;
+        `num_heads`: its query heads (spec.layer_num_heads), spec.num_heads when None; `layer_rope`: `rope` is this
+        layer's own (spec.sliding_rope), so forward takes its cos/sin from it instead of the model's tables."""
         self.spec = spec
         self.rope = rope
         self.window = window
+        self.num_heads = num_heads or spec.num_heads
+        self.layer_rope = layer_rope
         self.sinks = w.get("sinks")
         """`[num_heads]` attention sink logits (gpt-oss), or None."""
-        self.q_width = spec.num_heads * spec.head_dim
+        self.q_width = self.num_heads * spec.head_dim
         self.kv_width = spec.num_kv_heads * spec.head_dim
-        self.qkv = torch.cat((w["q_proj"], w["k_proj"], w["v_proj"]))
+        # Step-3.5's per-head output gate `[num_heads, hidden]` rides in the same matmul, after v.
+        self.head_gate = "g_proj" in w
+        self.qkv = torch.cat((w["q_proj"], w["k_proj"], w["v_proj"], *([w["g_proj"]] if self.head_gate else [])))
         self.qkv_bias = torch.cat((w["q_bias"], w["k_bias"], w["v_bias"])) if spec.qkv_bias else None
+        if self.qkv_bias is not None and self.head_gate:
+            raise ValueError("a per-head output gate with q/k/v biases is not supported")
         # q and k are normalised and rotated together as one [tokens, heads + kv_heads, head_dim] tensor.
         self.qk_norm = (
-            torch.cat((w["q_norm"].expand(spec.num_heads, -1), w["k_norm"].expand(spec.num_kv_heads, -1)))
+            torch.cat((w["q_norm"].expand(self.num_heads, -1), w["k_norm"].expand(spec.num_kv_heads, -1)))
             if spec.qk_norm
             else None
         )
@@ -150,24 +168,29 @@ class GqaAttention:
         sin: torch.Tensor,
     ) -> torch.Tensor:
         """`h: [num_tokens, hidden]` -> `[num_tokens, hidden]`; writes this step's K/V into `cache`."""
-        spec = self.spec
+        spec, heads = self.spec, self.num_heads
         n = h.shape[0]
         qkv = linear(h, self.qkv, self.qkv_bias)
-        qk = qkv[:, : self.q_width + self.kv_width].view(n, spec.num_heads + spec.num_kv_heads, spec.head_dim)
-        v = qkv[:, self.q_width + self.kv_width :]
+        qk = qkv[:, : self.q_width + self.kv_width].view(n, heads + spec.num_kv_heads, spec.head_dim)
+        v = qkv[:, self.q_width + self.kv_width : self.q_width + 2 * self.kv_width]
         if self.qk_norm is not None:
             qk = rms_norm(qk, self.qk_norm, spec.rms_norm_eps)
+        if self.layer_rope:
+            cos, sin = self.rope.tables(meta.positions)
         qk = self.rope.apply(qk, cos, sin)
-        q, k = qk[:, : spec.num_heads], qk[:, spec.num_heads :]
+        q, k = qk[:, :heads], qk[:, heads:]
         cache.index_copy_(0, meta.slot_mapping, torch.cat((k.reshape(n, -1), v), dim=1))
         context = _gather(cache, meta.context_slots)  # [num_seqs, ctx, 2 * kv_width]
         shape = (*context.shape[:2], spec.num_kv_heads, spec.head_dim)
         keys = context[..., : self.kv_width].view(shape)
         values = context[..., self.kv_width :].view(shape)
         if self.window is None and self.sinks is None:
-            out = _attend(q, keys, values, meta, spec.softmax_scale, gqa=spec.num_kv_heads != spec.num_heads)
+            out = _attend(q, keys, values, meta, spec.softmax_scale, gqa=spec.num_kv_heads != heads)
         else:
             out = _attend_windowed(q, keys, values, meta, spec.softmax_scale, self.window, self.sinks)
+        if self.head_gate:
+            gate = torch.sigmoid(qkv[:, self.q_width + 2 * self.kv_width :])  # [num_tokens, heads]
+            out = (out.view(n, heads, spec.head_dim) * gate.unsqueeze(-1)).view(n, -1)
         return linear(out, self.o_proj, self.o_bias)
 
 

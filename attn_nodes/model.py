@@ -70,12 +70,15 @@ class AttentionHalfModel:
         spec = spec or ModelSpec.from_pretrained(model_dir)
         reader = reader or CheckpointReader(model_dir, dtype=dtype)
         names = TensorNames(spec)
-        shapes = _attention_shapes(spec)
         embed = reader.get(names.embed, (spec.vocab_size, spec.hidden_size))
         rope = RotaryEmbedding(spec.rope, max_positions, embed.dtype)
+        sliding_rope = RotaryEmbedding(spec.sliding_rope, max_positions, embed.dtype) if spec.sliding_rope else None
         layers = []
         for layer in range(spec.num_layers):
+            shapes = _attention_shapes(spec, spec.layer_num_heads(layer))
             w = {key: reader.get(name, shapes.get(key)) for key, name in names.attention(layer).items()}
+            if spec.norm_offset:
+                w |= {key: _offset_norm(w[key]) for key in ("input_norm", "post_norm", "q_norm", "k_norm") if key in w}
             if spec.is_linear_attention(layer):
                 attention: GqaAttention | MlaAttention | LightningAttention = LightningAttention(
                     spec, layer, w, _stored_decays(reader, names, spec, layer)
@@ -83,7 +86,15 @@ class AttentionHalfModel:
             elif spec.mla:
                 attention = MlaAttention(spec, w, rope)
             else:
-                attention = GqaAttention(spec, w, rope, window=spec.attention_window(layer))
+                own_rope = sliding_rope if sliding_rope is not None and layer in spec.sliding_layers else None
+                attention = GqaAttention(
+                    spec,
+                    w,
+                    own_rope or rope,
+                    window=spec.attention_window(layer),
+                    num_heads=spec.layer_num_heads(layer),
+                    layer_rope=own_rope is not None,
+                )
             moe = spec.moe(layer)
             gate = None
             if moe is not None:
@@ -106,6 +117,8 @@ class AttentionHalfModel:
                     s.mlp_alpha,
                 )
         final_norm = reader.get(names.final_norm, (spec.hidden_size,))
+        if spec.norm_offset:
+            final_norm = _offset_norm(final_norm)
         lm_head = embed if spec.tie_word_embeddings else reader.get(names.lm_head, (spec.vocab_size, spec.hidden_size))
         return cls(spec, embed, final_norm, lm_head, layers, rope)
 
@@ -159,8 +172,15 @@ def _stored_decays(
     return {key: reader.get(name, expected[key]).float() for key, name in stored.items()}
 
 
-def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Expected shape of every attention-side tensor, so a mismatched checkpoint fails at load."""
+def _offset_norm(weight: torch.Tensor) -> torch.Tensor:
+    """The scale of a norm stored as an offset from one (ModelSpec.norm_offset), kept in float32: the reference
+    scales the float32 normalised input by 1 + weight before rounding (see attention.rms_norm)."""
+    return 1.0 + weight.float()
+
+
+def _attention_shapes(spec: ModelSpec, num_heads: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every attention-side tensor, so a mismatched checkpoint fails at load; `num_heads`:
+    the layer's query heads (spec.layer_num_heads), spec.num_heads when None."""
     hidden = spec.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"input_norm": (hidden,), "post_norm": (hidden,)}
     if spec.mla is not None:
@@ -177,7 +197,8 @@ def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             "o_proj": (hidden, heads * m.v_head_dim),
         }
         return shapes
-    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    heads = num_heads or spec.num_heads
+    q, kv = heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     return shapes | {
         "q_proj": (q, hidden),
         "k_proj": (kv, hidden),
@@ -189,7 +210,8 @@ def _attention_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         "o_bias": (hidden,),
         "q_norm": (spec.head_dim,),
         "k_norm": (spec.head_dim,),
-        "sinks": (spec.num_heads,),
+        "sinks": (heads,),
+        "g_proj": (heads, hidden),
         "qkv_proj": (3 * q, hidden),
         "output_gate": (q, hidden),
         "attn_norm": (q,),

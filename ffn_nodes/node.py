@@ -27,8 +27,9 @@ from afd.tensor_names import TensorNames
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.placement_proto import placement_from_proto
 from ffn_nodes.experts import ClampedSwigluExperts, StackedExperts
+from ffn_nodes.limited_swiglu import LimitedSwigluExperts
 from ffn_nodes.server import FfnNodeServer, FfnServerConfig
-from ffn_nodes.shard import load_fused_experts
+from ffn_nodes.shard import load_fused_experts, load_stacked_experts
 
 log = logging.getLogger("afd.ffn")
 
@@ -171,9 +172,11 @@ def ffn_us_per_token_expert(model_dir: str | Path, spec: ModelSpec, dtype: torch
     names = TensorNames(spec)
     layer = next((i for i, spec_layer in enumerate(spec.layers) if spec_layer.moe is not None), 0)
     moe = spec.layers[layer].moe
-    experts: StackedExperts | ClampedSwigluExperts
+    experts: StackedExperts | ClampedSwigluExperts | LimitedSwigluExperts
     if names.fused_experts(layer) is not None:  # gpt-oss stacks its experts in one tensor per projection
         experts = load_fused_experts(reader, names, spec, layer, (0,))
+    elif names.stacked_experts(layer) is not None:  # Step-3.5: one tensor per projection, one row per expert
+        experts = load_stacked_experts(reader, names, spec, layer, (0,))
     else:
         n = names.expert(layer, 0) if moe is not None else names.dense_mlp(layer)
         gate, up, down = reader.get(n.gate), reader.get(n.up), reader.get(n.down)

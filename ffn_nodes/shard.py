@@ -18,13 +18,14 @@ from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.tensor_names import GatedMlpNames, TensorNames
 from ffn_nodes.experts import ClampedSwigluExperts, MlpSlice, StackedExperts
+from ffn_nodes.limited_swiglu import LimitedMlpSlice, LimitedSwigluExperts
 
 
 @dataclass(slots=True)
 class LayerShard:
     """What this node computes for one layer."""
 
-    experts: StackedExperts | ClampedSwigluExperts | None = None
+    experts: StackedExperts | ClampedSwigluExperts | LimitedSwigluExperts | None = None
     """Routed experts held here (MoE layers)."""
     shared: MlpSlice | None = None
     """Slice of the shared expert(s) (MoE layers that have them)."""
@@ -78,12 +79,22 @@ class FfnShard:
                 if moe.shared_intermediate_size:
                     bounds = placement.slice_bounds(node, moe.shared_intermediate_size)
                     shard.shared = _load_slice(
-                        reader, names.shared_expert(layer), spec, bounds, moe.shared_intermediate_size
+                        reader,
+                        names.shared_expert(layer),
+                        spec,
+                        bounds,
+                        moe.shared_intermediate_size,
+                        layer_spec.mlp_swiglu_limit,
                     )
             else:
                 size = layer_spec.dense_intermediate_size
                 shard.dense = _load_slice(
-                    reader, names.dense_mlp(layer), spec, placement.slice_bounds(node, size), size
+                    reader,
+                    names.dense_mlp(layer),
+                    spec,
+                    placement.slice_bounds(node, size),
+                    size,
+                    layer_spec.mlp_swiglu_limit,
                 )
             layers.append(shard)
         return cls(spec, placement, node_id, layers)
@@ -134,10 +145,12 @@ def _load_experts(
     layer: int,
     ids: tuple[int, ...],
     inter: int,
-) -> StackedExperts | ClampedSwigluExperts:
+) -> StackedExperts | ClampedSwigluExperts | LimitedSwigluExperts:
     """The experts `ids` of `layer`, reading only their tensors (only their rows of fused tensors)."""
     if names.fused_experts(layer) is not None:
         return load_fused_experts(reader, names, spec, layer, ids)
+    if names.stacked_experts(layer) is not None:
+        return load_stacked_experts(reader, names, spec, layer, ids)
     hidden = spec.hidden_size
     gate_up, down = [], []
     for expert in ids:
@@ -167,9 +180,32 @@ def load_fused_experts(
     return ClampedSwigluExperts(gate_up, gate_up_bias, down, down_bias, moe.swiglu_alpha, moe.swiglu_limit)
 
 
+def load_stacked_experts(
+    reader: CheckpointReader, names: TensorNames, spec: ModelSpec, layer: int, ids: tuple[int, ...]
+) -> StackedExperts | LimitedSwigluExperts:
+    """Step-3.5 experts `ids` of `layer`: only their rows of the per-projection stacked tensors (see
+    TensorNames.stacked_experts), which already have the compute's `[out, in]` rows."""
+    stacked, moe = names.stacked_experts(layer), spec.moe(layer)
+    assert stacked is not None and moe is not None
+    hidden, inter, total = spec.hidden_size, moe.intermediate_size, moe.num_experts
+    gate = reader.get_rows(stacked.gate, ids, (total, inter, hidden))
+    up = reader.get_rows(stacked.up, ids, (total, inter, hidden))
+    down = reader.get_rows(stacked.down, ids, (total, hidden, inter))
+    gate_up = torch.cat((gate, up), dim=1)
+    if moe.activation == "limited_swiglu":
+        return LimitedSwigluExperts(gate_up, down, moe.swiglu_limit)
+    return StackedExperts(gate_up, down)
+
+
 def _load_slice(
-    reader: CheckpointReader, n: GatedMlpNames, spec: ModelSpec, bounds: tuple[int, int], size: int
+    reader: CheckpointReader,
+    n: GatedMlpNames,
+    spec: ModelSpec,
+    bounds: tuple[int, int],
+    size: int,
+    limit: float = 0.0,
 ) -> MlpSlice | None:
+    """Columns [start, end) of a dense MLP / shared expert; `limit` > 0 bounds its SwiGLU (Step-3.5)."""
     start, end = bounds
     if end <= start:
         return None
@@ -177,4 +213,6 @@ def _load_slice(
     gate = reader.get_slice(n.gate, 0, start, end, full_shape=(size, hidden))
     up = reader.get_slice(n.up, 0, start, end, full_shape=(size, hidden))
     down = reader.get_slice(n.down, 1, start, end, full_shape=(hidden, size))
+    if limit:
+        return LimitedMlpSlice(torch.cat((gate, up)), down, limit)
     return MlpSlice(torch.cat((gate, up)), down)
