@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from tests import step3p5_reference
+
 COMMON: dict[str, Any] = {
     "vocab_size": 160,
     "hidden_size": 64,
@@ -199,6 +201,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
         },
     ),
+    # Step-3.5: no transformers causal-LM class; tests.step3p5_reference builds it (Hub layout) and its reference.
+    "step3p5": ("Step3p5ForCausalLM", {}),
     # gpt-oss: sliding (6 keys) / full / sliding layers, attention sinks, q/k/v/o bias, router bias, expert biases,
     # a SwiGLU clamp small enough to bite on these activations, yarn rope without truncation.
     "gpt_oss": (
@@ -270,6 +274,8 @@ def build_with_tokenizer(name: str, directory: Path, tokenizer_dir: Path, seed: 
     build_checkpoint(name, directory, seed, overrides={"vocab_size": vocab_size})
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / file, directory / file)
+    if name == "step3p5":
+        return step3p5_reference.build_checkpoint(directory, seed, overrides)
     return directory
 
 
@@ -302,6 +308,8 @@ FP8_DEEPSEEK_V3: dict[str, Any] = {
 
 def build_fp8_checkpoint(directory: Path, seed: int = 0, block: tuple[int, int] = (128, 128)) -> tuple[Path, Path]:
     """A random bf16 DeepSeek-V3 quantised to fp8 with `block` scales: (`directory/fp8`, two shards and an index,
+    if json.loads((directory / "config.json").read_text()).get("architectures") == [step3p5_reference.ARCHITECTURE]:
+        return step3p5_reference.reference_model(directory)
     as published) and the same weights dequantised to fp32 (`directory/dequantized`, for transformers).
 
     The reference dequantisation below multiplies each block by its scale with plain slicing, on purpose

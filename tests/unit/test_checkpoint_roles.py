@@ -39,6 +39,8 @@ def test_roles_partition_the_checkpoint(arch, tiny_checkpoint):
         if ".experts." in n
         or ".shared_expert." in n
         or ".shared_experts." in n
+        or ".share_expert." in n  # Step-3.5's shared expert, and its stacked experts below
+        or n.endswith(("moe.gate_proj.weight", "moe.up_proj.weight", "moe.down_proj.weight"))
         or n.endswith(("mlp.gate_proj.weight", "mlp.down_proj.weight"))
     }
     assert mlp_tensors and not attention_reader.tensors_read & mlp_tensors
@@ -52,7 +54,7 @@ def test_roles_partition_the_checkpoint(arch, tiny_checkpoint):
         assert not reader.tensors_read & attention_reader.tensors_read
         held = set(placement.experts[index])
         for name in reader.tensors_read:
-            if name in reader.rows_read:  # a stacked tensor of all experts (gpt-oss): only the held rows
+            if name in reader.rows_read:  # a stacked tensor of all experts (gpt-oss, Step-3.5): only the held rows
                 assert reader.rows_read[name] == held, f"{node} read rows {reader.rows_read[name]} of {name}"
             elif ".experts." in name:
                 assert int(name.split(".experts.")[1].split(".")[0]) in held, f"{node} read foreign {name}"
@@ -66,7 +68,7 @@ def test_roles_partition_the_checkpoint(arch, tiny_checkpoint):
     for name in stacked:
         rows = [row for node_rows in row_reads for row in node_rows.get(name, ())]
         assert sorted(rows) == list(range(spec.num_experts)), f"rows of {name} read {sorted(rows)}"
-    assert (spec.family == "gpt_oss") == bool(stacked)
+    assert (spec.family in ("gpt_oss", "step3p5")) == bool(stacked)
     assert attention_reader.tensors_read.union(*ffn_reads) == _all_tensors(directory)
 
 

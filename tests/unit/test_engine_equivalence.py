@@ -75,7 +75,7 @@ def test_chunked_prefill_matches(references):
     assert inprocess_engine(directory, 2, config).generate(PROMPTS, GREEDY) == expected
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen2", "step3p5"])
 def test_sliding_windows_across_prefill_chunks_and_microbatches(arch, references):
     """A 6-key window whose keys come from earlier prefill chunks (5-token chunks of a 19-token prompt), and
     microbatches that each build their own window mask."""
