@@ -229,6 +229,31 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    # MiniMax-M1 / Text-01: lightning (linear) layers on both sides of a softmax layer and two in a row, a
+    # 4-token prefill block (every test prompt but one spans several, the last one partial), residual factors
+    # away from 1 on every sublayer kind, and a config eps unlike the 1e-6 of the lightning layers' own norm.
+    "minimax": (
+        "MiniMaxConfig",
+        {
+            **COMMON,
+            "rms_norm_eps": 1e-5,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 48,
+            "num_local_experts": 6,
+            "num_experts_per_tok": 2,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+            "block_size": 4,
+            "full_attn_alpha_factor": 1.5,
+            "full_attn_beta_factor": 0.75,
+            "linear_attn_alpha_factor": 1.25,
+            "linear_attn_beta_factor": 1.5,
+            "mlp_alpha_factor": 1.25,
+            "mlp_beta_factor": 0.75,
+        },
+    ),
 }
 
 # Parameters the transformers initialisers leave at zero (or near it) whose effect the tests must see.
@@ -249,6 +274,8 @@ def build_checkpoint(name: str, directory: Path, seed: int = 0, overrides: dict[
     `overrides` replace entries of its test config."""
     import transformers
 
+    if name == "step3p5":
+        return step3p5_reference.build_checkpoint(directory, seed, overrides)
     config_class, kwargs = CONFIGS[name]
     config = getattr(transformers, config_class)(**(kwargs | (overrides or {})))
     torch.manual_seed(seed)
@@ -274,8 +301,6 @@ def build_with_tokenizer(name: str, directory: Path, tokenizer_dir: Path, seed: 
     build_checkpoint(name, directory, seed, overrides={"vocab_size": vocab_size})
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / file, directory / file)
-    if name == "step3p5":
-        return step3p5_reference.build_checkpoint(directory, seed, overrides)
     return directory
 
 
@@ -283,6 +308,8 @@ def reference_model(directory: Path) -> Any:
     """The transformers model of a checkpoint, in eval mode, never stopping on EOS."""
     import transformers
 
+    if json.loads((directory / "config.json").read_text()).get("architectures") == [step3p5_reference.ARCHITECTURE]:
+        return step3p5_reference.reference_model(directory)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model.generation_config.eos_token_id = None
     return model.eval()
@@ -308,8 +335,6 @@ FP8_DEEPSEEK_V3: dict[str, Any] = {
 
 def build_fp8_checkpoint(directory: Path, seed: int = 0, block: tuple[int, int] = (128, 128)) -> tuple[Path, Path]:
     """A random bf16 DeepSeek-V3 quantised to fp8 with `block` scales: (`directory/fp8`, two shards and an index,
-    if json.loads((directory / "config.json").read_text()).get("architectures") == [step3p5_reference.ARCHITECTURE]:
-        return step3p5_reference.reference_model(directory)
     as published) and the same weights dequantised to fp32 (`directory/dequantized`, for transformers).
 
     The reference dequantisation below multiplies each block by its scale with plain slicing, on purpose

@@ -56,7 +56,7 @@ def test_first_step_logits_match_transformers(arch, references):
         request_id = engine.add_request(prompt, GREEDY)
         request = engine.requests[request_id]
         assert engine.kv.allocate(request_id, len(prompt))
-        chunk = SequenceChunk(engine.kv.block_ids(request_id), 0, len(prompt))
+        chunk = SequenceChunk(engine.kv.block_ids(request_id), 0, len(prompt), engine.kv.state_slot(request_id))
         (logits,) = engine.runner.forward([engine.runner.prepare([chunk], [prompt], [True])])
         torch.testing.assert_close(logits[0], expected, atol=LOGITS_ATOL, rtol=0)
         engine.abort(request.request_id)
