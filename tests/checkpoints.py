@@ -229,6 +229,31 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             },
         },
     ),
+    # MiniMax-M1 / Text-01: lightning (linear) layers on both sides of a softmax layer and two in a row, a
+    # 4-token prefill block (every test prompt but one spans several, the last one partial), residual factors
+    # away from 1 on every sublayer kind, and a config eps unlike the 1e-6 of the lightning layers' own norm.
+    "minimax": (
+        "MiniMaxConfig",
+        {
+            **COMMON,
+            "rms_norm_eps": 1e-5,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 48,
+            "num_local_experts": 6,
+            "num_experts_per_tok": 2,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+            "block_size": 4,
+            "full_attn_alpha_factor": 1.5,
+            "full_attn_beta_factor": 0.75,
+            "linear_attn_alpha_factor": 1.25,
+            "linear_attn_beta_factor": 1.5,
+            "mlp_alpha_factor": 1.25,
+            "mlp_beta_factor": 0.75,
+        },
+    ),
 }
 
 # Parameters the transformers initialisers leave at zero (or near it) whose effect the tests must see.
