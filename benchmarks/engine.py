@@ -203,7 +203,15 @@ def _bytes_per_decode_step(spec: ModelSpec, batch: int, context: int, experts_to
             ffn += 3 * hidden * moe.shared_intermediate_size
     head = spec.vocab_size * hidden + hidden + batch * hidden
     kv_cache = batch * context * spec.kv_entry_width * layers
-    return int((layers * attention + ffn + head + kv_cache) * itemsize)
+    all_attention = layers * attention
+    if spec.linear_attention is not None:
+        # MiniMax lightning layers read qkv, output gate, norm and output projections, and per request a
+        # [heads, d, d] state (read and written), instead of q/k/v/o and a KV cache that grows with the context.
+        linear = len(spec.linear_attention.layers)
+        lightning = hidden * 3 * q + hidden * q + q * hidden + q + 2 * hidden
+        all_attention = (layers - linear) * attention + linear * lightning
+        kv_cache = batch * (context * spec.kv_entry_width * (layers - linear) + 2 * linear * q * spec.head_dim)
+    return int((all_attention + ffn + head + kv_cache) * itemsize)
 
 
 def run(
