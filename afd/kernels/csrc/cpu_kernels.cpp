@@ -47,25 +47,36 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
-// acc[i * kRowsPerTile + j] = dot(x row i, w row j) over k in [0, K), for i < inputs, j < rows.
+// acc[i * kRowsPerTile + j] = dot(x row i, w row j) over k in [0, K), for i < Inputs, j < rows. Inputs is a
+// template argument so that the accumulators stay in registers (a runtime bound made the compiler keep
+// them on the stack, which halved the rate for more than one input row).
+template <int Inputs>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_avx512bf16(
-    const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K, float* acc) {
-  __m512 sums[kInputsPerTile][kRowsPerTile];
-  for (auto& row : sums)
-    for (auto& s : row) s = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const int64_t left = K - k;
-    const __mmask32 mask = left >= 32 ? ~__mmask32(0) : __mmask32((1u << left) - 1);
+    const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int64_t K, float* acc) {
+  __m512 sums[Inputs][kRowsPerTile];
+  for (int i = 0; i < Inputs; ++i)
+    for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm512_setzero_ps();
+  const uint16_t* wr[kRowsPerTile];
+  for (int j = 0; j < kRowsPerTile; ++j) wr[j] = w + (j < rows ? j : 0) * ldw;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
     __m512bh wv[kRowsPerTile];
-    for (int j = 0; j < kRowsPerTile; ++j)
-      wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (j < rows ? j : 0) * ldw + k);
-    for (int i = 0; i < kInputsPerTile; ++i) {
-      if (i >= inputs) break;
+    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+    for (int i = 0; i < Inputs; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * ldx + k);
+      for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], wv[j], xv);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = __mmask32((1u << (K - k)) - 1);
+    __m512bh wv[kRowsPerTile];
+    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[j] + k);
+    for (int i = 0; i < Inputs; ++i) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
       for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], wv[j], xv);
     }
   }
-  for (int i = 0; i < inputs; ++i)
+  for (int i = 0; i < Inputs; ++i)
     for (int j = 0; j < rows; ++j) acc[i * kRowsPerTile + j] = _mm512_reduce_add_ps(sums[i][j]);
 }
 
@@ -88,34 +99,46 @@ __attribute__((target("avx2,fma"))) float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Same contract as tile_avx512bf16, two input rows per pass (16 ymm registers).
+// Same contract as tile_avx512bf16 (16 ymm registers: at most two input rows per pass).
+template <int Inputs>
 __attribute__((target("avx2,fma"))) void tile_avx2(
-    const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K, float* acc) {
-  for (int i0 = 0; i0 < inputs; i0 += 2) {
-    const int pair = std::min(2, inputs - i0);
-    __m256 sums[2][kRowsPerTile];
-    for (auto& row : sums)
-      for (auto& s : row) s = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-      const int64_t left = K - k;
-      __m256 wv[kRowsPerTile];
-      for (int j = 0; j < kRowsPerTile; ++j) wv[j] = widen_bf16(w + (j < rows ? j : 0) * ldw + k, left);
-      for (int i = 0; i < pair; ++i) {
-        const __m256 xv = widen_bf16(x + (i0 + i) * ldx + k, left);
-        for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm256_fmadd_ps(wv[j], xv, sums[i][j]);
-      }
+    const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int64_t K, float* acc) {
+  static_assert(Inputs <= 2, "AVX2 has registers for two input rows per pass");
+  __m256 sums[Inputs][kRowsPerTile];
+  for (int i = 0; i < Inputs; ++i)
+    for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm256_setzero_ps();
+  const uint16_t* wr[kRowsPerTile];
+  for (int j = 0; j < kRowsPerTile; ++j) wr[j] = w + (j < rows ? j : 0) * ldw;
+  for (int64_t k = 0; k < K; k += 8) {
+    const int64_t left = K - k;
+    __m256 wv[kRowsPerTile];
+    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = widen_bf16(wr[j] + k, left);
+    for (int i = 0; i < Inputs; ++i) {
+      const __m256 xv = widen_bf16(x + i * ldx + k, left);
+      for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm256_fmadd_ps(wv[j], xv, sums[i][j]);
     }
-    for (int i = 0; i < pair; ++i)
-      for (int j = 0; j < rows; ++j) acc[(i0 + i) * kRowsPerTile + j] = hsum256(sums[i][j]);
   }
+  for (int i = 0; i < Inputs; ++i)
+    for (int j = 0; j < rows; ++j) acc[i * kRowsPerTile + j] = hsum256(sums[i][j]);
 }
 
+// One pass of up to kInputsPerTile input rows over a tile of weight rows, on this CPU's instruction set.
 inline void tile(const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K,
                  float* acc) {
-  if (kIsa == Isa::kAvx512Bf16)
-    tile_avx512bf16(w, ldw, rows, x, ldx, inputs, K, acc);
-  else
-    tile_avx2(w, ldw, rows, x, ldx, inputs, K, acc);
+  if (kIsa == Isa::kAvx512Bf16) {
+    switch (inputs) {
+      case 1: return tile_avx512bf16<1>(w, ldw, rows, x, ldx, K, acc);
+      case 2: return tile_avx512bf16<2>(w, ldw, rows, x, ldx, K, acc);
+      case 3: return tile_avx512bf16<3>(w, ldw, rows, x, ldx, K, acc);
+      default: return tile_avx512bf16<4>(w, ldw, rows, x, ldx, K, acc);
+    }
+  }
+  for (int i0 = 0; i0 < inputs; i0 += 2) {
+    if (inputs - i0 >= 2)
+      tile_avx2<2>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile);
+    else
+      tile_avx2<1>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile);
+  }
 }
 
 // y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m.
