@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from afd import kernels
 from afd.kernels import linear
 from afd.model_spec import ModelSpec
 from attn_nodes.attention_metadata import AttentionMetadata
@@ -28,6 +29,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Offset norms (ModelSpec.norm_offset) keep 1 + weight in float32 and scale before rounding, as their
         # reference does.
         return (weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps)).to(x.dtype)
+    fused = kernels.rms_norm(x, weight, eps)
+    if fused is not None:
+        return fused
     return weight * F.rms_norm(x, (x.shape[-1],), None, eps)
 
 

@@ -197,3 +197,31 @@ def test_bf16_engine_tokens_agree_with_and_without_native_kernels(
     finally:
         tuning.reset()
     assert fast == eager
+
+
+@pytest.mark.parametrize(
+    ("shape", "weight_shape"), [((1, 1024), (1024,)), ((7, 1000), (1000,)), ((3, 20, 64), (20, 64)), ((5, 4, 8), (8,))]
+)
+def test_rms_norm_is_bit_identical_to_torch(kernels, shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> None:
+    x, weight = _bf16(*shape, seed=9), (_bf16(*weight_shape, scale=0.1, seed=10) + 1)
+    assert torch.equal(kernels.rms_norm_bf16(x, weight, 1e-6), weight * F.rms_norm(x, (shape[-1],), None, 1e-6))
+
+
+def test_rms_norm_reads_strided_heads_in_place(kernels) -> None:
+    """q/k norm reads [tokens, heads, head_dim] as a view into the fused qkv output (rows strided)."""
+    qkv = _bf16(3, 2000, seed=11)
+    heads = qkv[:, :1280].view(3, 20, 64)
+    weight = _bf16(20, 64, seed=12)
+    assert not heads.is_contiguous()
+    assert torch.equal(kernels.rms_norm_bf16(heads, weight, 1e-6), weight * F.rms_norm(heads, (64,), None, 1e-6))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernels.rms_norm_bf16(heads, _bf16(4, 64), 1e-6)
+
+
+def test_rms_norm_interface_declines_what_it_does_not_serve(kernels) -> None:
+    from afd.kernels import rms_norm
+
+    x = _bf16(2, 16)
+    assert rms_norm(x.float(), _bf16(16).float(), 1e-6) is None  # fp32: torch's path
+    assert rms_norm(x.T, _bf16(2), 1e-6) is None  # last dim not contiguous
+    assert torch.equal(rms_norm(x, _bf16(16), 1e-6), _bf16(16) * F.rms_norm(x, (16,), None, 1e-6))

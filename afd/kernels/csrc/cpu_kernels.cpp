@@ -290,8 +290,56 @@ torch::Tensor moe_swiglu_bf16(const torch::Tensor& hidden, const torch::Tensor& 
   return counts;
 }
 
+// RMSNorm over the last dim of x ([rows, D] or [rows, groups, D], last dim contiguous, any outer strides) with
+// weight [groups, D] (or [D]): out = bf16(w * bf16(x * 1 / sqrt(mean(x^2) + eps))), the reference's two
+// roundings. One call replaces the eight small torch ops F.rms_norm decomposes into for bf16 on the CPU.
+torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "x must be bfloat16 on the CPU");
+  check_bf16_matrix(weight, "weight");
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must be [rows, D] or [rows, groups, D], got ", x.sizes());
+  TORCH_CHECK(x.stride(-1) == 1, "x's last dim must be contiguous");
+  const int64_t D = x.size(-1), rows = x.size(0), groups = x.dim() == 3 ? x.size(1) : 1;
+  const int64_t weight_rows = weight.dim() == 1 ? 1 : weight.size(0);
+  TORCH_CHECK(weight.size(-1) == D && (weight_rows == 1 || weight_rows == groups), "weight ", weight.sizes(),
+              " does not fit x ", x.sizes());
+  auto out = torch::empty(x.sizes(), x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t row_stride = x.stride(0), group_stride = x.dim() == 3 ? x.stride(1) : 0;
+  const float feps = static_cast<float>(eps);
+  auto norm_rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t row = r / groups, group = r % groups;
+      const bf16* in = xp + row * row_stride + group * group_stride;
+      const bf16* w = wp + (weight_rows == 1 ? 0 : group) * D;
+      bf16* o = op + r * D;
+      float lanes[16] = {0};
+      int64_t c = 0;
+      for (; c + 16 <= D; c += 16)
+        for (int l = 0; l < 16; ++l) {
+          const float v = static_cast<float>(in[c + l]);
+          lanes[l] += v * v;
+        }
+      float sum = 0;
+      for (int l = 0; l < 16; ++l) sum += lanes[l];
+      for (; c < D; ++c) sum += static_cast<float>(in[c]) * static_cast<float>(in[c]);
+      const float inv = 1.0f / std::sqrt(sum / static_cast<float>(D) + feps);
+      for (int64_t k = 0; k < D; ++k)
+        o[k] = bf16(static_cast<float>(w[k]) * bf16_round(static_cast<float>(in[k]) * inv));
+    }
+  };
+  const int64_t total = rows * groups;
+  if (total * D < (int64_t{1} << 15))
+    norm_rows(0, total);
+  else
+    at::parallel_for(0, total, std::max<int64_t>(1, (int64_t{1} << 14) / D), norm_rows);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isa", &available_isa, "The instruction set the kernels use on this CPU ('' when none).");
   m.def("linear_bf16", &linear_bf16, "x [M, K] @ weight [N, K]^T for bf16 on the CPU.");
   m.def("moe_swiglu_bf16", &moe_swiglu_bf16, "Routed-expert SwiGLU over grouped assignments, added into out.");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm over the last dim with the reference's roundings, bf16.");
 }
