@@ -4,6 +4,10 @@ Attention nodes use it to address each token's hidden state to the nodes that ho
 nodes use it to decide what to load; the router owns and versions it. Dense MLPs and shared experts
 are split along the intermediate dimension in proportion to `mlp_shares`, so every node returns a
 partial sum and the attention node simply adds them.
+
+An expert may be held by several nodes (a replica of a hot expert, router/expert_placement.py's
+plan_replicas): each of its tokens is then computed by exactly one of them (attn_nodes/dispatch.py splits
+them), so the sum of the partials is unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class ExpertPlacement:
     nodes: tuple[str, ...]
     """FFN node ids, in a fixed order that indexes the other fields."""
     experts: tuple[tuple[int, ...], ...]
-    """Global expert ids each node holds, ascending; the position in the tuple is the local id."""
+    """Global expert ids each node holds, ascending; the position in the tuple is the local id. An expert may
+    appear on several nodes (replicas); every expert appears on at least one."""
     mlp_shares: tuple[float, ...]
     """Relative share of every dense / shared-expert intermediate dimension each node computes."""
     version: int = 0
@@ -93,6 +98,19 @@ class ExpertPlacement:
                     owner[expert] = node_index
                     local[expert] = local_id
         return owner, local
+
+    def holders(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per global expert, every `(node index, local id)` that holds it, in node order (first = owner)."""
+        out: list[list[tuple[int, int]]] = [[] for _ in range(self.num_experts)]
+        for node_index, ids in enumerate(self.experts):
+            for local_id, expert in enumerate(ids):
+                out[expert].append((node_index, local_id))
+        return tuple(tuple(h) for h in out)
+
+    @property
+    def has_replicas(self) -> bool:
+        """Whether some expert is held by more than one node."""
+        return sum(len(ids) for ids in self.experts) > self.num_experts
 
     def slice_bounds(self, node_index: int, size: int) -> tuple[int, int]:
         """The [start, end) slice of an intermediate dimension of `size` that node `node_index` computes."""

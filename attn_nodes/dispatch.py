@@ -2,6 +2,8 @@
 
 Each token's hidden state goes once to every node that holds one of its experts (or a slice of the
 shared expert / dense MLP, in which case every token goes there), carrying local expert ids and weights.
+An expert held by several nodes (a replica of a hot expert) has its tokens split among them
+(_ReplicaTables), each (token, expert) pair computed by exactly one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class FfnDispatcher:
         owner, local = placement.owner_tables()
         # local_on[i][e]: expert e's id on node i, or -1 when node i does not serve it (one gather per node).
         self.local_on = [torch.where(owner == i, local, -1).to(torch.int32) for i in range(len(placement.nodes))]
+        self._replicas = _ReplicaTables.of(placement) if placement.has_replicas else None
         nodes = range(len(placement.nodes))
         self._dense_nodes: dict[int, list[int]] = {}
         self._shared_nodes: dict[int, set[int]] = {}
@@ -67,8 +70,10 @@ class FfnDispatcher:
             return Dispatch(requests, rows)
         shared_nodes = self._shared_nodes.get(moe.shared_intermediate_size, set())
         num_tokens = hidden.shape[0]
+        split = self._replicas.split(routing.expert_ids) if self._replicas else None
         for i, node in enumerate(nodes):
-            ids = self.local_on[i][routing.expert_ids]  # [num_tokens, top_k]
+            # [num_tokens, top_k] local ids on node i, -1 where another node computes the pair
+            ids = self.local_on[i][routing.expert_ids] if split is None else torch.where(split[0] == i, split[1], -1)
             elsewhere = ids < 0
             weights = routing.weights.masked_fill(elsewhere, 0.0)
             shared = routing.shared_scale
@@ -114,6 +119,57 @@ class FfnDispatcher:
             else:
                 total.index_add_(0, token_rows, partial.float())
         residual += total.to(residual.dtype)
+
+
+@dataclass(slots=True)
+class _ReplicaTables:
+    """Where each (token, expert) pair goes when some experts are held by several nodes (replicas).
+
+    Round robin per expert: the j-th pair of an expert since the placement was set (in call order, then
+    token order) goes to replica j mod count, so its replicas get equal shares (±1) over any run of
+    calls, even of one-token decode microbatches (a split that restarted at every call would send those
+    all to the first replica). Deterministic for a given sequence of calls. Which node computes a pair
+    changes nothing in the math: every pair is computed exactly once.
+    """
+
+    count: torch.Tensor
+    """`[num_experts] int64` nodes holding each expert (1 if not replicated)."""
+    node: torch.Tensor
+    """`[num_experts, max_count] int64` node index of each replica (padded with the first)."""
+    local: torch.Tensor
+    """`[num_experts, max_count] int32` local expert id on that node."""
+    sent: torch.Tensor
+    """`[num_experts] int64` pairs of each expert addressed so far (where its round robin continues)."""
+
+    @classmethod
+    def of(cls, placement: ExpertPlacement) -> _ReplicaTables:
+        holders = placement.holders()
+        width = max(len(h) for h in holders)
+        padded = [list(h) + [h[0]] * (width - len(h)) for h in holders]
+        return cls(
+            count=torch.tensor([len(h) for h in holders], dtype=torch.int64),
+            node=torch.tensor([[n for n, _ in h] for h in padded], dtype=torch.int64),
+            local=torch.tensor([[lid for _, lid in h] for h in padded], dtype=torch.int32),
+            sent=torch.zeros(len(holders), dtype=torch.int64),
+        )
+
+    def split(self, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """expert_ids: `[num_tokens, top_k] int64` global ids -> (node index `int64`, local id `int32`), same shape."""
+        if self.count.device != expert_ids.device:
+            moved = (t.to(expert_ids.device) for t in (self.count, self.node, self.local, self.sent))
+            self.count, self.node, self.local, self.sent = moved
+        flat = expert_ids.reshape(-1)
+        # rank of each pair among the pairs of its expert, in token order (a stable sort groups them)
+        order = torch.sort(flat, stable=True).indices
+        per_expert = torch.bincount(flat, minlength=self.count.numel())
+        starts = torch.cumsum(per_expert, 0) - per_expert
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        choice = (rank + self.sent[flat]) % self.count[flat]
+        self.sent += per_expert
+        node = self.node[flat, choice].view_as(expert_ids)
+        local = self.local[flat, choice].view_as(expert_ids)
+        return node, local
 
 
 def _nonempty(bounds: tuple[int, int]) -> bool:

@@ -24,13 +24,14 @@ from typing import Any
 
 import grpc
 
+from afd.errors import ConfigError
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from afd.wire.placement_proto import placement_to_proto
-from router.expert_placement import plan_placement
+from router.expert_placement import imbalance, node_loads, plan_placement, plan_replicas, replicas_beyond
 from router.load_metrics import LoadMetrics
 from router.membership import Capacity, Load, Membership, NodeRecord, NodeState, Role, pool_speeds
 from router.metrics import RouterMetrics
@@ -52,6 +53,32 @@ class ControllerConfig:
     """Longest a node may take to load experts or switch placement."""
     microbatches: int | None = None
     """Fixed microbatch count for every attention node; None = plan from capacity profiles (auto)."""
+    expert_replication: bool = False
+    """Replicate hot experts on FFN nodes with spare capacity (EPLB); off until measured to pay."""
+    replication_interval_s: float = 10.0
+    """How often the router looks at the expert load to re-plan replicas."""
+    replication_window_s: float = 30.0
+    """Span of the sliding window of heartbeat expert counts the replica plan is made from."""
+    max_replicas_per_node: int = 2
+    """Most replicated experts an FFN node holds beyond its own share (each costs one expert's weights per
+    MoE layer of memory, and a reload of the node's shard when the plan changes)."""
+    replication_target_imbalance: float = 1.1
+    """Predicted max/mean FFN node load at or below which no replica is added."""
+    replication_min_gain: float = 0.05
+    """A new replica plan is published only if it lowers the predicted max/mean load by at least this much
+    (a reload for a small gain costs more than it saves)."""
+    replication_min_tokens: int = 1024
+    """Token-expert pairs the window must hold before replicas are planned from it (too few is noise)."""
+
+    def __post_init__(self) -> None:
+        if self.replication_interval_s <= 0 or self.replication_window_s <= 0:
+            raise ConfigError("replication_interval_s and replication_window_s must be positive")
+        if self.max_replicas_per_node < 0:
+            raise ConfigError(f"max_replicas_per_node must be >= 0, got {self.max_replicas_per_node}")
+        if self.replication_target_imbalance < 1.0:
+            raise ConfigError(
+                f"replication_target_imbalance is max/mean (>= 1.0), got {self.replication_target_imbalance}"
+            )
 
 
 class Controller:
@@ -80,7 +107,9 @@ class Controller:
         self._reconfigure = asyncio.Lock()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: set[asyncio.Future] = set()
-        self.load_metrics = LoadMetrics(metrics, self.membership)
+        self.load_metrics = LoadMetrics(metrics, self.membership, config.replication_window_s)
+        self._base_placement: ExpertPlacement | None = None
+        """The placement without replicas (plan_placement's): pool changes plan from it, replicas on top of it."""
         self.policy: LoadBalancingPolicy = policy or LeastPressurePolicy()
         top_k = max((layer.moe.top_k for layer in spec.layers if layer.moe), default=0)
         self._top_k = top_k
@@ -191,7 +220,11 @@ class Controller:
             await self.rebalance(f"{node_id} died")
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Declare nodes dead when their heartbeats stop."""
+        """Declare nodes dead when their heartbeats stop (and re-plan hot-expert replicas, when enabled)."""
+        if self.config.expert_replication:
+            task = asyncio.ensure_future(self._replicate_forever(stop))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         while not stop.is_set():
             for node in self.membership.expired():
                 await self.declare_dead(node.node_id, f"no heartbeat for {self.config.node_timeout_s:.0f} s")
@@ -222,8 +255,13 @@ class Controller:
                     self.placement = None
                     return
                 self._last_version += 1
+                # From the placement without replicas: a pool change drops them (each node's own share stays
+                # put), and the replication loop re-plans them on the new pool.
                 placement = plan_placement(
-                    self.spec.num_experts, pool_speeds(pool, "ffn"), previous=current, version=self._last_version
+                    self.spec.num_experts,
+                    pool_speeds(pool, "ffn"),
+                    previous=self._base_placement or current,
+                    version=self._last_version,
                 )
                 self.load_metrics.remember(placement)
                 log.info(
@@ -244,9 +282,76 @@ class Controller:
             for node in pool:
                 node.state = NodeState.READY
             self.placement = placement
+            self._base_placement = placement
             self.metrics.placement_version.set(placement.version)
             await self._broadcast_attention(placement)
             self.load_metrics.count_nodes()
+
+    # ---- hot-expert replication (EPLB) ---------------------------------------------------------------
+    async def _replicate_forever(self, stop: asyncio.Event) -> None:
+        """Every replication_interval_s: re-plan replicas from the window (errors are logged, never fatal)."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.replication_interval_s)
+            if stop.is_set():
+                return
+            try:
+                await self.replicate_hot_experts()
+            except Exception:  # the data path keeps the placement it has; try again next round
+                log.exception("hot-expert replication failed")
+
+    async def replicate_hot_experts(self) -> ExpertPlacement | None:
+        """Publish replicas of the hottest experts as a new placement version, if that pays; returns it.
+
+        Plans from the placement without replicas and the window's per-expert load (plan_replicas), and
+        publishes only when the plan differs from the current table and lowers its predicted max/mean load
+        by replication_min_gain (so a steady load does not reload shards each round, and replicas that no
+        longer pay are dropped). Switched like a scale event: every FFN node loads its share of the new
+        version, then attention nodes switch. Nothing happens while the pool is changing.
+        """
+        config = self.config
+        async with self._reconfigure:
+            current, base = self.placement, self._base_placement
+            pool = self.membership.of_role("ffn", NodeState.READY)
+            if current is None or base is None or {n.node_id for n in pool} != set(base.nodes):
+                return None
+            load = self.load_metrics.window.per_expert()
+            if sum(load.values()) < config.replication_min_tokens:
+                return None
+            speeds = pool_speeds(pool, "ffn")
+            plan = plan_replicas(base, load, speeds, config.max_replicas_per_node, config.replication_target_imbalance)
+            before = imbalance(node_loads(current, load, speeds))
+            after = imbalance(node_loads(plan, load, speeds))
+            if plan.experts == current.experts or before - after < config.replication_min_gain:
+                return None
+            self._last_version += 1
+            placement = ExpertPlacement(
+                plan.num_experts, plan.nodes, plan.experts, plan.mlp_shares, version=self._last_version
+            )
+            self.load_metrics.remember(placement)
+            replicas = {n: r for n, r in replicas_beyond(base, placement).items() if r}
+            log.info(
+                "placement v%d (hot experts): replicas %s, predicted max/mean FFN load %.2f -> %.2f",
+                placement.version,
+                replicas,
+                before,
+                after,
+            )
+            failed = await self._broadcast_ffn(placement)
+            if not failed:
+                self.placement = placement
+                self.metrics.placement_version.set(placement.version)
+                await self._broadcast_attention(placement)
+        if failed:
+            for node_id, error in failed.items():
+                node = self.membership.get(node_id)
+                if node is not None:
+                    node.state = NodeState.DEAD
+                log.warning("FFN node %s failed to load v%d: %s", node_id, placement.version, error)
+            self.load_metrics.count_nodes()
+            await self.rebalance(f"replicas v{placement.version}: load failed on {sorted(failed)}")
+            return None
+        return placement
 
     async def _call_all(
         self, nodes: list[NodeRecord], call: Callable[[NodeRecord], Awaitable[Any]]
@@ -297,6 +402,8 @@ class Controller:
     def status(self) -> dict[str, Any]:
         placement = self.placement
         held = dict(zip(placement.nodes, placement.experts, strict=True)) if placement else {}
+        base = self._base_placement
+        replicas = replicas_beyond(base, placement) if placement and base else {}
         nodes = []
         for node in self.membership.nodes.values():
             nodes.append(
@@ -314,6 +421,8 @@ class Controller:
                     "kv_cache_usage": node.load.kv_cache_usage,
                     "busy_fraction": node.load.busy_fraction,
                     "experts": list(held.get(node.node_id, ())),
+                    # replicas of hot experts among "experts" (held beyond the node's own share)
+                    "replicas": list(replicas.get(node.node_id, ())),
                     "tokens_per_s": round(node.tokens_per_s, 2),
                     "placement_version": node.placement_version,
                     "microbatches": self.microbatches_for(node) if node.role == "attention" else None,

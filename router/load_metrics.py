@@ -8,6 +8,8 @@ version so that each count lands on the expert it was for.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 
 from afd.placement import ExpertPlacement
 from afd.wire.generated import afd_cluster_pb2 as pb
@@ -19,16 +21,65 @@ log = logging.getLogger("afd.router")
 RECENT_PLACEMENTS = 4
 """Placements remembered for mapping expert counts (an FFN node holds at most two at a time)."""
 
+DEFAULT_WINDOW_S = 30.0
+"""Span of the sliding window of expert load that hot-expert replication plans from, seconds."""
+
+
+class ExpertLoadWindow:
+    """Token-expert pairs per global expert (and per FFN node) over the last `window_s` seconds.
+
+    Fed with every heartbeat's counts (already mapped to global expert ids); old samples fall out as
+    time passes, so the replica planner sees the recent load, not the load since the router started.
+    """
+
+    def __init__(self, window_s: float = DEFAULT_WINDOW_S) -> None:
+        if window_s <= 0:
+            raise ValueError(f"the expert load window must be positive, got {window_s} s")
+        self.window_s = window_s
+        self._samples: deque[tuple[float, str, dict[int, int]]] = deque()
+
+    def add(self, node_id: str, counts: dict[int, int], now: float | None = None) -> None:
+        """`counts`: global expert -> token-expert pairs `node_id` computed since its previous report."""
+        if counts:
+            self._samples.append((time.monotonic() if now is None else now, node_id, counts))
+
+    def _expire(self, now: float | None) -> None:
+        cutoff = (time.monotonic() if now is None else now) - self.window_s
+        while self._samples and self._samples[0][0] < cutoff:
+            self._samples.popleft()
+
+    def per_expert(self, now: float | None = None) -> dict[int, int]:
+        """Global expert -> token-expert pairs in the window, over every node that computed it."""
+        self._expire(now)
+        totals: dict[int, int] = {}
+        for _, _, counts in self._samples:
+            for expert, count in counts.items():
+                totals[expert] = totals.get(expert, 0) + count
+        return totals
+
+    def per_node(self, now: float | None = None) -> dict[str, int]:
+        """FFN node -> token-expert pairs it computed in the window."""
+        self._expire(now)
+        totals: dict[str, int] = {}
+        for _, node_id, counts in self._samples:
+            totals[node_id] = totals.get(node_id, 0) + sum(counts.values())
+        return totals
+
+    def clear(self) -> None:
+        self._samples.clear()
+
 
 class LoadMetrics:
     """Records heartbeat loads and node counts into `metrics`."""
 
-    def __init__(self, metrics: RouterMetrics, membership: Membership) -> None:
+    def __init__(self, metrics: RouterMetrics, membership: Membership, window_s: float = DEFAULT_WINDOW_S) -> None:
         self.metrics = metrics
         self.membership = membership
         self._recent_placements: dict[int, ExpertPlacement] = {}
         self.expert_totals: dict[str, dict[int, int]] = {}
         """Per FFN node: tokens computed per global expert since the router started (`afd status`'s heatmap)."""
+        self.window = ExpertLoadWindow(window_s)
+        """The recent expert load (what hot-expert replication plans from)."""
         self._reported: set[str] = set()
         """Nodes with per-node gauges, so that a departed node's series can be removed."""
 
@@ -50,11 +101,14 @@ class LoadMetrics:
             if placement is not None and node_id in placement.nodes:
                 held = placement.experts[placement.index(node_id)]
                 totals = self.expert_totals.setdefault(node_id, {})
+                recent: dict[int, int] = {}
                 for expert, count in zip(held, load.expert_token_counts, strict=False):
                     if count:
                         metrics.expert_tokens.labels(str(expert)).inc(count)
                         metrics.node_expert_tokens.labels(node_id, str(expert)).inc(count)
                         totals[expert] = totals.get(expert, 0) + count
+                        recent[expert] = count
+                self.window.add(node_id, recent)
             elif any(load.expert_token_counts):
                 log.debug("dropped expert counts of %s under unknown placement v%d", node_id, version)
         else:

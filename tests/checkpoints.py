@@ -379,3 +379,19 @@ def build_fp8_checkpoint(directory: Path, seed: int = 0, block: tuple[int, int] 
     reference_config["torch_dtype"] = "float32"
     (reference / "config.json").write_text(json.dumps(reference_config, indent=2))
     return fp8, reference
+
+
+def build_skewed_checkpoint(
+    directory: Path, tokenizer_dir: Path | None = None, seed: int = 0, hot_experts: tuple[int, ...] = (0, 1)
+) -> Path:
+    """The tiny qwen3_moe whose gate sends (nearly) every token to one of `hot_experts` (see
+    benchmarks/skewed_checkpoint.py), in `directory/skewed`; sized to and with the tokenizer of the checkpoint
+    in `tokenizer_dir` when given (a cluster test serving text)."""
+    from benchmarks.skewed_checkpoint import write_skewed_checkpoint
+
+    base = directory / "base"
+    if tokenizer_dir is not None:
+        build_with_tokenizer("qwen3_moe", base, tokenizer_dir, seed)
+    else:
+        build_checkpoint("qwen3_moe", base, seed)
+    return write_skewed_checkpoint(base, directory / "skewed", hot_experts, seed=seed)
