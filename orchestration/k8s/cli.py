@@ -54,7 +54,13 @@ def _client(kubeconfig: Path | None, context: str | None) -> ClusterClient:
 
 
 @k8s_app.command()
-def render(config: ConfigOption, overlay: OverlayOption = None) -> None:
+def render(
+    config: ConfigOption,
+    overlay: OverlayOption = None,
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help="plan.json of `afd plan -o`: its pools, sizes and microbatches.")
+    ] = None,
+) -> None:
     """Print the cluster's manifests as one YAML stream (pipe to `kubectl apply -f -`, or save)."""
     from orchestration.k8s.naming import token_secret_name
     from orchestration.k8s.overlays import render as render_cluster
@@ -62,6 +68,11 @@ def render(config: ConfigOption, overlay: OverlayOption = None) -> None:
 
     cluster = _load(config)
     try:
+        if plan is not None:
+            from afd.planning.plan_file import read_plan
+            from orchestration.k8s.plan_pools import apply_plan
+
+            cluster = apply_plan(cluster, read_plan(plan))
         manifests = render_cluster(cluster, overlay)
     except AfdError as error:
         raise _fail(error) from None
