@@ -179,8 +179,15 @@ def up(
     demo: Annotated[bool, typer.Option(help="Run a short serving benchmark against the cluster, then stop.")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Run the nodes as Ray actors.")] = False,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (local Ray when omitted).")] = None,
+    plan: Annotated[
+        Path | None, typer.Option(help="plan.json of `afd plan -o`: its --attn, --ffn and --microbatches.")
+    ] = None,
 ) -> None:
     """Start a router, attention nodes and FFN nodes; serve the OpenAI API until Ctrl-C."""
+    if plan is not None:
+        from orchestration.plan_command import up_settings_from_plan
+
+        attn, ffn, microbatches = up_settings_from_plan(plan, console)
     if chat_template is not None and ray:
         # The file is on this machine and the router actor may be on another; refuse rather than ignore it.
         console.print("[red]error:[/red] --chat-template is not passed to Ray actors; use it without --ray")
