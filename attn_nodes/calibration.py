@@ -35,9 +35,11 @@ def attention_us_per_token(model: AttentionHalfModel, repeats: int = 3) -> float
     blocks_per_seq = -(-(CALIBRATION_CONTEXT + 1) // block)
     cache = torch.zeros(CALIBRATION_BATCH * blocks_per_seq * block, spec.kv_entry_width, dtype=model.dtype)
     chunks = [
-        SequenceChunk(list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), CALIBRATION_CONTEXT, 1)
+        SequenceChunk(list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), CALIBRATION_CONTEXT, 1, i)
         for i in range(CALIBRATION_BATCH)
     ]
+    # Lightning-attention layers (MiniMax) read a recurrent state per sequence (slot i) instead of the cache.
+    states = torch.zeros(CALIBRATION_BATCH, spec.num_heads, spec.head_dim, spec.head_dim, dtype=model.dtype)
     meta = AttentionMetadata.build(chunks, block)
     tables = model.rope.tables(meta.positions)
     hidden = torch.randn(CALIBRATION_BATCH, spec.hidden_size, dtype=model.dtype) * 0.1
@@ -47,6 +49,6 @@ def attention_us_per_token(model: AttentionHalfModel, repeats: int = 3) -> float
         residual = hidden.clone()
         start = time.perf_counter()
         for layer in layers:
-            model.attention_half(layer, residual, meta, cache, tables)
+            model.attention_half(layer, residual, meta, states if spec.is_linear_attention(layer) else cache, tables)
         best = min(best, time.perf_counter() - start)
     return best * 1e6 / (CALIBRATION_BATCH * len(layers))

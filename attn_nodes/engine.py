@@ -165,7 +165,16 @@ class AttentionEngine:
             return []
         groups = _split(scheduled, self._microbatches)
         prepared = [self._prepare(group) for group in groups]
-        logits = self.runner.forward([mb for mb, _ in prepared])
+        states = self.kv.states
+        # Lightning-attention states change in place (the KV writes are idempotent, these are not): a step that
+        # fails midway (an FFN node died; the engine thread runs it again) puts them back first.
+        saved = states.snapshot([self.kv.state_slot(c.request.request_id) for c in scheduled]) if states else None
+        try:
+            logits = self.runner.forward([mb for mb, _ in prepared])
+        except BaseException:
+            if states is not None and saved is not None:
+                states.restore(saved)
+            raise
         outputs = []
         for group, (_, scored), group_logits in zip(groups, prepared, logits, strict=True):
             sampling = [chunk for chunk in group if chunk.completes_sequence]

@@ -15,11 +15,15 @@ greedy tokens must equal its `generate`:
   blocks (other chunk boundaries agree up to rounding: the algebra is the same);
 - a decode token runs the reference's one-token recurrence `S = exp(-slope) S + k^T v; o = q S`.
 The state is kept in the model dtype, as the reference keeps it.
+
+Unlike KV cache writes, the in-place state updates are not idempotent: the engine snapshots the states of a
+step's requests and restores them when the step fails midway (an FFN node died), before it runs again.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +145,16 @@ class LightningAttention:
         return torch.cat(outputs, dim=-2)[0].transpose(0, 1), kv[0]
 
 
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    """Saved states of some slots (LinearStateStore.snapshot)."""
+
+    slots: torch.Tensor
+    """`[n] int64` slots saved."""
+    states: dict[int, torch.Tensor]
+    """layer -> `[n, heads, head_dim, head_dim]` their states."""
+
+
 class LinearStateStore:
     """Recurrent states of the running requests: one slot per request, every lightning layer's state in it.
 
@@ -189,6 +203,18 @@ class LinearStateStore:
 
     def layer(self, layer: int) -> torch.Tensor:
         return self.tensors[layer]
+
+    def snapshot(self, slots: list[int]) -> StateSnapshot:
+        """Copies of `slots`' states, taken before a step: a step updates states in place, which, unlike the KV
+        cache's writes, is not idempotent, so a step that fails midway (an FFN node died) must be undone before
+        it runs again."""
+        index = torch.tensor(slots, dtype=torch.int64)
+        return StateSnapshot(index, {layer: tensor[index].clone() for layer, tensor in self.tensors.items()})
+
+    def restore(self, snapshot: StateSnapshot) -> None:
+        """Put the states of a snapshot back."""
+        for layer, saved in snapshot.states.items():
+            self.tensors[layer][snapshot.slots] = saved
 
     @property
     def num_free(self) -> int:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from afd.errors import ConfigError
+from afd.errors import ConfigError, PeerError
 from afd.model_spec import ModelSpec
 from afd.sampling_params import SamplingParams
 from attn_nodes.config import EngineConfig
@@ -219,3 +219,58 @@ def test_bench_engine_accepts_minimax(tiny_checkpoint, monkeypatch):
     spec = ModelSpec.from_pretrained(directory)
     growth = engine._bytes_per_decode_step(spec, 1, 1001, 2.0, 2) - engine._bytes_per_decode_step(spec, 1, 1, 2.0, 2)
     assert growth == 1000 * spec.kv_entry_width * 1 * 2, "only the one softmax layer's cache grows with context"
+
+
+def test_start_up_calibration_runs_the_lightning_layers(tiny_checkpoint):
+    """The attention node measures its per-token cost at start-up over every layer, lightning ones included."""
+    from attn_nodes.calibration import attention_us_per_token
+    from attn_nodes.model import AttentionHalfModel
+
+    assert attention_us_per_token(AttentionHalfModel.load(tiny_checkpoint("minimax"), 256), repeats=1) > 0
+
+
+class _FailingTransport:
+    """Forwards to the engine's transport, but the combines numbered in `fail_at` raise PeerError (once each), as
+    when an FFN node dies mid-step."""
+
+    def __init__(self, inner, fail_at: set[int]) -> None:
+        self.inner, self.fail_at, self.calls = inner, set(fail_at), 0
+
+    def dispatch(self, requests):
+        return self.inner.dispatch(requests)
+
+    def combine(self, pending):
+        self.calls += 1
+        partials = self.inner.combine(pending)
+        if self.calls in self.fail_at:
+            self.fail_at.discard(self.calls)
+            raise PeerError("ffn-1", "connection lost")
+        return partials
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_step_that_fails_midway_runs_again_from_the_same_states(minimax):
+    """The engine thread re-runs a step an FFN node failed (KV writes are idempotent); lightning layers update
+    their states in place, so the failed step's updates must be undone: tokens still equal the reference.
+    Failures hit decode steps and prefill chunks (6-token budget) after lightning layers have run."""
+    directory, _, expected = minimax
+    engine = inprocess_engine(directory, 2, EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=6))
+    flaky = _FailingTransport(engine.runner.transport, {3, 7, 15, 23, 40, 58})
+    engine.runner.transport = flaky  # type: ignore[assignment]
+    ids = [engine.add_request(p, _greedy(12)) for p in PROMPTS]
+    results: dict[str, list[int]] = {i: [] for i in ids}
+    failures = 0
+    for _ in range(500):
+        if not engine.has_unfinished():
+            break
+        try:
+            outputs = engine.step()
+        except PeerError:
+            failures += 1
+            continue
+        for out in outputs:
+            results[out.request_id].extend(out.new_token_ids)
+    assert failures == 6 and not flaky.fail_at
+    assert [results[i] for i in ids] == [expected(i, 12) for i in range(len(PROMPTS))]
