@@ -99,7 +99,7 @@ class Mix:
     link: str | Link = "400gbe"
     """A↔F link: a catalog or calibration link name, or a Link."""
     calibration: Calibration | None = None
-    """Measurements per kind (and measured links)."""
+    """Measurements per kind (and measured links); None: the CostModel's own (none for `predict`)."""
     attention_measured: tuple[AttentionMeasurement, ...] = ()
     """Measurements of this mix's attention nodes; replace the kind's."""
     ffn_measured: tuple[FfnMeasurement, ...] = ()
@@ -361,6 +361,9 @@ class CostModel:
 
     # ---- the prediction ------------------------------------------------------------------------------------
     def predict(self, mix: Mix) -> Prediction:
+        if mix.calibration is not None and mix.calibration is not self.calibration:
+            # the mix brings its own measurements: fit them, not this model's
+            return CostModel(self.costs, self.catalog, mix.calibration, self.dtype).predict(mix)
         attention_kind = self.catalog.kind(mix.attention_kind)
         ffn_kind = self.catalog.kind(mix.ffn_kind)
         if mix.dtype != self.dtype:

@@ -237,6 +237,7 @@ def plan(model: CostModel, request: PlanRequest, sweep: bool = False) -> Plan:
     _refuse_impossible(model, request)
     candidates: list[Candidate] = []
     slowest_seen: list[float] = []
+    memory_ok = 0
     for attention_kind, attention_available in request.inventory.items():
         kv_limit = model.max_batch_by_kv(attention_kind, request.context_len, request.memory_utilization)
         if kv_limit < 1:
@@ -247,6 +248,7 @@ def plan(model: CostModel, request: PlanRequest, sweep: bool = False) -> Plan:
                 for n_f in _count_options(ffn_available - (n_a if same else 0)):
                     if model.ffn_memory_problem(ffn_kind, n_f, request.memory_utilization) is not None:
                         continue
+                    memory_ok += 1
                     replicas = (
                         attention_available // (n_a + n_f)
                         if same
@@ -271,6 +273,12 @@ def plan(model: CostModel, request: PlanRequest, sweep: bool = False) -> Plan:
                             slowest_seen.append(model.predict(mix).tpot_ms)
                             continue
                         candidates.append(Candidate(found, replicas))
+    if not memory_ok:
+        raise PlanningError(
+            "this inventory cannot serve the model: no split of it into an attention pool that holds one "
+            f"request's KV at {request.context_len} tokens and an FFN pool that holds the FFN weights "
+            f"({model.costs.ffn_weight_bytes / 1e9:.1f} GB) exists"
+        )
     if not candidates:
         fastest = min(slowest_seen) if slowest_seen else float("nan")
         raise PlanningError(

@@ -337,3 +337,20 @@ def test_planner_ranks_a_hand_checkable_case():
     assert slow.tokens_per_usd == pytest.approx(best.prediction.tokens_per_usd / 2, rel=1e-6)
     assert result.rules["chosen_regime"] in ("both", "megascale-infer", "fastafd", "neither")
     assert "MegaScale-Infer" in str(result.rules["why"]) and "FastAFD" in str(result.rules["why"])
+
+
+def test_planner_refuses_when_no_split_holds_both_roles():
+    # TOY: 8 MB of experts, 2 MB of attention weights. b (5.4 MB usable) holds the experts only two at a time,
+    # and both b's are needed for them; c (1.8 MB usable) holds neither role. So no split works, though each
+    # role alone finds a kind: attention b + FFN 2 x b would take 3 b's.
+    catalog = _catalog(b=_kind(1000, 1, memory_gb=0.006), c=_kind(1000, 1, memory_gb=0.002))
+    with pytest.raises(PlanningError, match="no split of it into an attention pool"):
+        plan(CostModel(TOY, catalog), PlanRequest({"b": 2, "c": 1}, slo_tpot_ms=1000, context_len=100, link="fast"))
+
+
+def test_a_mix_with_its_own_calibration_is_fitted_to_it():
+    measured = Calibration(
+        kinds={"x": KindCalibration(attention=(AttentionMeasurement(us_per_token=4.756, batch=8, context_len=128),))}
+    )
+    # the CostModel has no measurements; the mix's own double the attention roofline (see the case above)
+    assert _model().predict(_mix(calibration=measured)).attention_us == pytest.approx(2 * 23)
