@@ -71,6 +71,10 @@ class LocalClusterConfig:
     """Compute dtype of the nodes."""
     start_timeout_s: float = 180.0
     """How long nodes may take to load and register."""
+    expert_replication: bool = False
+    """Let the router replicate hot experts on FFN nodes with spare capacity (`--expert-replication on`)."""
+    replication_interval_s: float = 10.0
+    """Seconds between the router's re-plans of hot-expert replicas (when expert_replication)."""
 
     def __post_init__(self) -> None:
         if self.attn < 1 or self.ffn < 1:
@@ -163,6 +167,8 @@ class LocalCluster:
             args += ["--max-request-body-bytes", str(config.max_request_body_bytes)]
         if config.protect_metrics:
             args += ["--protect-metrics"]
+        if config.expert_replication:
+            args += ["--expert-replication", "on", "--replication-interval", str(config.replication_interval_s)]
         if config.chat_template is not None:
             args += ["--chat-template", str(Path(config.chat_template).resolve())]
         self.router = self._spawn("router", "router", args)

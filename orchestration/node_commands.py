@@ -104,8 +104,16 @@ def router_command(
     chat_template: Annotated[
         Path | None, typer.Option(help="Jinja chat template file used instead of the checkpoint's (as in vLLM).")
     ] = None,
+    expert_replication: Annotated[
+        str, typer.Option(help="on|off: replicate hot experts on FFN nodes with spare capacity.")
+    ] = "off",
+    replication_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between re-plans of the hot-expert replicas.")
+    ] = 10.0,
 ) -> None:
     """The router: OpenAI API, admission, placement and membership."""
+    if expert_replication not in ("on", "off"):
+        raise typer.BadParameter(f"--expert-replication takes on or off, not {expert_replication!r}")
     from router.attention_pool import AdmissionConfig
     from router.controller import ControllerConfig
     from router.server import RouterConfig, run_router
@@ -121,7 +129,12 @@ def router_command(
         api_key=read_token_file(api_key_file) if api_key_file else None,
         auth=auth,
         max_model_len=max_model_len,
-        controller=ControllerConfig(node_timeout_s=node_timeout, microbatches=_microbatches(microbatches)),
+        controller=ControllerConfig(
+            node_timeout_s=node_timeout,
+            microbatches=_microbatches(microbatches),
+            expert_replication=expert_replication == "on",
+            replication_interval_s=replication_interval,
+        ),
         backend=AdmissionConfig(max_waiting=max_waiting),
         ready_file=ready_file,
         max_request_body_bytes=max_request_body_bytes,

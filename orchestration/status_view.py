@@ -58,7 +58,8 @@ _ROLES = {"attention": "attn"}
 
 
 def cluster_table(view: View) -> Table:
-    """One row per node: role, state, device, load, KV use, FFN busy fraction, experts held, tokens/s."""
+    """One row per node: role, state, device, load, KV use, FFN busy fraction, experts held (replicas of hot
+    experts after a "+"), tokens/s."""
     # No vertical rules, short headers and fixed narrow columns: the table still reads on an 80-column terminal.
     table = Table(
         title=f"AFD cluster — {view.get('model')}, placement v{view.get('placement_version')}",
@@ -73,6 +74,10 @@ def cluster_table(view: View) -> Table:
     for node in sorted(view.get("nodes", []), key=lambda n: (n["role"], n["node_id"])):
         experts = node.get("experts") or []
         held = f"{len(experts)} ({expert_ranges(experts)})" if experts else "-"
+        replicas = node.get("replicas") or []
+        if replicas:  # "6 (4-7 +0,1)": its own share, then the hot experts it holds replicas of
+            own = [e for e in experts if e not in set(replicas)]
+            held = f"{len(experts)} ({expert_ranges(own) or '-'} +{','.join(map(str, sorted(replicas)))})"
         kv: Text | str = "-"
         busy: Text | str = "-"
         if node["role"] == "attention":

@@ -182,8 +182,17 @@ def up(
     plan: Annotated[
         Path | None, typer.Option(help="plan.json of `afd plan -o`: its --attn, --ffn and --microbatches.")
     ] = None,
+    expert_replication: Annotated[
+        str, typer.Option(help="on|off: the router replicates hot experts on FFN nodes with spare capacity.")
+    ] = "off",
 ) -> None:
     """Start a router, attention nodes and FFN nodes; serve the OpenAI API until Ctrl-C."""
+    if expert_replication not in ("on", "off"):
+        console.print(f"[red]error:[/red] --expert-replication takes on or off, not {expert_replication!r}")
+        raise typer.Exit(2)
+    if expert_replication == "on" and ray:
+        console.print("[red]error:[/red] --expert-replication on is not passed to Ray actors; use it without --ray")
+        raise typer.Exit(2)
     if plan is not None:
         from orchestration.plan_command import up_settings_from_plan
 
@@ -211,6 +220,7 @@ def up(
         protect_metrics=protect_metrics,
         chat_template=chat_template,
         threads_per_node=threads,
+        expert_replication=expert_replication == "on",
     )
     launcher: Any
     if ray:

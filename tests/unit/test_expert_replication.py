@@ -290,3 +290,38 @@ def test_replication_config_is_validated():
         ControllerConfig(replication_target_imbalance=0.5)
     with pytest.raises(ConfigError):
         ControllerConfig(replication_window_s=0)
+
+
+def test_status_table_shows_replicas_after_the_nodes_own_experts():
+    import io
+
+    from rich.console import Console
+
+    from orchestration.status_view import cluster_table
+
+    ffn = {"role": "ffn", "state": "ready", "busy_fraction": 0.5, "tokens_per_s": 1.0}
+    view = {
+        "model": "m",
+        "placement_version": 7,
+        "nodes": [
+            {**ffn, "node_id": "ffn-0", "experts": [0, 1, 2, 3], "replicas": []},
+            {**ffn, "node_id": "ffn-1", "experts": [0, 1, 4, 5, 6, 7], "replicas": [0, 1]},
+        ],
+    }
+    console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=100)
+    console.print(cluster_table(view))
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "4 (0-3)" in out and "6 (4-7 +0,1)" in out
+
+
+def test_expert_replication_is_off_by_default_and_the_flag_takes_on_or_off():
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+    from orchestration.local_cluster import LocalClusterConfig
+
+    assert LocalClusterConfig().expert_replication is False  # off until measured
+    assert ControllerConfig().expert_replication is False
+    for command in (["up"], ["node", "router", "--insecure"]):
+        result = CliRunner().invoke(app, [*command, "--expert-replication", "maybe"])
+        assert result.exit_code == 2 and "on or off" in result.output, result.output
