@@ -8,6 +8,9 @@ from typing import Literal
 from afd.errors import ConfigError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+WireDType = Literal["auto", "bf16", "fp8"]
+WIRE_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp8")
+"""Choices of EngineConfig.wire_dtype (and of the --wire-dtype flag)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,11 @@ class EngineConfig:
     """Split long prompts over several steps to respect the token budget."""
     seed: int = 0
     """Seed of the sampler for requests without their own seed."""
+    wire_dtype: WireDType = "auto"
+    """Hidden states on the attention->FFN wire: "fp8" = float8 e4m3 with a float32 scale per token (about
+    half the bytes of bf16), "bf16" = bfloat16, "auto" = the model dtype (fp8 changes greedy tokens of the
+    test checkpoints, see tests/unit/test_fp8_wire.py, so it is never chosen silently). Partial sums come
+    back in the FFN node's model dtype whatever this says; FFN nodes follow what each frame carries."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "microbatches"):
@@ -43,5 +51,7 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_gib <= 0:
             raise ConfigError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {list(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")

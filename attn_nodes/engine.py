@@ -27,7 +27,7 @@ from attn_nodes.kv_cache import KVCacheManager, allocate_cache_tensors, blocks_f
 from attn_nodes.linear_attention import LinearStateStore
 from attn_nodes.model import AttentionHalfModel
 from attn_nodes.request import Request, RequestOutput
-from attn_nodes.runner import Microbatch, ModelRunner
+from attn_nodes.runner import Microbatch, ModelRunner, resolve_wire_dtype
 from attn_nodes.sampler import Sampler, SamplingRow, TokenLogprobs, gather_logprobs
 from attn_nodes.scheduler import ScheduledChunk, Scheduler
 
@@ -67,7 +67,8 @@ class AttentionEngine:
             for layer in range(self.spec.num_layers)
         ]
         self.dispatcher = FfnDispatcher(self.spec, placement)
-        self.runner = ModelRunner(model, cache, cfg.block_size, transport, self.dispatcher)
+        wire = resolve_wire_dtype(cfg.wire_dtype)
+        self.runner = ModelRunner(model, cache, cfg.block_size, transport, self.dispatcher, wire)
         self.scheduler = Scheduler(cfg, self.kv)
         self.sampler = Sampler(cfg.seed, self.spec.eos_token_ids)
         self.requests: dict[str, Request] = {}

@@ -29,10 +29,20 @@ from dataclasses import dataclass
 
 import torch
 
+from afd.errors import ConfigError
+from afd.ffn_messages import FP8_WIRE_DTYPE, quantize_fp8
 from afd.transport.base import FfnTransport, PendingCombine
 from attn_nodes.attention_metadata import AttentionMetadata, SequenceChunk
 from attn_nodes.dispatch import Dispatch, FfnDispatcher
 from attn_nodes.model import AttentionHalfModel
+
+
+def resolve_wire_dtype(name: str) -> torch.dtype | None:
+    """The dtype hidden states travel in for EngineConfig.wire_dtype `name`; None for the model dtype."""
+    choices: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp8": FP8_WIRE_DTYPE}
+    if name not in choices:
+        raise ConfigError(f"wire_dtype must be one of {sorted(choices)}, got {name!r}")
+    return choices[name]
 
 
 class TransferStats:
@@ -81,7 +91,13 @@ class TransferStats:
 def _payload_bytes(requests: dict) -> int:
     total = 0
     for request in requests.values():
-        for tensor in (request.hidden, request.expert_ids, request.expert_weights, request.shared_scale):
+        for tensor in (
+            request.hidden,
+            request.hidden_scale,
+            request.expert_ids,
+            request.expert_weights,
+            request.shared_scale,
+        ):
             if tensor is not None:
                 total += tensor.nbytes
     return total
@@ -114,8 +130,12 @@ class ModelRunner:
         block_size: int,
         transport: FfnTransport,
         dispatcher: FfnDispatcher,
+        wire_dtype: torch.dtype | None = None,
     ) -> None:
+        """wire_dtype: what hidden states travel in to the FFN nodes (float8_e4m3fn: with per-token scales);
+        None keeps the model dtype."""
         self.model = model
+        self.wire_dtype = None if wire_dtype == model.dtype else wire_dtype
         self.cache = cache
         self.block_size = block_size
         self.transport = transport
@@ -150,7 +170,16 @@ class ModelRunner:
     ) -> _InFlight:
         """Microbatch `index`'s attention half of `layer`, then its requests to the FFN nodes (not awaited)."""
         hidden, routing = self.model.attention_half(layer, residual, mb.meta, self.cache[layer], tables)
+        scale = None
+        if self.wire_dtype == FP8_WIRE_DTYPE:
+            hidden, scale = quantize_fp8(hidden)  # once per microbatch; each node gets its rows of both
+        elif self.wire_dtype is not None:
+            hidden = hidden.to(self.wire_dtype)
         dispatch = self.dispatcher.build(layer, hidden, routing, index)
+        if scale is not None:
+            for node, request in dispatch.requests.items():
+                rows = dispatch.rows[node]
+                request.hidden_scale = scale if rows is None else scale[rows]
         sent_at = time.perf_counter()
         return _InFlight(dispatch, self.transport.dispatch(dispatch.requests), sent_at)
 

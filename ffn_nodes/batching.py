@@ -237,13 +237,16 @@ def compute_batch(shards: Mapping[int, FfnShard], requests: list[FfnRequest]) ->
     """
     results: list[torch.Tensor | Exception] = [RuntimeError("not computed")] * len(requests)
     groups: dict[tuple[Any, ...], list[int]] = {}
+    requests = list(requests)
     for index, request in enumerate(requests):
         try:
-            _check_local_ids(_shard_for(shards, request.placement_version), request)
+            shard = _shard_for(shards, request.placement_version)
+            _check_local_ids(shard, request)
         except AfdError as exc:
             results[index] = exc
             continue
-        groups.setdefault(_batch_key(request), []).append(index)
+        requests[index] = request.in_dtype(shard.dtype)  # an fp8 (or bf16) wire: back to the model dtype
+        groups.setdefault(_batch_key(requests[index]), []).append(index)
     for indices in groups.values():
         members = [requests[i] for i in indices]
         try:

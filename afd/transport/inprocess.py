@@ -35,9 +35,15 @@ class InProcessTransport(FfnTransport):
             shard = self.shards.get(node)
             if shard is None:
                 raise PeerError(node, "no such FFN shard in this process")
-            partials[node] = shard.compute(request)
+            partials[node] = shard.compute(_in_shard_dtype(request, shard))
         return _Computed(partials)
 
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         assert isinstance(pending, _Computed)
         return pending.partials
+
+
+def _in_shard_dtype(request: FfnRequest, shard: FfnComputer) -> FfnRequest:
+    """What an FFN node does with a frame from a narrower wire (fp8, bf16): compute in its own dtype."""
+    dtype = getattr(shard, "dtype", None)  # FfnShard has one; a computer without it takes requests as they are
+    return request if dtype is None else request.in_dtype(dtype)

@@ -16,6 +16,10 @@ msgpack parses in microseconds with hard limits on string and array sizes, the t
 encoding at all (the receiver views them in place), and neither side can be made to run code by a
 peer. bfloat16 travels as its raw bytes through uint8 views (numpy has no bfloat16).
 
+The fp8 wire (`--wire-dtype fp8`): a request's `hidden` may be float8_e4m3fn, and then only together with
+`hidden_scale` (`[num_tokens] float32`, one scale per token, each finite and positive; checked by
+`request_from_frame` like the expert ids). Replies stay in a compute dtype.
+
 The decoder trusts nothing: every field is type-checked, unknown fields and versions are rejected,
 dtypes come from an allow-list, shapes must match the model (hidden size, top-k, token limit), the
 payload length must equal the sum of shape x itemsize, and ids must be in range. Everything it rejects
@@ -37,7 +41,7 @@ import torch
 
 from afd.dtypes import COMPUTE_DTYPES
 from afd.errors import AfdError
-from afd.ffn_messages import FfnRequest
+from afd.ffn_messages import FP8_WIRE_DTYPE, FfnRequest
 from afd.model_spec import ModelSpec
 
 
@@ -68,7 +72,7 @@ MAX_SEQ = 2**63 - 1
 UNKNOWN = -1
 """Layer, microbatch or seq of an ERROR frame answering a frame whose header could not be read."""
 
-WIRE_DTYPES: dict[str, torch.dtype] = {**COMPUTE_DTYPES, "int32": torch.int32}
+WIRE_DTYPES: dict[str, torch.dtype] = {**COMPUTE_DTYPES, "int32": torch.int32, "float8_e4m3fn": FP8_WIRE_DTYPE}
 """Every dtype a frame may carry, by wire name."""
 _DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 
@@ -234,6 +238,16 @@ class FrameHeader:
 # Encoding
 # ---------------------------------------------------------------------------------------------------
 
+_REQUEST_TENSORS = tuple(
+    ["hidden", *scale, *routed, *shared]
+    for scale in ([], ["hidden_scale"])
+    for routed in ([], ["expert_ids", "expert_weights"])
+    for shared in ([], ["shared_scale"])
+)
+"""Tensor lists an FFN_REQUEST frame may carry, in this order."""
+FP8_HIDDEN_DTYPES = frozenset({"float8_e4m3fn"})
+"""Wire names of the dtypes `hidden` may have when `hidden_scale` comes with it (the fp8 wire)."""
+
 _COMMON_KEYS = frozenset({"v", "kind", "layer", "mb", "seq", "sender", "tensors"})
 _KEYS = {
     FrameKind.FFN_REQUEST: _COMMON_KEYS | {"pv"},
@@ -243,8 +257,11 @@ _KEYS = {
 
 
 def encode_request(request: FfnRequest, seq: int, sender: str) -> tuple[bytes, list[torch.Tensor]]:
-    """Header bytes and the tensors of `request` (hidden, then expert_ids/expert_weights, shared_scale if set)."""
+    """Header bytes and the tensors of `request` (hidden, hidden_scale / expert_ids, expert_weights /
+    shared_scale where set)."""
     named: list[tuple[str, torch.Tensor]] = [("hidden", request.hidden)]
+    if request.hidden_scale is not None:
+        named.append(("hidden_scale", request.hidden_scale))
     if (request.expert_ids is None) != (request.expert_weights is None):
         raise ValueError("FfnRequest needs both expert_ids and expert_weights, or neither")
     if request.expert_ids is not None and request.expert_weights is not None:
@@ -423,21 +440,21 @@ def _check_tensors(kind: FrameKind, tensors: tuple[TensorDescriptor, ...], limit
         if names != ["partial"]:
             raise MalformedHeader(f"an FFN_RESPONSE frame carries exactly ['partial'], got {names}")
     else:
-        allowed = (
-            ["hidden"],
-            ["hidden", "shared_scale"],
-            ["hidden", "expert_ids", "expert_weights"],
-            ["hidden", "expert_ids", "expert_weights", "shared_scale"],
-        )
-        if names not in allowed:
-            raise MalformedHeader(f"an FFN_REQUEST frame carries tensors {allowed}, in that order; got {names}")
+        if names not in _REQUEST_TENSORS:
+            raise MalformedHeader(
+                f"an FFN_REQUEST frame carries tensors {_REQUEST_TENSORS}, in that order; got {names}"
+            )
     first = tensors[0]
     if len(first.shape) != 2:
         raise ShapeMismatch(f"{first.name} must be [num_tokens, hidden_size], got shape {first.shape}")
     num_tokens = first.shape[0]
     if num_tokens > limits.max_tokens:
         raise FrameTooLarge(f"{num_tokens} tokens exceed the limit of {limits.max_tokens}")
-    if first.dtype not in limits.allowed_dtypes:
+    # fp8 hidden states come with their per-token scales, and only then (the reply is in a compute dtype)
+    scaled = "hidden_scale" in names
+    if scaled and first.dtype not in FP8_HIDDEN_DTYPES:
+        raise BadDtype(f"hidden_scale comes only with hidden in {sorted(FP8_HIDDEN_DTYPES)}, not {first.dtype!r}")
+    if not scaled and first.dtype not in limits.allowed_dtypes:
         raise BadDtype(f"{first.name}: dtype {first.dtype!r} is not allowed (allowed: {sorted(limits.allowed_dtypes)})")
     expected = {
         "hidden": (first.dtype, (num_tokens, limits.hidden_size)),
@@ -445,6 +462,7 @@ def _check_tensors(kind: FrameKind, tensors: tuple[TensorDescriptor, ...], limit
         "expert_ids": ("int32", (num_tokens, limits.top_k)),
         "expert_weights": ("float32", (num_tokens, limits.top_k)),
         "shared_scale": ("float32", (num_tokens,)),
+        "hidden_scale": ("float32", (num_tokens,)),
     }
     for tensor in tensors:
         dtype, shape = expected[tensor.name]
@@ -480,9 +498,17 @@ def request_from_frame(header: FrameHeader, tensors: list[torch.Tensor]) -> FfnR
         low, high = int(expert_ids.min()), int(expert_ids.max())
         if low < -1 or high >= header.limits.max_local_experts:
             raise OutOfRange(f"local expert ids span [{low}, {high}], outside [-1, {header.limits.max_local_experts})")
+    hidden_scale = named.get("hidden_scale")
+    if hidden_scale is not None and hidden_scale.numel():
+        # a zero, negative or non-finite scale would turn the whole token into 0, inf or nan on the FFN node
+        bad = ~(torch.isfinite(hidden_scale) & (hidden_scale > 0))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise OutOfRange(f"hidden_scale[{row}] = {float(hidden_scale[row])} must be finite and positive")
     return FfnRequest(
         layer=header.layer,
         hidden=named["hidden"],
+        hidden_scale=hidden_scale,
         expert_ids=expert_ids,
         expert_weights=named.get("expert_weights"),
         shared_scale=named.get("shared_scale"),

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from afd.ffn_messages import FfnRequest
+from afd.ffn_messages import FfnRequest, quantize_fp8
 from afd.wire import frames
 from afd.wire.frames import (
     FrameError,
@@ -49,6 +49,11 @@ def decode_fully(buffer: bytes | bytearray) -> FrameKind:
         request = request_from_frame(header, tensors)
         if request.expert_ids is not None and request.expert_ids.numel():
             assert int(request.expert_ids.min()) >= -1 and int(request.expert_ids.max()) < LIMITS.max_local_experts
+        if request.hidden_scale is not None:
+            assert request.hidden.dtype == torch.float8_e4m3fn
+            assert bool((torch.isfinite(request.hidden_scale) & (request.hidden_scale > 0)).all())
+        else:
+            assert request.hidden.dtype != torch.float8_e4m3fn
     elif header.kind is FrameKind.FFN_RESPONSE:
         assert partial_from_frame(header, tensors).shape[1] == HIDDEN
     return header.kind
@@ -69,6 +74,8 @@ class Outcomes:
             self.counts[f"ok:{kind.name}"] += 1
         except FrameError as exc:
             self.counts[type(exc).__name__] += 1
+            if "hidden_scale" in str(exc):
+                self.counts[f"{type(exc).__name__}:hidden_scale"] += 1
         except Exception as exc:  # the property under test: nothing else may escape
             self.failures.append(f"{label}: {type(exc).__name__}: {exc} (buffer {bytes(buffer[:80])!r}...)")
         self.slowest = max(self.slowest, time.perf_counter() - start)
@@ -97,6 +104,19 @@ def valid_frames(rng: random.Random) -> list[bytes]:
             dense = FfnRequest(layer=1, hidden=request.hidden)
             out.append(pack(*encode_request(dense, 3, "attn-1")))
             out.append(pack(*encode_response(request.hidden, 2, 0, 5, "ffn-0")))
+        # the fp8 wire: float8_e4m3fn hidden states with a float32 scale per token
+        quantized, scale = quantize_fp8(torch.randn(tokens, HIDDEN, generator=gen))
+        ids = torch.randint(-1, 4, (tokens, 2), generator=gen, dtype=torch.int32)
+        for routed in (True, False):
+            fp8 = FfnRequest(
+                layer=rng.randrange(3),
+                hidden=quantized,
+                hidden_scale=scale,
+                expert_ids=ids if routed else None,
+                expert_weights=torch.rand(tokens, 2, generator=gen) if routed else None,
+                shared_scale=torch.rand(tokens, generator=gen) if tokens % 2 else None,
+            )
+            out.append(pack(*encode_request(fp8, rng.randrange(2**40), "attn-0")))
     out.append(pack(*encode_error("expert exploded", 1, 0, 9, "ffn-1")))
     return out
 
@@ -110,7 +130,9 @@ def random_value(rng: random.Random, depth: int = 0) -> Any:
     if choice == 2:
         return rng.choice([0.5, float("nan"), float("inf"), -0.0])
     if choice == 3:
-        return rng.choice(["", "hidden", "partial", "expert_ids", "bfloat16", "float64", "int32", "x" * 300])
+        return rng.choice(
+            ["", "hidden", "partial", "expert_ids", "hidden_scale", "bfloat16", "float8_e4m3fn", "float64", "x" * 300]
+        )
     if choice == 4:
         return rng.randbytes(rng.randrange(6))
     if choice == 5:
@@ -248,6 +270,9 @@ def test_seeded_mutation_fuzz() -> None:
     for error in ("MalformedFrame", "MalformedHeader", "UnknownField", "BadDtype", "ShapeMismatch", "OutOfRange"):
         assert outcomes.counts[error] > 0, f"no {error} among {outcomes.counts}"
     assert outcomes.counts["PayloadMismatch"] > 0 and outcomes.counts["ok:FFN_REQUEST"] > len(bases)
+    # and the fp8 wire's scales are checked for dtype, shape and value (finite, positive)
+    for error in ("BadDtype", "ShapeMismatch", "OutOfRange"):
+        assert outcomes.counts[f"{error}:hidden_scale"] > 0, f"no {error} about hidden_scale among {outcomes.counts}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +292,7 @@ msgpack_values = st.recursive(
 header_keys = st.sampled_from(["v", "kind", "layer", "mb", "seq", "sender", "tensors", "error", "x"])
 tensor_entries = st.lists(
     st.tuples(
-        st.sampled_from(["hidden", "partial", "expert_ids", "expert_weights", "shared_scale", "?"]),
+        st.sampled_from(["hidden", "hidden_scale", "partial", "expert_ids", "expert_weights", "shared_scale", "?"]),
         st.sampled_from([*frames.WIRE_DTYPES, "float64", "uint8"]),
         st.lists(st.integers(min_value=-2, max_value=40), max_size=3),
     ).map(list),
