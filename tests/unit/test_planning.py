@@ -354,3 +354,28 @@ def test_a_mix_with_its_own_calibration_is_fitted_to_it():
     )
     # the CostModel has no measurements; the mix's own double the attention roofline (see the case above)
     assert _model().predict(_mix(calibration=measured)).attention_us == pytest.approx(2 * 23)
+
+
+def test_calibration_file_is_read_and_validated(tmp_path):
+    from afd.errors import ConfigError
+    from afd.planning.calibration import load_calibration
+
+    path = tmp_path / "calibration.yaml"
+    path.write_text(
+        "version: 1\n"
+        "kinds:\n"
+        "  x:\n"
+        "    attention: [{us_per_token: 4.756, batch: 8, context_len: 128}]\n"
+        "    ffn: [{us_per_token_expert: 4.25}]\n"
+        "links:\n"
+        "  lab: {bandwidth_gb_per_s: 1, latency_us: 10}\n"
+    )
+    calibration = load_calibration(path, load_catalog().kind_of_device)
+    assert calibration.kinds["x"].ffn[0].tokens == 16  # what ffn_nodes/node.py times by default
+    model = _model(calibration=calibration)
+    p = model.predict(_mix(link="lab"))
+    assert (p.attention_us, p.ffn_us) == pytest.approx((2 * 23, 2 * 24))  # both efficiencies 2 (cases above)
+    assert p.link_us == pytest.approx(80)  # the measured link "lab" = the catalog's "slow"
+    path.write_text("kinds:\n  x:\n    attention: [{us_per_tok: 1}]\n")
+    with pytest.raises(ConfigError, match=r"kinds\.x\.attention\.0\.us_per_tok: unknown field"):
+        load_calibration(path, load_catalog().kind_of_device)
