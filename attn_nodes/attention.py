@@ -184,14 +184,21 @@ class GqaAttention:
         qk = self.rope.apply(qk, cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         cache.index_copy_(0, meta.slot_mapping, torch.cat((k.reshape(n, -1), v), dim=1))
-        context = _gather(cache, meta.context_slots)  # [num_seqs, ctx, 2 * kv_width]
-        shape = (*context.shape[:2], spec.num_kv_heads, spec.head_dim)
-        keys = context[..., : self.kv_width].view(shape)
-        values = context[..., self.kv_width :].view(shape)
-        if self.window is None and self.sinks is None:
-            out = _attend(q, keys, values, meta, spec.softmax_scale, gqa=spec.num_kv_heads != heads)
-        else:
-            out = _attend_windowed(q, keys, values, meta, spec.softmax_scale, self.window, self.sinks)
+        out = None
+        if meta.query_index is None and self.window is None and self.sinks is None:
+            # Decode only: one token per sequence at position = context length - 1.
+            out = kernels.paged_decode_attention(
+                q, cache, meta.context_slots, meta.positions + 1, spec.num_kv_heads, spec.softmax_scale
+            )
+        if out is None:
+            context = _gather(cache, meta.context_slots)  # [num_seqs, ctx, 2 * kv_width]
+            shape = (*context.shape[:2], spec.num_kv_heads, spec.head_dim)
+            keys = context[..., : self.kv_width].view(shape)
+            values = context[..., self.kv_width :].view(shape)
+            if self.window is None and self.sinks is None:
+                out = _attend(q, keys, values, meta, spec.softmax_scale, gqa=spec.num_kv_heads != heads)
+            else:
+                out = _attend_windowed(q, keys, values, meta, spec.softmax_scale, self.window, self.sinks)
         if self.head_gate:
             gate = torch.sigmoid(qkv[:, self.q_width + 2 * self.kv_width :])  # [num_tokens, heads]
             out = (out.view(n, heads, spec.head_dim) * gate.unsqueeze(-1)).view(n, -1)

@@ -3,6 +3,8 @@
 - `linear(x, weight, bias)`: every projection of both halves (attention, gates, experts, LM head).
 - `routed_experts_swiglu(...)`: the FFN node's routed experts for a small batch (the decode step), or
   None where no fused implementation serves and the caller's torch path runs.
+- `paged_decode_attention(...)`: attention of one new token per sequence read straight from the paged KV
+  cache (no gather of the context), or None for the torch path (gather + scaled_dot_product_attention).
 - `rms_norm(x, weight, eps)`: RMSNorm in one native call for bf16 on CPU (torch decomposes it into eight
   small ops there, about 11 us for one 1024-wide row against 1.6 us), or None for the torch path.
 
@@ -141,3 +143,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     module = native.load()
     return None if module is None else module.rms_norm_bf16(x, weight, eps)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    context_slots: torch.Tensor,
+    context_lens: torch.Tensor,
+    kv_heads: int,
+    scale: float,
+) -> torch.Tensor | None:
+    """Decode attention of `query: [seqs, heads, head_dim]` (one token per sequence) over the paged cache, or
+    None where the native kernel does not serve (not bf16 on an AVX512 CPU) and the caller gathers the context
+    and runs torch's attention instead.
+
+    cache: `[slots, 2 * kv_heads * head_dim]` with K then V of each slot; context_slots: `[seqs, ctx] int64`;
+    context_lens: `[seqs] int64` valid keys of each sequence. Returns `[seqs, heads * head_dim]`. The result is
+    torch's CPU flash attention up to the order of fp32 sums (the same roundings: bf16 probabilities times V,
+    one division and one rounding at the end): outputs differ from it by a bf16 step or two, as far from the
+    exact attention as torch's are (tests/unit/test_native_kernels.py).
+    """
+    head_dim = query.shape[-1]
+    if (
+        query.device.type != "cpu"
+        or query.dtype != torch.bfloat16
+        or cache.dtype != torch.bfloat16
+        or not cache.is_contiguous()
+        or query.stride(-1) != 1
+        or cache.shape[1] != 2 * kv_heads * head_dim
+    ):
+        return None
+    module = native.load()
+    if module is None or module.available_isa() != "avx512_bf16":
+        return None
+    return module.decode_attention_bf16(
+        query, cache, context_slots.contiguous(), context_lens.contiguous(), 0, kv_heads * head_dim, kv_heads, scale
+    )

@@ -183,11 +183,15 @@ def test_linear_adds_the_bias_and_keeps_torch_for_other_dtypes() -> None:
 def test_bf16_engine_tokens_agree_with_and_without_native_kernels(
     kernels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Greedy decode of a tiny MoE in bf16, 2 FFN shards: the native path and the pure-torch fallback agree
-    token for token (they differ only in the order of fp32 sums inside each product)."""
+    """Greedy decode of a tiny MoE in bf16, 2 FFN shards, native path against the pure-torch fallback.
+
+    Linear, experts and norms give the torch path's results bit for bit or to one rounding; decode attention
+    sums in another order than torch's flash attention (one bf16 step apart on a few outputs, equally far from
+    the exact result: see the attention test), so on this tiny random model, whose top logits nearly tie, a
+    continuation may part after a few tokens. A wrong kernel parts at the first decode step."""
     model_dir = build_checkpoint("qwen3_moe", tmp_path / "m", seed=3)
-    prompts = [[5, 9, 11, 40], [7], list(range(1, 30))]
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 11, 40], [7], list(range(1, 30)), [100, 3, 77], [12] * 10]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     config = EngineConfig(dtype="bfloat16")
     fast = inprocess_engine(model_dir, 2, config).generate(prompts, params)
     monkeypatch.setattr(native, "load", lambda verbose=False: None)
@@ -196,7 +200,42 @@ def test_bf16_engine_tokens_agree_with_and_without_native_kernels(
         eager = inprocess_engine(model_dir, 2, config).generate(prompts, params)
     finally:
         tuning.reset()
-    assert fast == eager
+    leading = [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
+        for x, y in zip(fast, eager, strict=True)
+    ]
+    assert min(leading) >= 3, leading
+    assert sum(leading) >= 0.8 * len(prompts) * params.max_tokens, leading
+
+
+def test_decode_attention_matches_torch_flash_attention(kernels) -> None:
+    """Against gather + scaled_dot_product_attention (GQA 16/4 heads, padded contexts): every output within one
+    bf16 step of the values summed, and as close to the exact (float64) attention as torch's is."""
+    seqs, heads, kv_heads, dim, ctx = 3, 16, 4, 64, 70
+    cache = _bf16(400, 2 * kv_heads * dim, seed=13)
+    lens = torch.tensor([70, 5, 33])
+    slots = torch.randint(0, 400, (seqs, ctx), generator=torch.Generator().manual_seed(14))
+    q = _bf16(seqs, heads, dim, seed=15)
+    got = kernels.decode_attention_bf16(q, cache, slots, lens, 0, kv_heads * dim, kv_heads, 0.125)
+    context = cache.index_select(0, slots.view(-1)).view(seqs, ctx, -1)
+    k = context[..., : kv_heads * dim].reshape(seqs, ctx, kv_heads, dim).transpose(1, 2)
+    v = context[..., kv_heads * dim :].reshape(seqs, ctx, kv_heads, dim).transpose(1, 2)
+    mask = (torch.arange(ctx)[None, :] < lens[:, None])[:, None, None, :]
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
+        return out.squeeze(2).reshape(seqs, heads * dim)
+
+    expected = attention(q, k, v)
+    exact = attention(q.double(), k.double(), v.double())
+    # Outputs near zero are sums of terms near 1 that cancel: their error is a step of those terms, not of the sum.
+    step = expected.double().abs().clamp_min(0.5) * 2**-7
+    assert ((got.double() - expected.double()).abs() <= step).all()
+    assert (got.double() - exact).abs().mean() <= 1.1 * (expected.double() - exact).abs().mean()
+    with pytest.raises(RuntimeError, match="context length 71 of sequence 0"):
+        kernels.decode_attention_bf16(q, cache, slots, torch.tensor([71, 5, 33]), 0, 256, kv_heads, 0.125)
+    with pytest.raises(RuntimeError, match="cache slot 400 is outside"):
+        kernels.decode_attention_bf16(q, cache, torch.full((seqs, ctx), 400), lens, 0, 256, kv_heads, 0.125)
 
 
 @pytest.mark.parametrize(

@@ -337,9 +337,109 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   return out;
 }
 
+namespace {
+
+__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// One (sequence, query head): softmax(q . K^T * scale) V over the sequence's `len` cached keys, as torch's CPU
+// flash attention rounds it for bf16: fp32 scores, exp(score - max) rounded to bf16 for the product with V,
+// the denominator summed in fp32, the output divided once and rounded once. AVX512 only: elsewhere the
+// Python side keeps torch's attention.
+__attribute__((target("avx512f,avx512bw"))) void attend_head(const bf16* q, const bf16* cache, int64_t width,
+                                                             const int64_t* slots, int64_t len, int64_t k_off,
+                                                             int64_t v_off, int64_t D, float scale, float* scores,
+                                                             float* acc, bf16* out) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < len; ++t) {
+    const bf16* k = cache + slots[t] * width + k_off;
+    float dot = 0.0f;
+    int64_t c = 0;
+    __m512 sum = _mm512_setzero_ps();
+    for (; c + 16 <= D; c += 16) sum = _mm512_fmadd_ps(widen16(q + c), widen16(k + c), sum);
+    dot = _mm512_reduce_add_ps(sum);
+    for (; c < D; ++c) dot += static_cast<float>(q[c]) * static_cast<float>(k[c]);
+    scores[t] = dot * scale;
+    top = std::max(top, scores[t]);
+  }
+  for (int64_t c = 0; c < D; ++c) acc[c] = 0.0f;
+  float denominator = 0.0f;
+  for (int64_t t = 0; t < len; ++t) {
+    const float e = std::exp(scores[t] - top);
+    denominator += e;
+    const float p = bf16_round(e);
+    const bf16* v = cache + slots[t] * width + v_off;
+    int64_t c = 0;
+    const __m512 pv = _mm512_set1_ps(p);
+    for (; c + 16 <= D; c += 16) _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(pv, widen16(v + c), _mm512_loadu_ps(acc + c)));
+    for (; c < D; ++c) acc[c] += p * static_cast<float>(v[c]);
+  }
+  for (int64_t c = 0; c < D; ++c) out[c] = bf16(acc[c] / denominator);
+}
+
+}  // namespace
+
+// Decode attention straight from the paged cache: one query token per sequence, no gather of the context.
+// query: [S, H, D] bf16 (last dim contiguous); cache: [slots, width] bf16, K of kv head g at columns
+// k_offset + g * D, V at v_offset + g * D; context_slots: [S, C] int64; context_lens: [S] int64 (<= C).
+// Returns [S, H * D] bf16. Query head h reads kv head h / (H / kv_heads), as grouped-query attention does.
+torch::Tensor decode_attention_bf16(const torch::Tensor& query, const torch::Tensor& cache,
+                                    const torch::Tensor& context_slots, const torch::Tensor& context_lens,
+                                    int64_t k_offset, int64_t v_offset, int64_t kv_heads, double scale) {
+  TORCH_CHECK(kIsa == Isa::kAvx512Bf16, "decode attention needs AVX512 (torch's attention serves elsewhere)");
+  TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == at::kBFloat16 && query.dim() == 3 &&
+                  query.stride(2) == 1,
+              "query must be [seqs, heads, head_dim] bfloat16 with a contiguous last dim");
+  check_bf16_matrix(cache, "cache");
+  TORCH_CHECK(context_slots.scalar_type() == at::kLong && context_slots.is_contiguous() && context_slots.dim() == 2,
+              "context_slots must be contiguous [seqs, ctx] int64");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous() && context_lens.dim() == 1,
+              "context_lens must be contiguous [seqs] int64");
+  const int64_t S = query.size(0), H = query.size(1), D = query.size(2), C = context_slots.size(1);
+  const int64_t slots_total = cache.size(0), width = cache.size(1);
+  TORCH_CHECK(context_slots.size(0) == S && context_lens.size(0) == S, "one slot row and length per sequence");
+  TORCH_CHECK(kv_heads > 0 && H % kv_heads == 0, H, " query heads do not group over ", kv_heads, " kv heads");
+  TORCH_CHECK(k_offset >= 0 && v_offset >= 0 && k_offset + kv_heads * D <= width && v_offset + kv_heads * D <= width,
+              "K/V columns fall outside the cache width ", width);
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* slots = context_slots.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(lens[s] >= 1 && lens[s] <= C, "context length ", lens[s], " of sequence ", s, " is outside [1, ", C, "]");
+    for (int64_t t = 0; t < lens[s]; ++t)
+      TORCH_CHECK(slots[s * C + t] >= 0 && slots[s * C + t] < slots_total, "cache slot ", slots[s * C + t],
+                  " is outside the cache");
+  }
+  auto out = torch::empty({S, H * D}, query.options());
+  const bf16* qp = query.data_ptr<bf16>();
+  const bf16* cp = cache.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t group = H / kv_heads;
+  const float fscale = static_cast<float>(scale);
+  auto run = [&](int64_t p0, int64_t p1) {
+    std::vector<float> scores(C), acc(D);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t s = p / H, h = p % H, g = h / group;
+      const bf16* q = qp + s * query.stride(0) + h * query.stride(1);
+      const int64_t ko = k_offset + g * D, vo = v_offset + g * D;
+      attend_head(q, cp, width, slots + s * C, lens[s], ko, vo, D, fscale, scores.data(), acc.data(),
+                  op + s * H * D + h * D);
+    }
+  };
+  int64_t work = 0;
+  for (int64_t s = 0; s < S; ++s) work += lens[s];
+  if (work * H * D < (int64_t{1} << 16))
+    run(0, S * H);
+  else
+    at::parallel_for(0, S * H, 1, run);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isa", &available_isa, "The instruction set the kernels use on this CPU ('' when none).");
   m.def("linear_bf16", &linear_bf16, "x [M, K] @ weight [N, K]^T for bf16 on the CPU.");
   m.def("moe_swiglu_bf16", &moe_swiglu_bf16, "Routed-expert SwiGLU over grouped assignments, added into out.");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm over the last dim with the reference's roundings, bf16.");
+  m.def("decode_attention_bf16", &decode_attention_bf16, "One-token-per-sequence attention over the paged cache.");
 }
