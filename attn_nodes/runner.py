@@ -60,6 +60,10 @@ class TransferStats:
         """Seconds blocked in combine per layer since start (monotonic)."""
         self.round_trip_totals = [0] * num_layers
         """Exchanges per layer since start (monotonic)."""
+        self.token_totals = [0] * num_layers
+        """Tokens (microbatch rows) sent per layer since start (monotonic)."""
+        self.bytes_sent_totals = [0] * num_layers
+        """Bytes sent per layer since start (monotonic): with token_totals, the wire's bytes per token."""
         self._reset()
 
     def _reset(self) -> None:
@@ -68,7 +72,7 @@ class TransferStats:
         self.bytes_sent, self.bytes_received = [0] * layers, [0] * layers
         self.wait_seconds = [0.0] * layers
 
-    def record(self, layer: int, seconds: float, sent: int, received: int, wait: float = 0.0) -> None:
+    def record(self, layer: int, seconds: float, sent: int, received: int, wait: float = 0.0, tokens: int = 0) -> None:
         self.round_trips[layer] += 1
         self.seconds[layer] += seconds
         self.bytes_sent[layer] += sent
@@ -76,6 +80,8 @@ class TransferStats:
         self.wait_seconds[layer] += wait
         self.wait_totals[layer] += wait
         self.round_trip_totals[layer] += 1
+        self.token_totals[layer] += tokens
+        self.bytes_sent_totals[layer] += sent
 
     def take(self) -> list[tuple[int, int, float, int, int]]:
         """(layer, round_trips, seconds, bytes_sent, bytes_received) of layers with traffic; then reset."""
@@ -190,5 +196,6 @@ class ModelRunner:
         now = time.perf_counter()
         received = sum(p.nbytes for p in partials.values())
         sent = _payload_bytes(exchange.dispatch.requests)
-        self.transfers.record(layer, now - exchange.sent_at, sent, received, wait=now - waiting_since)
+        tokens = residual.shape[0]
+        self.transfers.record(layer, now - exchange.sent_at, sent, received, wait=now - waiting_since, tokens=tokens)
         self.dispatcher.accumulate(residual, exchange.dispatch, partials)

@@ -80,9 +80,33 @@ def engine_tokens_per_s(config: ClusterBenchConfig, prompts: list[list[int]]) ->
     return sum(len(o) for o in outputs) / elapsed
 
 
+WIRES = ("auto", "fp8")
+"""The wire precisions whose bytes per token per layer the report shows (auto = the model dtype)."""
+
+
+def wire_bytes_per_token_layer(config: ClusterBenchConfig, prompts: list[list[int]]) -> dict[str, float]:
+    """Attention->FFN bytes per token per layer (hidden states, scales, expert ids and weights, summed over
+    the FFN nodes a token goes to) of a short in-process run with each wire precision, as the runner counts
+    them (the frame payload; the msgpack header and envelope are not included)."""
+    out = {}
+    for wire in WIRES:
+        placement, transport = local_ffn_pool(config.model, config.ffn, config.dtype)
+        engine = AttentionEngine.load(
+            config.model,
+            transport,
+            placement,
+            EngineConfig(dtype=config.dtype, max_num_seqs=config.concurrency, wire_dtype=wire),  # type: ignore[arg-type]
+        )
+        engine.generate(prompts[: config.concurrency], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        stats = engine.runner.transfers
+        out[wire] = round(sum(stats.bytes_sent_totals) / max(1, sum(stats.token_totals)), 1)
+    return out
+
+
 def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -> tuple[list[Row], dict[str, Any]]:
     prompts = _prompts(config, vocab)
     engine_rate = engine_tokens_per_s(config, prompts)
+    wire_bytes = wire_bytes_per_token_layer(config, prompts)
     rows = [Row("single-process engine", None, round(engine_rate, 2), 1.0, None, None, None)]
     results: dict[int, dict[str, Any]] = {}
     for m in config.microbatches:
@@ -116,6 +140,7 @@ def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -
             )
         )
     context = {"model": str(config.model), **{k: v for k, v in asdict(config).items() if k != "model"}}
+    context["wire_bytes_per_token_layer"] = wire_bytes  # {"auto": model dtype, "fp8": e4m3 + scales}
     return rows, context
 
 
@@ -141,3 +166,7 @@ def report(rows: list[Row], context: dict[str, Any], json_only: bool) -> None:
             str(r.mean_tpot_ms or "-"),
         )
     Console().print(table)
+    wire = context.get("wire_bytes_per_token_layer")
+    if wire:
+        figures = ", ".join(f"{name} {value:g}" for name, value in wire.items())
+        Console().print(f"attention->FFN bytes per token per layer: {figures}")
