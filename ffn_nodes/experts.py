@@ -115,7 +115,7 @@ class StackedExperts:
             strategy = "grouped"
         elif strategy == "auto":
             # Padded reads every local expert's weights in one bmm; looped reads only the busy ones, one
-            # matrix-vector product at a time, which streams slower (`python -m benchmarks.kernels`: about
+            # matrix-vector product at a time, which streams slower (`python -m benchmarks.kernels` measured about
             # 23 GB/s against 14-19 GB/s). Break-even is near 70 % of the experts busy.
             strategy = "padded" if busy >= PADDED_MIN_BUSY_SHARE * self.num_local else "looped"
         if strategy == "grouped":
