@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from rich.console import Console
@@ -28,7 +28,7 @@ ROTATION_BYTES = 256 << 20
 REPEATS = 5
 
 
-def _rates(forms: dict[str, Callable[[int], object]], count: int, nbytes: int) -> dict[str, list[float]]:
+def _rates(forms: Mapping[str, Callable[..., object]], count: int, nbytes: int) -> dict[str, list[float]]:
     """GB/s of each form per repeat; forms alternate within each repeat."""
     for fn in forms.values():
         for i in range(count):  # first touch, lazy initialisation
