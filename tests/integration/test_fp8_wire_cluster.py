@@ -1,0 +1,42 @@
+"""The fp8 wire between processes: FFN nodes (their real frame decoder and batcher) take float8 hidden states
+with per-token scales and answer in their model dtype; tokens equal the in-process engine on the same wire."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from afd.model_spec import ModelSpec
+from afd.sampling_params import SamplingParams
+from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
+from attn_nodes.config import EngineConfig
+from attn_nodes.engine import AttentionEngine
+from tests.cluster_helpers import start_ffn_servers, stop_all
+from tests.engines import inprocess_engine, uneven_placement
+
+PROMPTS = [[7], [3, 14, 15, 92, 65], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [("qwen2_moe", "bfloat16"), ("deepseek_v3", "float32")])
+def test_fp8_wire_over_grpc_matches_inprocess(arch: str, dtype: str, tiny_checkpoint, tmp_path: Path):
+    directory = tiny_checkpoint(arch)
+    spec = ModelSpec.from_pretrained(directory)
+    placement = uneven_placement(spec, 2)
+    config = EngineConfig(block_size=4, num_kv_blocks=64, dtype=dtype, microbatches=2, wire_dtype="fp8")  # type: ignore[arg-type]
+    expected = inprocess_engine(directory, 2, config).generate(PROMPTS, GREEDY)
+
+    servers = start_ffn_servers(directory, placement, tmp_path, extra_args=["--dtype", dtype])
+    try:
+        peers = {server.node_id: server.address for server in servers}
+        with GrpcTransport.for_model(spec, peers, GrpcTransportConfig(timeout_s=30)) as transport:
+            transport.wait_ready()
+            engine = AttentionEngine.load(directory, transport, placement, config)
+            assert engine.generate(PROMPTS, GREEDY) == expected
+            stats = engine.runner.transfers
+            hidden_bytes = spec.hidden_size + 4  # one fp8 byte per element and a float32 scale per token
+            assert sum(stats.bytes_sent_totals) >= hidden_bytes * sum(stats.token_totals)
+            assert sum(stats.bytes_sent_totals) < 2 * spec.hidden_size * sum(stats.token_totals) * len(peers)
+    finally:
+        stop_all(servers)
