@@ -75,6 +75,8 @@ class LocalClusterConfig:
     """Let the router replicate hot experts on FFN nodes with spare capacity (`--expert-replication on`)."""
     replication_interval_s: float = 10.0
     """Seconds between the router's re-plans of hot-expert replicas (when expert_replication)."""
+    wire_dtype: str = "auto"
+    """Hidden states on the attention->FFN wire: auto (model dtype), bf16 or fp8 (`--wire-dtype`)."""
 
     def __post_init__(self) -> None:
         if self.attn < 1 or self.ffn < 1:
@@ -82,6 +84,8 @@ class LocalClusterConfig:
         if self.transport not in ("grpc", "gloo", "shm"):
             raise ConfigError(f"local transport must be grpc, gloo or shm, not {self.transport!r}")
         parse_microbatches(self.microbatches)  # refuse here, not in every node process
+        if self.wire_dtype not in ("auto", "bf16", "fp8"):
+            raise ConfigError(f"wire dtype must be auto, bf16 or fp8, not {self.wire_dtype!r}")
 
 
 @dataclass
@@ -225,6 +229,7 @@ class LocalCluster:
         ]
         if role == "attn":
             args += ["--transport", config.transport, "--microbatches", config.microbatches]
+            args += ["--wire-dtype", config.wire_dtype]
         handle = self._spawn(node_id, role, args)
         self.nodes[node_id] = handle
         return handle

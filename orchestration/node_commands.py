@@ -29,6 +29,10 @@ InsecureOption = Annotated[
 ]
 ReadyOption = Annotated[Path | None, typer.Option(help="Write the bound port(s) here once serving.")]
 MicrobatchOption = Annotated[str, typer.Option(help="Microbatches per step: auto (router's plan) or a number.")]
+WireDTypeOption = Annotated[
+    str,
+    typer.Option(help="Hidden states to the FFN nodes: fp8 (e4m3, a scale per token), bf16, or auto (model dtype)."),
+]
 
 
 def _setup_process(name: str) -> None:
@@ -162,6 +166,7 @@ def attention_command(
     cluster_token_file: TokenOption = None,
     insecure: InsecureOption = False,
     ready_file: ReadyOption = None,
+    wire_dtype: WireDTypeOption = "auto",
 ) -> None:
     """An attention node: KV cache, attention halves, sampling."""
     from attn_nodes.config import EngineConfig
@@ -169,6 +174,8 @@ def attention_command(
 
     if device != "cpu":
         raise typer.BadParameter("only --device cpu is implemented for attention nodes in this release")
+    if wire_dtype not in ("auto", "bf16", "fp8"):
+        raise typer.BadParameter(f"--wire-dtype takes auto, bf16 or fp8, not {wire_dtype!r}")
     _setup_process(node_id)
     auth = _cluster_auth(cluster_token_file, insecure)
     config = AttentionNodeConfig(
@@ -180,7 +187,7 @@ def attention_command(
         advertise_host=advertise_host,
         transport=transport,  # type: ignore[arg-type]
         microbatches=_microbatches(microbatches),
-        engine=EngineConfig(dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib),  # type: ignore[arg-type]
+        engine=EngineConfig(dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, wire_dtype=wire_dtype),  # type: ignore[arg-type]
         auth=auth,
         threads=threads,
         ready_file=ready_file,

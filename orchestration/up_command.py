@@ -185,6 +185,9 @@ def up(
     expert_replication: Annotated[
         str, typer.Option(help="on|off: the router replicates hot experts on FFN nodes with spare capacity.")
     ] = "off",
+    wire_dtype: Annotated[
+        str, typer.Option(help="Hidden states to FFN nodes: fp8 (e4m3, a scale per token), bf16, auto (model dtype).")
+    ] = "auto",
 ) -> None:
     """Start a router, attention nodes and FFN nodes; serve the OpenAI API until Ctrl-C."""
     if expert_replication not in ("on", "off"):
@@ -192,6 +195,12 @@ def up(
         raise typer.Exit(2)
     if expert_replication == "on" and ray:
         console.print("[red]error:[/red] --expert-replication on is not passed to Ray actors; use it without --ray")
+        raise typer.Exit(2)
+    if wire_dtype not in ("auto", "bf16", "fp8"):
+        console.print(f"[red]error:[/red] --wire-dtype takes auto, bf16 or fp8, not {wire_dtype!r}")
+        raise typer.Exit(2)
+    if wire_dtype != "auto" and ray:
+        console.print("[red]error:[/red] --wire-dtype is not passed to Ray actors; use it without --ray")
         raise typer.Exit(2)
     if plan is not None:
         from orchestration.plan_command import up_settings_from_plan
@@ -221,6 +230,7 @@ def up(
         chat_template=chat_template,
         threads_per_node=threads,
         expert_replication=expert_replication == "on",
+        wire_dtype=wire_dtype,
     )
     launcher: Any
     if ray:

@@ -270,3 +270,21 @@ def test_auto_is_the_model_dtype_while_fp8_changes_tokens(tiny_checkpoint):
     }
     fp8_changes_tokens = outputs["auto"] != outputs["fp8"]
     assert resolve_wire_dtype("auto") == (None if fp8_changes_tokens else FP8_WIRE_DTYPE)
+
+
+def test_wire_dtype_flags():
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+    from orchestration.local_cluster import LocalClusterConfig
+
+    runner = CliRunner()
+    for command in (["up"], ["node", "attn", "--router", "127.0.0.1:1", "--node-id", "a"]):
+        assert "--wire-dtype" in runner.invoke(app, [*command, "--help"], terminal_width=200).output
+    refused = runner.invoke(app, ["up", "--wire-dtype", "fp4"])
+    assert refused.exit_code == 2 and "--wire-dtype takes auto, bf16 or fp8" in refused.output
+    assert runner.invoke(app, ["up", "--wire-dtype", "fp8", "--ray"]).exit_code == 2
+    refused = runner.invoke(app, ["node", "attn", "--router", "127.0.0.1:1", "--node-id", "a", "--wire-dtype", "fp4"])
+    assert refused.exit_code == 2
+    with pytest.raises(ConfigError, match="wire dtype"):
+        LocalClusterConfig(wire_dtype="fp4")
