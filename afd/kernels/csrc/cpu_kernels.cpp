@@ -250,31 +250,31 @@ torch::Tensor moe_swiglu_bf16(const torch::Tensor& hidden, const torch::Tensor& 
   }
   const auto* gu_all = reinterpret_cast<const uint16_t*>(gate_up.data_ptr());
   const auto* down_all = reinterpret_cast<const uint16_t*>(down.data_ptr());
-  int64_t max_rows = 0;
-  for (int64_t e = 0; e < E; ++e) max_rows = std::max(max_rows, count[e]);
-  std::vector<bf16> x(max_rows * H), h(max_rows * 2 * I), act(max_rows * I);
-  std::vector<bf16> y(start[E] * H);  // each assignment's weighted expert output, rounded as the torch path
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = count[e];
-    if (m == 0) continue;
-    for (int64_t r = 0; r < m; ++r)
-      std::copy_n(hidden.data_ptr<bf16>() + token_of[start[e] + r] * H, H, x.data() + r * H);
-    const auto* xp = reinterpret_cast<const uint16_t*>(x.data());
-    parallel_linear(xp, m, H, gu_all + e * 2 * I * H, 2 * I, h.data(), 2 * I);
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t c = 0; c < I; ++c) {
-        const float g = static_cast<float>(h[r * 2 * I + c]);
-        const float silu = bf16_round(g / (1.0f + std::exp(-g)));
-        act[r * I + c] = bf16(silu * static_cast<float>(h[r * 2 * I + I + c]));
-      }
-    }
-    bf16* ye = y.data() + start[e] * H;
-    parallel_linear(reinterpret_cast<const uint16_t*>(act.data()), m, I, down_all + e * H * I, H, ye, H);
-    for (int64_t r = 0; r < m; ++r) {
-      const float w = bf16_round(weight_of[start[e] + r]);
-      for (int64_t c = 0; c < H; ++c) ye[r * H + c] = bf16(static_cast<float>(ye[r * H + c]) * w);
-    }
-  }
+  // Phase 1: every hit expert's gate/up rows, its tokens gathered into one block per expert.
+  const int64_t A = start[E];
+  const auto options = hidden.options();
+  auto xs = torch::empty({A, H}, options);
+  auto hs = torch::empty({A, 2 * I}, options);
+  bf16* xsp = xs.data_ptr<bf16>();
+  const bf16* hidden_p = hidden.data_ptr<bf16>();
+  for (int64_t slot = 0; slot < A; ++slot) std::copy_n(hidden_p + token_of[slot] * H, H, xsp + slot * H);
+  const auto* xs_u16 = reinterpret_cast<const uint16_t*>(xsp);
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e])
+      parallel_linear(xs_u16 + start[e] * H, count[e], H, gu_all + e * 2 * I * H, 2 * I,
+                      hs.data_ptr<bf16>() + start[e] * 2 * I, 2 * I);
+  // Phase 2: silu(gate) * up with torch's own vectorised kernels, so the roundings are the torch path's.
+  auto act = (at::silu(hs.narrow(1, 0, I)) * hs.narrow(1, I, I)).contiguous();
+  // Phase 3: down, then each row times its routing weight rounded to bf16 (as the torch path multiplies).
+  auto ys = torch::empty({A, H}, options);
+  const auto* act_u16 = reinterpret_cast<const uint16_t*>(act.data_ptr());
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e])
+      parallel_linear(act_u16 + start[e] * I, count[e], I, down_all + e * H * I, H, ys.data_ptr<bf16>() + start[e] * H,
+                      H);
+  auto routing = torch::from_blob(weight_of.data(), {A, 1}, torch::kFloat32).to(at::kBFloat16);
+  ys = ys * routing;
+  const bf16* y = ys.data_ptr<bf16>();
   // Per token: its rows summed in fp32 in expert order, added to out and rounded once (index_add_'s order).
   bf16* o = out.data_ptr<bf16>();
   std::vector<float> sum(H);
