@@ -32,7 +32,7 @@ NODE_STATE_LEFT: NodeState
 NODE_STATE_DEAD: NodeState
 
 class CapacityProfile(_message.Message):
-    __slots__ = ("device_kind", "device_memory_bytes", "device_count", "attention_us_per_token", "attention_context_len", "ffn_us_per_token_expert", "link_bytes_per_second", "kv_cache_blocks", "kv_block_size", "max_num_seqs")
+    __slots__ = ("device_kind", "device_memory_bytes", "device_count", "attention_us_per_token", "attention_context_len", "ffn_us_per_token_expert", "link_bytes_per_second", "kv_cache_blocks", "kv_block_size", "max_num_seqs", "link_latency_us", "peer_links")
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class CapacityProfile(_message.Message):
     KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    LINK_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    PEER_LINKS_FIELD_NUMBER: _ClassVar[int]
     device_kind: str
     device_memory_bytes: int
     device_count: int
@@ -53,7 +55,23 @@ class CapacityProfile(_message.Message):
     kv_cache_blocks: int
     kv_block_size: int
     max_num_seqs: int
-    def __init__(self, device_kind: _Optional[str] = ..., device_memory_bytes: _Optional[int] = ..., device_count: _Optional[int] = ..., attention_us_per_token: _Optional[float] = ..., attention_context_len: _Optional[int] = ..., ffn_us_per_token_expert: _Optional[float] = ..., link_bytes_per_second: _Optional[float] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    link_latency_us: float
+    peer_links: _containers.RepeatedCompositeFieldContainer[PeerLink]
+    def __init__(self, device_kind: _Optional[str] = ..., device_memory_bytes: _Optional[int] = ..., device_count: _Optional[int] = ..., attention_us_per_token: _Optional[float] = ..., attention_context_len: _Optional[int] = ..., ffn_us_per_token_expert: _Optional[float] = ..., link_bytes_per_second: _Optional[float] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., link_latency_us: _Optional[float] = ..., peer_links: _Optional[_Iterable[_Union[PeerLink, _Mapping]]] = ...) -> None: ...
+
+class PeerLink(_message.Message):
+    __slots__ = ("peer_id", "bytes_per_second", "latency_us", "exchanges", "mean_exchange_us")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_EXCHANGE_US_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    bytes_per_second: float
+    latency_us: float
+    exchanges: int
+    mean_exchange_us: float
+    def __init__(self, peer_id: _Optional[str] = ..., bytes_per_second: _Optional[float] = ..., latency_us: _Optional[float] = ..., exchanges: _Optional[int] = ..., mean_exchange_us: _Optional[float] = ...) -> None: ...
 
 class PlacementEntry(_message.Message):
     __slots__ = ("node_id", "address", "experts", "mlp_share")
@@ -68,16 +86,18 @@ class PlacementEntry(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., experts: _Optional[_Iterable[int]] = ..., mlp_share: _Optional[float] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("version", "num_experts", "nodes", "dead_nodes")
+    __slots__ = ("version", "num_experts", "nodes", "dead_nodes", "degraded_nodes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     DEAD_NODES_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_NODES_FIELD_NUMBER: _ClassVar[int]
     version: int
     num_experts: int
     nodes: _containers.RepeatedCompositeFieldContainer[PlacementEntry]
     dead_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., num_experts: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[PlacementEntry, _Mapping]]] = ..., dead_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    degraded_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., num_experts: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[PlacementEntry, _Mapping]]] = ..., dead_nodes: _Optional[_Iterable[str]] = ..., degraded_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids", "ignore_eos", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias")
@@ -189,16 +209,18 @@ class RegisterResponse(_message.Message):
     def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., placement: _Optional[_Union[Placement, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "state", "load", "placement_version")
+    __slots__ = ("node_id", "state", "load", "placement_version", "capacity")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     state: NodeState
     load: NodeLoad
     placement_version: int
-    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., placement_version: _Optional[int] = ...) -> None: ...
+    capacity: CapacityProfile
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., placement_version: _Optional[int] = ..., capacity: _Optional[_Union[CapacityProfile, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("placement", "drain", "microbatches")
@@ -223,14 +245,16 @@ class LeaveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerFailureReport(_message.Message):
-    __slots__ = ("reporter_id", "peer_id", "error")
+    __slots__ = ("reporter_id", "peer_id", "error", "degraded")
     REPORTER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
     reporter_id: str
     peer_id: str
     error: str
-    def __init__(self, reporter_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    degraded: bool
+    def __init__(self, reporter_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., error: _Optional[str] = ..., degraded: _Optional[bool] = ...) -> None: ...
 
 class PeerFailureResponse(_message.Message):
     __slots__ = ("placement",)
