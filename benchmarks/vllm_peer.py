@@ -82,6 +82,7 @@ class VllmPeer:
             stderr=self._log,
             text=True,
             env=env,
+            cwd=model_dir.parent,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         assert self._process.stdout is not None

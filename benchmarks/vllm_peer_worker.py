@@ -17,6 +17,10 @@ import time
 
 
 def main() -> None:
+    # This script's folder is first on sys.path, and it holds modules named like packages vLLM's imports
+    # probe for (benchmarks/kernels.py shadows the `kernels` package transformers looks up): drop it.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     model_dir, dtype, max_num_seqs, max_model_len = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -18,6 +18,11 @@ from benchmarks.vllm_peer import PeerUnavailable, VllmPeer, resolve_python
 from tests.checkpoints import build_checkpoint
 
 FAKE_VLLM = """
+import importlib.util
+
+# transformers probes for a package named `kernels`; benchmarks/kernels.py must not answer (it did once).
+_spec = importlib.util.find_spec("kernels")
+assert _spec is None or "benchmarks" not in str(_spec.origin), f"benchmarks/ shadows packages: {_spec.origin}"
 __version__ = "0.0-fake"
 calls = []
 
