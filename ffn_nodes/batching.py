@@ -56,16 +56,6 @@ class LoadCounters:
 
 
 @dataclass(slots=True)
-class _ExpertBaseline:
-    """The reading of one shard's per-expert counts at the start of the current load period."""
-
-    version: int
-    """Placement version of the shard the reading is of."""
-    counts: list[int]
-    """FfnShard.expert_token_counts() then."""
-
-
-@dataclass(slots=True)
 class _Work:
     request: FfnRequest
     reply: asyncio.Future[torch.Tensor]
@@ -91,8 +81,9 @@ class Batcher:
         self.task: asyncio.Task[None] | None = None
         """The batch loop; ends only when stopped or when it failed (then `on_failure` was called)."""
         self._lock = threading.Lock()
-        """Guards `counters`, `token_rows_total` and `_expert_baseline` (compute thread vs event loop)."""
-        self._expert_baseline: _ExpertBaseline | None = None
+        """Guards `counters`, `token_rows_total` and `_expert_baselines` (compute thread vs event loop)."""
+        self._expert_baselines: dict[int, list[int]] = {}
+        """Placement version -> its shard's FfnShard.expert_token_counts() at the start of the load period."""
         self._pending: set[asyncio.Future[torch.Tensor]] = set()
         self._refusal: Exception | None = None
         self._queue: asyncio.Queue[_Work] | None = None
@@ -189,12 +180,19 @@ class Batcher:
     def count_experts_from(self, shard: FfnShard) -> None:
         """`shard` became the current one: its expert counts are reported from its reading now."""
         with self._lock:
-            self._expert_baseline = _ExpertBaseline(shard.placement.version, shard.expert_token_counts())
+            self._expert_baselines[shard.placement.version] = shard.expert_token_counts()
 
     def take_load(self, shard: FfnShard | None, reset: bool = False) -> pb.NodeLoad:
         """The load since the counters were last reset: busy fraction, and token-expert pairs per local
         expert of `shard` (the current one). With `reset` a new period starts, atomically with the compute
-        thread."""
+        thread.
+
+        The pairs of the previous shard (frames still addressed under the old placement while a change
+        propagates, and what it computed since the last report before it was replaced) are reported too,
+        under the current shard's local id of the same global expert: placement changes are frequent with
+        hot-expert replication, and the router's load window would otherwise lose the load of every switch.
+        Only pairs of an expert the current shard no longer holds are dropped (the heartbeat has no place
+        for them)."""
         experts: list[int] = []
         with self._lock:
             counters = self.counters
@@ -202,14 +200,21 @@ class Batcher:
             if reset:
                 self.counters = LoadCounters()
             if shard is not None:
-                now = shard.expert_token_counts()
-                baseline = self._expert_baseline
-                if baseline is not None and baseline.version == shard.placement.version:
-                    experts = [count - before for count, before in zip(now, baseline.counts, strict=True)]
-                else:
-                    experts = now
+                held = self.held_shards()
+                held[shard.placement.version] = shard
+                mine = shard.placement.experts[shard.placement.index(shard.node_id)]
+                local_of = {expert: local for local, expert in enumerate(mine)}
+                experts = [0] * len(mine)
+                readings: dict[int, list[int]] = {}
+                for version, source in held.items():
+                    now = readings[version] = source.expert_token_counts()
+                    before = self._expert_baselines.get(version, [0] * len(now))
+                    ids = source.placement.experts[source.placement.index(source.node_id)]
+                    for expert, count, prior in zip(ids, now, before, strict=True):
+                        if count != prior and expert in local_of:
+                            experts[local_of[expert]] += count - prior
                 if reset:
-                    self._expert_baseline = _ExpertBaseline(shard.placement.version, now)
+                    self._expert_baselines = readings
         elapsed = max(time.monotonic() - counters.started, 1e-9)
         layers = shard.spec.num_layers if shard is not None else 1
         return pb.NodeLoad(

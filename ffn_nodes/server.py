@@ -295,8 +295,9 @@ class FfnNodeServer:
         experts. Frames are range-checked against the larger of the two; each group against its own.
 
         Nothing here touches what the compute thread writes: each shard counts its own expert tokens, and
-        the load reports count from this shard's reading now (what the previous shard computed since the
-        last report is for the old expert layout, which the router no longer maps: it is not reported).
+        the load reports count from this shard's reading now; what the previous shard computed since the
+        last report, and computes for frames still addressed under it, is reported under this shard's local
+        id of the same global expert (Batcher.take_load).
         """
         if self.shard is not None and self.shard.placement.version != shard.placement.version:
             self.previous_shard = self.shard

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from afd.builtin_model import builtin_model_dir
+from afd.model_spec import ModelSpec
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig
 from tests.checkpoints import build_skewed_checkpoint
 from tests.engines import greedy_reference_texts
@@ -48,31 +49,40 @@ def _node_pairs(view: dict[str, Any]) -> dict[str, int]:
     return {node: sum(counts.values()) for node, counts in view["expert_load"].items()}
 
 
-def _settled_pairs(cluster: LocalCluster, timeout: float = 30.0) -> dict[str, int]:
-    """The per-node totals once no heartbeat changes them any more (the nodes report every second)."""
+def _pairs_reported(cluster: LocalCluster, total: int, timeout: float = 60.0) -> dict[str, int]:
+    """The per-node totals once the nodes' heartbeats have reported `total` pairs in all (a barrier on the
+    counters, not a sleep: each request's pair count is known from its token counts)."""
     deadline = time.monotonic() + timeout
-    last = _node_pairs(_view(cluster))
-    while time.monotonic() < deadline:
-        time.sleep(2.5)  # longer than two heartbeat intervals: a report still on its way would show
-        now = _node_pairs(_view(cluster))
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"FFN node counts still changing after {timeout} s: {last}")
+    while True:
+        pairs = _node_pairs(_view(cluster))
+        if sum(pairs.values()) >= total:
+            assert sum(pairs.values()) == total, f"more pairs reported than computed: {pairs}, expected {total}"
+            return pairs
+        assert time.monotonic() < deadline, f"FFN nodes reported {pairs}, expected {total} pairs in all"
+        time.sleep(0.2)
 
 
-def _complete(client: openai.OpenAI, model: str, prompt: str) -> str:
-    return (
-        client.completions.create(
-            model=model,
+class _Client:
+    """Greedy completions, counting the token-expert pairs they make the FFN nodes compute."""
+
+    def __init__(self, cluster: LocalCluster, pairs_per_token: int) -> None:
+        self.client = openai.OpenAI(base_url=cluster.api_url, api_key="unused", max_retries=0, timeout=120)
+        self.model = self.client.models.list().data[0].id
+        self.pairs_per_token = pairs_per_token
+        self.pairs = 0
+        """Pairs of every completion so far: each token but the last generated one runs through every layer."""
+
+    def complete(self, prompt: str) -> str:
+        response = self.client.completions.create(
+            model=self.model,
             prompt=prompt,
             max_tokens=NEW_TOKENS,
             temperature=0.0,
             extra_body={"ignore_eos": True},
         )
-        .choices[0]
-        .text
-    )
+        assert response.usage is not None
+        self.pairs += (response.usage.prompt_tokens + response.usage.completion_tokens - 1) * self.pairs_per_token
+        return response.choices[0].text
 
 
 def _spread(before: dict[str, int], after: dict[str, int]) -> float:
@@ -83,6 +93,8 @@ def _spread(before: dict[str, int], after: dict[str, int]) -> float:
 
 def test_hot_experts_are_replicated_live_without_changing_tokens(skewed: Path):
     expected = greedy_reference_texts(skewed, PROMPTS, NEW_TOKENS)
+    spec = ModelSpec.from_pretrained(skewed)
+    pairs_per_token = sum(layer.moe.top_k for layer in spec.layers if layer.moe is not None)
     config = LocalClusterConfig(
         model=skewed,
         http_port=0,
@@ -94,12 +106,16 @@ def test_hot_experts_are_replicated_live_without_changing_tokens(skewed: Path):
     cluster = LocalCluster(config)
     try:
         cluster.start()
-        client = openai.OpenAI(base_url=cluster.api_url, api_key="unused", max_retries=0, timeout=120)
-        model = client.models.list().data[0].id
+        client = _Client(cluster, pairs_per_token)
         first = _view(cluster)
         start_version = first["placement_version"]
         assert all(not node.get("replicas") for node in first["nodes"])
-        start = _node_pairs(first)
+        assert sum(_node_pairs(first).values()) == 0
+        ffn_nodes = [n["node_id"] for n in first["nodes"] if n["role"] == "ffn"]
+        start = dict.fromkeys(ffn_nodes, 0)
+        # the node that holds experts 0 and 1 in the balanced placement (the first to register)
+        (hot,) = [n["node_id"] for n in first["nodes"] if n["role"] == "ffn" and 0 in n["experts"]]
+        (cold,) = set(ffn_nodes) - {hot}
 
         # Phase 1: the skewed load, until the router publishes replicas (bounded).
         deadline = time.monotonic() + 180
@@ -108,7 +124,7 @@ def test_hot_experts_are_replicated_live_without_changing_tokens(skewed: Path):
         while replicated is None:
             assert time.monotonic() < deadline, f"no replica within the deadline; last view {_view(cluster)}"
             prompt = PROMPTS[i % len(PROMPTS)]
-            assert _complete(client, model, prompt) == expected[prompt]
+            assert client.complete(prompt) == expected[prompt]
             i += 1
             view = _view(cluster)
             if view["placement_version"] > start_version and any(n.get("replicas") for n in view["nodes"]):
@@ -116,7 +132,7 @@ def test_hot_experts_are_replicated_live_without_changing_tokens(skewed: Path):
         ffn = {n["node_id"]: n for n in replicated["nodes"] if n["role"] == "ffn"}
         held_by = {e: [n for n, node in ffn.items() if e in node["experts"]] for e in (0, 1)}
         assert any(len(nodes) == 2 for nodes in held_by.values()), held_by
-        assert ffn["ffn-0"]["replicas"] == [] and set(ffn["ffn-1"]["replicas"]) <= {0, 1}
+        assert ffn[hot]["replicas"] == [] and set(ffn[cold]["replicas"]) <= {0, 1}
         # every attention node switched to it before it is used for new requests
         attention = [n for n in replicated["nodes"] if n["role"] == "attention"]
         wait = time.monotonic() + 30
@@ -124,12 +140,14 @@ def test_hot_experts_are_replicated_live_without_changing_tokens(skewed: Path):
             assert time.monotonic() < wait, "the attention node did not take the replica placement"
             time.sleep(0.2)
             attention = [n for n in _view(cluster)["nodes"] if n["role"] == "attention"]
-        before = _settled_pairs(cluster)
+        # Phase 1's pairs, once all reported (those the nodes computed under the old placement after the switch
+        # are reported too: the previous shard counts only what was addressed to it before)
+        before = _pairs_reported(cluster, client.pairs)
 
         # Phase 2: the same prompts on the replicated placement: same texts, counts closer together.
         for prompt in PROMPTS * 2:
-            assert _complete(client, model, prompt) == expected[prompt]
-        after = _settled_pairs(cluster)
+            assert client.complete(prompt) == expected[prompt]
+        after = _pairs_reported(cluster, client.pairs)
         skew_before, skew_after = _spread(start, before), _spread(before, after)
         print(f"pairs per FFN node: {start} -> {before} -> {after}; max/mean {skew_before:.2f} -> {skew_after:.2f}")
         assert skew_after < skew_before, (start, before, after)

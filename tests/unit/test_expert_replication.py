@@ -325,3 +325,35 @@ def test_expert_replication_is_off_by_default_and_the_flag_takes_on_or_off():
     for command in (["up"], ["node", "router", "--insecure"]):
         result = CliRunner().invoke(app, [*command, "--expert-replication", "maybe"])
         assert result.exit_code == 2 and "on or off" in result.output, result.output
+
+
+def test_ffn_load_reports_the_previous_shards_pairs_under_the_current_layout(tiny_checkpoint):
+    """A switch to a replica placement must not lose the pairs the old shard computed (frames in flight
+    under the old version, and those since the last report): they are reported by global expert."""
+    from afd.ffn_messages import FfnRequest
+    from ffn_nodes.batching import Batcher
+
+    directory = tiny_checkpoint("qwen3_moe")
+    spec = ModelSpec.from_pretrained(directory)
+    n = spec.num_experts
+    old = ExpertPlacement(n, ("ffn-0", "ffn-1"), ((0, 1, 2, 3), (4, 5, 6, 7)), (1.0, 1.0), version=1)
+    new = ExpertPlacement(n, ("ffn-0", "ffn-1"), ((0, 1, 2, 3), (0, 1, 4, 5, 6, 7)), (1.0, 1.0), version=2)
+    held: dict[int, FfnShard] = {1: FfnShard.load(directory, old, "ffn-1")}
+    batcher = Batcher("ffn-1", 1024, lambda: dict(held), lambda error, where: None)
+    batcher.count_experts_from(held[1])
+    layer = next(i for i, layer in enumerate(spec.layers) if layer.moe is not None)
+
+    def compute(shard: FfnShard, local_ids: list[list[int]]) -> None:
+        ids = torch.tensor(local_ids, dtype=torch.int32)
+        shard.compute(FfnRequest(layer, torch.randn(len(local_ids), spec.hidden_size), ids, torch.ones(ids.shape)))
+
+    compute(held[1], [[0, 1], [0, -1]])  # experts 4, 5, 4 under v1
+    assert list(batcher.take_load(held[1], reset=True).expert_token_counts) == [2, 1, 0, 0]
+    compute(held[1], [[3, -1]])  # expert 7, not reported yet when the switch comes
+    held[2] = FfnShard.load(directory, new, "ffn-1")  # the node installs v2 (as FfnNodeServer._install)
+    batcher.count_experts_from(held[2])
+    compute(held[1], [[1, 2]])  # a frame still addressed under v1: experts 5, 6
+    compute(held[2], [[0, 2], [1, -1]])  # v2 local ids: 0 -> expert 0, 2 -> expert 4, 1 -> expert 1
+    # v2's local ids: 0 1 4 5 6 7 -> pairs: expert 0: 1, 1: 1, 4: 1, 5: 1, 6: 1, 7: 1
+    assert list(batcher.take_load(held[2], reset=True).expert_token_counts) == [1, 1, 1, 1, 1, 1]
+    assert list(batcher.take_load(held[2], reset=True).expert_token_counts) == [0] * 6  # reported once
