@@ -96,10 +96,13 @@ class RouterAttachment:
         except grpc.aio.AioRpcError as exc:
             log.warning("could not leave the router cleanly: %s", exc.details())
 
-    async def report_failure(self, peer: str, error: str, timeout_s: float) -> pb.Placement | None:
-        """Report that `peer` (this node itself, or an FFN node it talks to) failed; the router's placement
-        without it, or None if the router could not be told."""
-        report = pb.PeerFailureReport(reporter_id=self.node_id, peer_id=peer, error=error)
+    async def report_failure(
+        self, peer: str, error: str, timeout_s: float, degraded: bool = False
+    ) -> pb.Placement | None:
+        """Report that `peer` (this node itself, or an FFN node it talks to) failed, or with `degraded` that
+        it answers late (a straggler); the router's placement without it, or None if the router could not be
+        told."""
+        report = pb.PeerFailureReport(reporter_id=self.node_id, peer_id=peer, error=error, degraded=degraded)
         try:
             response = await self.stub.ReportPeerFailure(report, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:

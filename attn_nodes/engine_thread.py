@@ -26,6 +26,7 @@ from afd.errors import PeerError, RequestError
 from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
 from afd.transport.base import FfnTransport
+from afd.transport.deadlines import Withdrawn
 from attn_nodes.engine import AttentionEngine
 from attn_nodes.request import RequestOutput
 
@@ -201,14 +202,24 @@ class EngineThread:
             return
         self.transport.set_peers({node: addresses[node] for node in placement.nodes})
         engine.set_placement(placement)
+        watch = getattr(self.transport, "watch", None)
+        if watch is not None:  # a node withdrawn as a straggler is judged afresh when it comes back
+            watch.placement_changed(placement.nodes)
         log.info("attention node %s now on placement v%d", self.node_id, placement.version)
 
     def _recover(self, error: PeerError) -> None:
         """Report a failed FFN node and wait (applying the inbox) for a placement that avoids it."""
         engine = self.engine
         failed_version = engine.placement.version if engine.placement else -1
-        log.warning("step failed on FFN node %s: %s; asking the router for a new placement", error.peer, error)
-        reply = self.report_failure(error)
+        reply: concurrent.futures.Future[RecoveryPlacement]
+        if isinstance(error, Withdrawn):
+            # The router withdrew a straggler and its new placement is queued already: nothing to report.
+            log.info("step re-runs without straggler %s: %s", error.peer, error)
+            reply = concurrent.futures.Future()
+            reply.set_result(None)
+        else:
+            log.warning("step failed on FFN node %s: %s; asking the router for a new placement", error.peer, error)
+            reply = self.report_failure(error)
         deadline = time.monotonic() + self.recovery_timeout_s
         while time.monotonic() < deadline and not self._stopping:
             self._apply_inbox()

@@ -26,7 +26,9 @@ from afd.node_lifecycle import StopOnce, run_until_signal
 from afd.router_attachment import RouterAttachment
 from afd.sampling_params import SamplingParams
 from afd.transport.base import FfnTransport
+from afd.transport.deadlines import DeadlineConfig, ExchangeWatch
 from afd.transport.factory import make_transport
+from afd.transport.replies import ReplyFutureTransport
 from afd.wire.auth import ClusterAuth
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
@@ -71,6 +73,8 @@ class AttentionNodeConfig:
     """A partial sum not back within this is a failed FFN node."""
     recovery_timeout_s: float = 120.0
     """Longest wait for a placement without a failed FFN node before the step's requests fail."""
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)
+    """Per-exchange straggler deadlines from the measured exchange times (afd/transport/deadlines.py)."""
     drain_timeout_s: float = 30.0
     """On drain, requests still running after this are handed back to the router to migrate."""
     register_timeout_s: float = 120.0
@@ -128,6 +132,8 @@ class AttentionNodeServer(StopOnce):
             timeout_s=config.ffn_timeout_s,
             listen_host=config.advertise_host or config.host,
         )
+        if isinstance(self.transport, ReplyFutureTransport):
+            self.transport.watch = ExchangeWatch(config.deadlines, self._report_degraded)
         self.engine = await asyncio.to_thread(AttentionEngine.load, config.model, self.transport, None, config.engine)
         if config.microbatches is not None:
             self.engine.microbatches = config.microbatches
@@ -215,7 +221,36 @@ class AttentionNodeServer(StopOnce):
             state=pb.NODE_STATE_DRAINING if self.draining else pb.NODE_STATE_READY,
             load=load,
             placement_version=placement.version if placement else -1,
+            capacity=self._measured_capacity(placement.nodes if placement else ()),
         )
+
+    def _measured_capacity(self, peers: tuple[str, ...]) -> pb.CapacityProfile:
+        """The start-up profile with the links as the data plane measures them now (peers of the placement).
+
+        link_bytes_per_second / link_latency_us are the slowest peer's (the one an exchange waits for).
+        """
+        capacity = pb.CapacityProfile()
+        capacity.CopyFrom(self._capacity)
+        watch = self.transport.watch if isinstance(self.transport, ReplyFutureTransport) else None
+        links = watch.links() if watch is not None else {}
+        slowest = None
+        for peer in peers:
+            link = links.get(peer)
+            if link is None:
+                continue
+            capacity.peer_links.add(
+                peer_id=peer,
+                bytes_per_second=link.bytes_per_second,
+                latency_us=link.latency_s * 1e6,
+                exchanges=link.exchanges,
+                mean_exchange_us=link.mean_seconds * 1e6,
+            )
+            if slowest is None or link.mean_seconds > slowest.mean_seconds:
+                slowest = link
+        if slowest is not None:
+            capacity.link_bytes_per_second = slowest.bytes_per_second
+            capacity.link_latency_us = slowest.latency_s * 1e6
+        return capacity
 
     async def _on_heartbeat(self, response: pb.HeartbeatResponse) -> None:
         if response.HasField("placement") and response.placement.nodes:
@@ -248,6 +283,12 @@ class AttentionNodeServer(StopOnce):
             for node in message.dead_nodes:
                 reason = f"declared dead by the router (placement v{placement.version} drops it)"
                 if self.transport.fail_peer(node, reason):
+                    log.warning("stopped waiting on FFN node %s: %s", node, reason)
+            for node in message.degraded_nodes:
+                if node in placement.nodes:
+                    continue  # still serving its share in this version: keep waiting for it
+                reason = f"withdrawn as a straggler (placement v{placement.version} moves its experts)"
+                if self.transport.withdraw_peer(node, reason):
                     log.warning("stopped waiting on FFN node %s: %s", node, reason)
         return self.engine_thread.offer_placement(placement, addresses)
 
@@ -289,6 +330,21 @@ class AttentionNodeServer(StopOnce):
     def abort(self, request_id: str) -> None:
         if self.engine_thread is not None:
             self.engine_thread.abort(request_id)
+
+    def _report_degraded(self, node: str, reason: str) -> None:
+        """Transport (engine thread) -> router: `node` is a straggler; never waits (the step keeps waiting
+        for its partial sums until the router's placement without it arrives)."""
+        log.warning("FFN node %s is a straggler: %s; reporting it to the router", node, reason)
+        asyncio.run_coroutine_threadsafe(self._report_straggler(node, reason), self.loop)
+
+    async def _report_straggler(self, node: str, reason: str) -> None:
+        assert self.attachment is not None
+        message = await self.attachment.report_failure(node, reason, self.config.recovery_timeout_s, degraded=True)
+        if message is not None and message.nodes:
+            try:
+                self.offer_placement(message)
+            except ConfigError as exc:
+                log.error("the router's placement after the straggler report is unusable: %s", exc)
 
     def _report_failure(self, error: PeerError) -> concurrent.futures.Future[RecoveryPlacement]:
         """Engine thread -> router: report the failed peer; resolves to the router's placement without it."""

@@ -59,5 +59,10 @@ class FfnTransport(ABC):
         """
         return 0
 
+    def withdraw_peer(self, node: str, reason: str) -> int:
+        """Like `fail_peer`, for a node the router withdrew as a straggler (it is alive): what is awaited from
+        it fails with afd.transport.deadlines.Withdrawn, which the engine re-runs without reporting."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing to release
         """Release connections; idempotent."""

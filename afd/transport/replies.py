@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
 from afd.transport.base import FfnTransport, PendingCombine
+from afd.transport.deadlines import ExchangeWatch, Withdrawn
 from afd.wire.frames import FrameError, FrameHeader, FrameKind, partial_from_frame
 
 
@@ -73,6 +75,18 @@ class PendingReplies(PendingCombine):
         self.futures = futures
         self.layer = -1
         self.microbatch = -1
+        self.sent_at = time.monotonic()
+        """When the requests were handed to the transport (monotonic seconds)."""
+        self.sent_bytes: dict[str, int] = {}
+        """Payload bytes sent to each node."""
+        self.missed: set[str] = set()
+        """Nodes that had not replied when one of this exchange's deadlines passed."""
+
+
+def request_bytes(request: FfnRequest) -> int:
+    """Payload bytes of `request` on the wire (its tensors; the header is small and not counted)."""
+    tensors = (request.hidden, request.hidden_scale, request.expert_ids, request.expert_weights, request.shared_scale)
+    return sum(t.nbytes for t in tensors if t is not None)
 
 
 class ReplyFutureTransport(FfnTransport):
@@ -80,12 +94,15 @@ class ReplyFutureTransport(FfnTransport):
 
     `combine` waits with a deadline: the first failed node's PeerError is raised, or PeerError naming a node
     whose partial sum did not come within `reply_timeout_s`; the other requests of that dispatch are forgotten
-    so their slots are freed and late replies are dropped.
+    so their slots are freed and late replies are dropped. Within that wait, `watch` (afd/transport/deadlines.py)
+    times every reply and counts the straggler deadlines each pending node misses; it never shortens the wait.
     """
 
     _closed: bool = False
 
     def __init__(self) -> None:
+        self.watch = ExchangeWatch()
+        """Per-exchange deadlines, stragglers and per-peer link fits; its config and callback are the owner's."""
         self._awaited_lock = threading.Lock()
         self._awaited_by_node: dict[str, set[concurrent.futures.Future[torch.Tensor]]] = {}
         """FFN node id -> its unsettled reply futures (what `fail_peer` fails); entries leave when settled."""
@@ -117,9 +134,11 @@ class ReplyFutureTransport(FfnTransport):
         except BaseException:
             self._abandon(futures, "dispatch failed")
             raise
-        for node, (_, future) in futures.items():
-            self._track(node, future)
         pending = PendingReplies(futures)
+        for node, (_, future) in futures.items():
+            pending.sent_bytes[node] = request_bytes(requests[node])
+            self._track(node, future)
+            future.add_done_callback(self._timer(node, pending))
         if requests:
             first = next(iter(requests.values()))
             pending.layer, pending.microbatch = first.layer, first.microbatch
@@ -129,6 +148,17 @@ class ReplyFutureTransport(FfnTransport):
         with self._awaited_lock:
             self._awaited_by_node.setdefault(node, set()).add(future)
         future.add_done_callback(lambda settled: self._untrack(node, settled))
+
+    def _timer(self, node: str, pending: PendingReplies) -> Callable[[concurrent.futures.Future[torch.Tensor]], None]:
+        return lambda settled: self._timed(node, settled, pending)
+
+    def _timed(self, node: str, future: concurrent.futures.Future[torch.Tensor], pending: PendingReplies) -> None:
+        """A reply of `node` settled `future`: its time and bytes feed the watch (failures do not)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        seconds = time.monotonic() - pending.sent_at
+        received = future.result().nbytes
+        self.watch.replied(node, pending.sent_bytes.get(node, 0), received, seconds, node in pending.missed)
 
     def _untrack(self, node: str, future: concurrent.futures.Future[torch.Tensor]) -> None:
         with self._awaited_lock:
@@ -146,14 +176,36 @@ class ReplyFutureTransport(FfnTransport):
             fail(future, error)  # combine wakes at once (FIRST_EXCEPTION) and abandons the rest
         return len(awaited)
 
+    def withdraw_peer(self, node: str, reason: str) -> int:
+        with self._awaited_lock:
+            awaited = list(self._awaited_by_node.get(node, ()))
+        error = Withdrawn(node, reason)
+        for future in awaited:
+            fail(future, error)
+        return len(awaited)
+
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         """Partial sums `[num_tokens_of_node, hidden_size]` per node, in the hidden dtype."""
         assert isinstance(pending, PendingReplies), f"not a dispatch of this transport: {type(pending).__name__}"
         futures = {node: future for node, (_, future) in pending.futures.items()}
         timeout = self.reply_timeout_s
-        done, not_done = concurrent.futures.wait(
-            futures.values(), timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION
-        )
+        give_up = time.monotonic() + timeout  # the failure timeout runs from here, as it always did
+        period = self.watch.deadline(max(pending.sent_bytes.values(), default=0), timeout)
+        due = pending.sent_at + period if period is not None else give_up
+        while True:
+            done, not_done = concurrent.futures.wait(
+                futures.values(),
+                timeout=max(0.0, min(due, give_up) - time.monotonic()),
+                return_when=concurrent.futures.FIRST_EXCEPTION,
+            )
+            if not not_done or any(f.exception() is not None for f in done) or time.monotonic() >= give_up:
+                break
+            if period is not None and time.monotonic() >= due:
+                # Keep waiting for the real partial sums (tokens never change); count who is late.
+                behind = [node for node, f in futures.items() if f in not_done]
+                pending.missed.update(behind)
+                self.watch.missed(behind, len(futures), time.monotonic() - pending.sent_at)
+                due += period
         failed = next((node for node, f in futures.items() if f in done and f.exception() is not None), None)
         if failed is not None:
             self._abandon(pending.futures, f"combine failed on {failed}")
