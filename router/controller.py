@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -37,6 +37,7 @@ from router.membership import Capacity, Load, Membership, NodeRecord, NodeState,
 from router.metrics import RouterMetrics
 from router.microbatch_plan import plan_for_node
 from router.policies import LeastPressurePolicy, LoadBalancingPolicy
+from router.stragglers import DegradedNodes, StragglerConfig, drifted
 
 log = logging.getLogger("afd.router")
 
@@ -69,6 +70,8 @@ class ControllerConfig:
     (a reload for a small gain costs more than it saves)."""
     replication_min_tokens: int = 1024
     """Token-expert pairs the window must hold before replicas are planned from it (too few is noise)."""
+    stragglers: StragglerConfig = field(default_factory=StragglerConfig)
+    """When a late or slow FFN node leaves the placement and when it comes back (router/stragglers.py)."""
 
     def __post_init__(self) -> None:
         if self.replication_interval_s <= 0 or self.replication_window_s <= 0:
@@ -111,6 +114,8 @@ class Controller:
         self._base_placement: ExpertPlacement | None = None
         """The placement without replicas (plan_placement's): pool changes plan from it, replicas on top of it."""
         self.policy: LoadBalancingPolicy = policy or LeastPressurePolicy()
+        self.degraded = DegradedNodes(config.stragglers, config.heartbeat_interval_s)
+        """FFN nodes out of the placement as stragglers, and when they may come back."""
         top_k = max((layer.moe.top_k for layer in spec.layers if layer.moe), default=0)
         self._top_k = top_k
 
@@ -136,6 +141,7 @@ class Controller:
         # Attention nodes stop waiting on these at once (a frozen node would otherwise hold every step
         # for the full reply timeout after the router already knows it is gone).
         message.dead_nodes.extend(n.node_id for n in self.membership.of_role("ffn", NodeState.DEAD))
+        message.degraded_nodes.extend(n.node_id for n in self.membership.of_role("ffn", NodeState.DEGRADED))
         return message
 
     # ---- Router service --------------------------------------------------------------------------------
@@ -158,6 +164,7 @@ class Controller:
             state=NodeState.READY if role == "attention" else NodeState.JOINING,
         )
         replaced = self.membership.add(record)
+        self.degraded.forget(record.node_id)  # registered again (e.g. after a freeze it was declared dead in)
         log.info("node %s (%s) registered at %s", record.node_id, role, record.address)
         if role == "ffn":
             # A restarted FFN node (same id) holds nothing any more: plan as if it were new.
@@ -181,6 +188,10 @@ class Controller:
             time.monotonic(),
         )
         node.placement_version = request.placement_version
+        if node.state is NodeState.DEGRADED:
+            self.degraded.heard(node.node_id)
+        if request.HasField("capacity"):
+            _update_links(node, request.capacity)
         self.load_metrics.record(node, load, request.placement_version)
         response = pb.HeartbeatResponse(drain=node.state is NodeState.DRAINING)
         if self.placement is not None and request.placement_version < self.placement.version:
@@ -203,7 +214,11 @@ class Controller:
         return pb.LeaveResponse()
 
     async def report_peer_failure(self, request: pb.PeerFailureReport) -> pb.PeerFailureResponse:
-        await self.declare_dead(request.peer_id, f"reported by {request.reporter_id}: {request.error}")
+        why = f"reported by {request.reporter_id}: {request.error}"
+        if request.degraded:
+            await self.degrade(request.peer_id, why)
+        else:
+            await self.declare_dead(request.peer_id, why)
         return pb.PeerFailureResponse(placement=self._placement_message(self.placement))
 
     # ---- failures --------------------------------------------------------------------------------------
@@ -219,6 +234,43 @@ class Controller:
         if node.role == "ffn":
             await self.rebalance(f"{node_id} died")
 
+    # ---- stragglers (router/stragglers.py) -------------------------------------------------------------
+    async def degrade(self, node_id: str, why: str) -> bool:
+        """Take a late or slow FFN node out of the placement (it stays alive); True if it was taken out."""
+        node = self.membership.get(node_id)
+        pool = [n.node_id for n in self.membership.of_role("ffn", NodeState.READY)]
+        if node is None or node.role != "ffn" or not self.degraded.may_degrade(node_id, pool):
+            if node is not None and node.state is NodeState.READY:
+                log.info("FFN node %s is slow (%s) but stays: no other node may take its share", node_id, why)
+            return False
+        hold = self.degraded.mark(node_id, why)
+        node.state = NodeState.DEGRADED
+        log.warning("node %s degraded (out for at least %.0f s of regular heartbeats): %s", node_id, hold, why)
+        self.load_metrics.count_nodes()
+        await self.rebalance(f"{node_id} is a straggler")
+        return True
+
+    async def check_stragglers(self) -> None:
+        """Degrade FFN nodes whose measured exchanges drifted; bring back degraded nodes that held out."""
+        config = self.config.stragglers
+        if not config.enabled:
+            return
+        for node_id in self.degraded.ready_to_return():
+            node = self.membership.get(node_id)
+            self.degraded.returned(node_id)
+            if node is not None and node.state is NodeState.DEGRADED:
+                log.info("node %s is on time again: back in the placement", node_id)
+                node.state = NodeState.JOINING
+                await self.rebalance(f"{node_id} recovered")
+        reports: dict[str, list[tuple[float, int]]] = {}
+        serving = set(self.placement.nodes) if self.placement else set()
+        for attention in self.membership.of_role("attention", NodeState.READY, NodeState.DRAINING):
+            for peer, figure in attention.capacity.peer_exchange_us.items():
+                if peer in serving:
+                    reports.setdefault(peer, []).append(figure)
+        for node_id, ratio in drifted(reports, config.drift_factor, config.drift_min_exchanges).items():
+            await self.degrade(node_id, f"its exchanges take {ratio:.1f}x the other FFN nodes' (measured)")
+
     async def watch(self, stop: asyncio.Event) -> None:
         """Declare nodes dead when their heartbeats stop (and re-plan hot-expert replicas, when enabled)."""
         if self.config.expert_replication:
@@ -228,6 +280,10 @@ class Controller:
         while not stop.is_set():
             for node in self.membership.expired():
                 await self.declare_dead(node.node_id, f"no heartbeat for {self.config.node_timeout_s:.0f} s")
+            try:
+                await self.check_stragglers()
+            except Exception:  # the placement stays as it is; try again next round
+                log.exception("straggler check failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.heartbeat_interval_s)
 
@@ -427,6 +483,11 @@ class Controller:
                     "placement_version": node.placement_version,
                     "microbatches": self.microbatches_for(node) if node.role == "attention" else None,
                     "transports": list(node.transports),
+                    "link": {
+                        "bytes_per_second": node.capacity.link_bytes_per_second,
+                        "latency_us": node.capacity.link_latency_us,
+                    },
+                    "degraded": self.degraded.describe(node.node_id),
                 }
             )
         return {
@@ -448,6 +509,15 @@ def _measured_cost(node: NodeRecord) -> dict[str, float | int]:
     return {"per_token_expert": capacity.ffn_us_per_token_expert}
 
 
+def _update_links(node: NodeRecord, message: pb.CapacityProfile) -> None:
+    """Take the measured link figures of a heartbeat's capacity profile (the start-up ones stay)."""
+    node.capacity.link_bytes_per_second = message.link_bytes_per_second
+    node.capacity.link_latency_us = message.link_latency_us
+    node.capacity.peer_exchange_us = {
+        link.peer_id: (link.mean_exchange_us, link.exchanges) for link in message.peer_links
+    }
+
+
 def _capacity(message: pb.CapacityProfile) -> Capacity:
     return Capacity(
         device_kind=message.device_kind or "cpu",
@@ -457,6 +527,7 @@ def _capacity(message: pb.CapacityProfile) -> Capacity:
         attention_context_len=message.attention_context_len,
         ffn_us_per_token_expert=message.ffn_us_per_token_expert,
         link_bytes_per_second=message.link_bytes_per_second,
+        link_latency_us=message.link_latency_us,
         kv_cache_blocks=message.kv_cache_blocks,
         kv_block_size=message.kv_block_size,
         max_num_seqs=message.max_num_seqs,

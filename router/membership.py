@@ -17,6 +17,8 @@ class NodeState(enum.Enum):
     DRAINING = "draining"
     LEFT = "left"
     DEAD = "dead"
+    DEGRADED = "degraded"
+    """An FFN node taken out of the placement as a straggler (router/stragglers.py); alive, it comes back."""
 
 
 @dataclass(slots=True)
@@ -36,7 +38,11 @@ class Capacity:
     ffn_us_per_token_expert: float = 0.0
     """FFN nodes: measured microseconds per (token, expert) pair per layer."""
     link_bytes_per_second: float = 0.0
-    """Not measured yet (0): reserved for the data plane's own bandwidth figure."""
+    """Attention nodes: effective bytes/s of the slowest FFN link, measured by the data plane (0: unknown)."""
+    link_latency_us: float = 0.0
+    """Attention nodes: fixed cost per exchange of that link, microseconds (0: unknown)."""
+    peer_exchange_us: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Attention nodes: FFN node id -> (mean exchange microseconds, exchanges measured), from heartbeats."""
     kv_cache_blocks: int = 0
     """Attention nodes: KV cache size, in blocks."""
     kv_block_size: int = 0
@@ -100,7 +106,7 @@ class NodeRecord:
 
     @property
     def alive(self) -> bool:
-        return self.state in (NodeState.JOINING, NodeState.READY, NodeState.DRAINING)
+        return self.state in (NodeState.JOINING, NodeState.READY, NodeState.DRAINING, NodeState.DEGRADED)
 
 
 class Membership:

@@ -52,13 +52,20 @@ def step_costs(
     hidden_size: int,
     link_bytes_per_second: float,
     bytes_per_element: int = 2,
+    link_latency_us: float = 0.0,
 ) -> StepCosts:
-    """Attention, FFN (pool in parallel) and transfer (there and back) time of one layer for `tokens` tokens."""
+    """Attention, FFN (pool in parallel) and transfer (there and back) time of one layer for `tokens` tokens.
+
+    link_bytes_per_second / link_latency_us: the link as the attention node's data plane measures it
+    (afd/transport/deadlines.py: seconds = latency + bytes / bandwidth per exchange; 0 where unknown). The
+    measurement includes the FFN node's compute, so the transfer term is an upper bound of the wire's.
+    """
     fanout = min(top_k, num_ffn_nodes) if top_k else num_ffn_nodes
     attention = tokens * attention_us_per_token
     ffn = tokens * max(top_k, 1) * ffn_us_per_token_expert / max(num_ffn_nodes, 1)
     payload = 2 * tokens * fanout * hidden_size * bytes_per_element
     transfer = payload / link_bytes_per_second * 1e6 if link_bytes_per_second > 0 else 0.0
+    transfer += max(0.0, link_latency_us)
     return StepCosts(attention, ffn, transfer)
 
 
@@ -114,5 +121,6 @@ def plan_for_node(node: NodeRecord, ffn_pool: Sequence[NodeRecord], top_k: int, 
         len(ffn_pool),
         hidden_size,
         node.capacity.link_bytes_per_second,
+        link_latency_us=node.capacity.link_latency_us,
     )
     return plan_microbatches(costs)
