@@ -204,6 +204,33 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& weight) {
   return y;
 }
 
+namespace {
+
+// For every expert e with rows: y[start[e] + r, :] = x[start[e] + r, :] @ w[e]^T (w: [E, N, K]), as one
+// parallel region over (expert, block of output rows) tasks, so that a decode step with many lightly loaded
+// experts pays one fork/join per phase instead of one per expert.
+void experts_linear(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, const std::vector<int64_t>& start,
+                    const int64_t* count, int64_t E, bf16* y) {
+  struct Task {
+    int64_t expert, n_begin, n_end;
+  };
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    if (!count[e]) continue;
+    const int64_t grain = grain_rows(K, count[e]);
+    for (int64_t n = 0; n < N; n += grain) tasks.push_back({e, n, std::min(N, n + grain)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& task = tasks[t];
+      const int64_t e = task.expert;
+      linear_rows(x + start[e] * K, count[e], K, w + e * N * K, task.n_begin, task.n_end, y + start[e] * N, N);
+    }
+  });
+}
+
+}  // namespace
+
 // Adds sum_e weight[t, e] * down_e(silu(gate_e(x_t)) * up_e(x_t)) into out[t] for every token t and each of
 // its local experts e (expert_ids -1: held elsewhere, skipped). Each hit expert's weights are read once for
 // all of its tokens. Returns the tokens each local expert received ([num_local] int64).
@@ -259,19 +286,13 @@ torch::Tensor moe_swiglu_bf16(const torch::Tensor& hidden, const torch::Tensor& 
   const bf16* hidden_p = hidden.data_ptr<bf16>();
   for (int64_t slot = 0; slot < A; ++slot) std::copy_n(hidden_p + token_of[slot] * H, H, xsp + slot * H);
   const auto* xs_u16 = reinterpret_cast<const uint16_t*>(xsp);
-  for (int64_t e = 0; e < E; ++e)
-    if (count[e])
-      parallel_linear(xs_u16 + start[e] * H, count[e], H, gu_all + e * 2 * I * H, 2 * I,
-                      hs.data_ptr<bf16>() + start[e] * 2 * I, 2 * I);
+  experts_linear(xs_u16, H, gu_all, 2 * I, start, count, E, hs.data_ptr<bf16>());
   // Phase 2: silu(gate) * up with torch's own vectorised kernels, so the roundings are the torch path's.
   auto act = (at::silu(hs.narrow(1, 0, I)) * hs.narrow(1, I, I)).contiguous();
   // Phase 3: down, then each row times its routing weight rounded to bf16 (as the torch path multiplies).
   auto ys = torch::empty({A, H}, options);
   const auto* act_u16 = reinterpret_cast<const uint16_t*>(act.data_ptr());
-  for (int64_t e = 0; e < E; ++e)
-    if (count[e])
-      parallel_linear(act_u16 + start[e] * I, count[e], I, down_all + e * H * I, H, ys.data_ptr<bf16>() + start[e] * H,
-                      H);
+  experts_linear(act_u16, I, down_all, H, start, count, E, ys.data_ptr<bf16>());
   auto routing = torch::from_blob(weight_of.data(), {A, 1}, torch::kFloat32).to(at::kBFloat16);
   ys = ys * routing;
   const bf16* y = ys.data_ptr<bf16>();
