@@ -8,6 +8,6 @@
 - plan_file.py: the versioned plan.json that `afd up --plan` and `afd k8s render --plan` read.
 """
 
-from afd.planning.cost_model import CostModel, Link, Mix, Prediction, predict
+from afd.planning.cost_model import CostModel, CpuQuota, Link, Mix, Prediction, predict
 
-__all__ = ["CostModel", "Link", "Mix", "Prediction", "predict"]
+__all__ = ["CostModel", "CpuQuota", "Link", "Mix", "Prediction", "predict"]

@@ -27,6 +27,9 @@ The model, per layer and per microbatch of t = b / m tokens (microseconds):
 - a layer takes max(m * T_a, m * T_f, m * link occupancy, T_a + T_c + T_f): the pools work on different
   microbatches at once (ping-pong), but one microbatch's round trip cannot be shorter than its parts. With
   `overlap=False`, m * (T_a + T_c + T_f). TPOT = the layers + the LM head.
+  Measured per-call costs beyond the kernels (`attention_call_us`, `ffn_call_us`: framework, codec, RPC) add
+  to T_a and T_f. A CPU node under a CFS quota (`attention_quota` / `ffn_quota`: q cores, t threads) cannot
+  take less than its compute per step x t / q: the step is the larger of the two.
 (a, c) are the efficiencies fitted to measurements: one measurement scales both terms (a = c = measured /
 roofline), two or more at different batches fit each by least squares. A kind nobody measured takes the
 efficiencies of the measured kinds of its class (gpu, npu, cpu): the datasheet then only scales a measured
@@ -79,6 +82,22 @@ class Link:
 
 
 @dataclass(frozen=True, slots=True)
+class CpuQuota:
+    """A CPU node limited to `cores` of CPU time per scheduling period (a CFS quota, what a Kubernetes
+    `resources.limits.cpu` sets), computing with `threads` threads."""
+
+    cores: float
+    """CPU time per period, in cores (0.5: half a core)."""
+    threads: int = 1
+    """Threads the node computes with; all of them are counted busy while it computes (torch's OpenMP
+    threads spin), so its compute time per step costs threads x that much CPU time."""
+
+    def __post_init__(self) -> None:
+        if not self.cores > 0 or self.threads < 1:
+            raise ConfigError(f"CpuQuota needs cores > 0 and threads >= 1, got {self.cores}, {self.threads}")
+
+
+@dataclass(frozen=True, slots=True)
 class Mix:
     """One deployment: which kind serves each role, how many, and how the attention nodes batch."""
 
@@ -114,6 +133,17 @@ class Mix:
     """Bytes per hidden-state element on the link (bf16 both ways)."""
     overlap: bool = True
     """False when both pools share the hardware they compute on (CPU processes on one host): nothing overlaps."""
+    attention_quota: CpuQuota | None = None
+    """CPU limit of each attention node (CPU pools under a CFS quota): a step cannot take less wall time than
+    the node's CPU time per step over its quota. The measured costs are its unthrottled ones."""
+    ffn_quota: CpuQuota | None = None
+    """CPU limit of each FFN node, as attention_quota."""
+    attention_call_us: float = 0.0
+    """Measured cost of one layer's call on an attention node beyond its kernels (scheduling, the MoE gate's
+    bookkeeping, frame encoding, the RPC), µs per layer and microbatch; added to T_a (k2)."""
+    ffn_call_us: float = 0.0
+    """The same on an FFN node (frame decoding, batching, the reply), µs per layer and microbatch; added to
+    T_f (k4)."""
 
     def __post_init__(self) -> None:
         for name in ("attention_count", "ffn_count", "microbatches", "batch_per_attention_node"):
@@ -121,6 +151,8 @@ class Mix:
                 raise ConfigError(f"Mix.{name} must be >= 1, got {getattr(self, name)}")
         if self.context_len < 1:
             raise ConfigError(f"Mix.context_len must be >= 1, got {self.context_len}")
+        if self.attention_call_us < 0 or self.ffn_call_us < 0:
+            raise ConfigError("Mix.attention_call_us and Mix.ffn_call_us must be >= 0")
         if not 0 < self.memory_utilization <= 1:
             raise ConfigError(f"Mix.memory_utilization must be in (0, 1], got {self.memory_utilization}")
 
@@ -390,6 +422,7 @@ class CostModel:
             per_token = (ctx * c.kv_bytes_per_token + c.state_bytes_per_request) / bw_a
             per_token += (c.attention_flops_per_token + ctx * c.attention_flops_per_token_ctx) / fl_a
             t_a = (eff_a.variable * t_mb * per_token + eff_a.fixed * c.attention_params * wb / bw_a) * 1e6
+            t_a += mix.attention_call_us
             t_f = 0.0
             if c.num_experts:
                 pairs = n_a * t_mb * c.top_k / n_f
@@ -399,7 +432,7 @@ class CostModel:
             if c.shared_params:
                 t_f += eff_f.variable * n_a * t_mb * 2.0 * c.shared_params / n_f / fl_f
                 t_f += eff_f.fixed * c.shared_params / n_f * wb / bw_f
-            t_f *= 1e6
+            t_f = t_f * 1e6 + mix.ffn_call_us
             # distinct FFN nodes a token goes to: all of them where a dense/shared slice lives on each
             fanout = n_f if c.shared_params else n_f * (1.0 - (1.0 - 1.0 / n_f) ** c.top_k)
             one_way_attention = t_mb * fanout * costs.hidden_size * mix.activation_bytes
@@ -430,6 +463,15 @@ class CostModel:
         bound_us["attention-bound"] += head_us
         sum_a += head_us / m
 
+        # A node under a CPU quota runs its m microbatches' compute of a step (threads x as much CPU time) at
+        # no more than `cores`: below that the chain above stands, above it the quota is what the step waits on.
+        for side, quota, busy_us in (
+            ("attention-bound", mix.attention_quota, m * sum_a),
+            ("ffn-bound", mix.ffn_quota, m * sum_f),
+        ):
+            if quota is not None and busy_us * quota.threads / quota.cores > step_us:
+                step_us = busy_us * quota.threads / quota.cores
+                bound_us = {"attention-bound": 0.0, "ffn-bound": 0.0, "link-bound": 0.0, side: step_us}
         tpot_ms = step_us / 1e3
         tok_s = n_a * b / (step_us / 1e6)
         cost = n_a * self.price(mix.attention_kind, mix) + n_f * self.price(mix.ffn_kind, mix)
@@ -464,11 +506,19 @@ class CostModel:
             ffn_hidden=sum_f <= sum_a,
             fits=not problems,
             problems=tuple(problems),
-            basis={"attention": eff_a.basis, "ffn": eff_f.basis, "link": link.source or link.name},
+            basis={
+                "attention": eff_a.basis + _quota_note(mix.attention_quota),
+                "ffn": eff_f.basis + _quota_note(mix.ffn_quota),
+                "link": link.source or link.name,
+            },
         )
 
 
 _EMPTY = KindCalibration()
+
+
+def _quota_note(quota: CpuQuota | None) -> str:
+    return f"; under a CPU quota of {quota.cores:g} cores, {quota.threads} threads" if quota else ""
 
 
 def predict(model: ModelSpec | ModelCosts, mix: Mix, catalog: Catalog | None = None) -> Prediction:
