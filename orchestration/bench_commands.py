@@ -10,14 +10,18 @@ from typing import Annotated, Any
 import typer
 
 from afd.builtin_model import builtin_model_dir
-from benchmarks import engine, load_memory, serve, transport
+from benchmarks import engine, load_memory, mix, serve, transport
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig
+from orchestration.testbed.launch import launch_mix
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: engine, transport, serve, cluster, soak, load-memory.")
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Benchmarks: engine, transport, serve, cluster, soak, load-memory, mix."
+)
 bench_app.command("engine")(engine.command)
 bench_app.command("serve", context_settings=serve.CONTEXT_SETTINGS)(serve.command)
 bench_app.command("transport")(transport.command)
 bench_app.command("load-memory")(load_memory.command)
+bench_app.command("mix")(mix.make_command(launch_mix))
 
 
 @bench_app.command("cluster")

@@ -1,0 +1,766 @@
+"""`afd bench mix --mixes mixes.yaml`: real hardware mixes, one after the other, measured beside the planner.
+
+For each mix of the file (pools of attention and FFN nodes, each pool with its node count, CPU limit and
+threads; microbatches m; a link cap; the batch per attention node) it
+1. brings the cluster up on the mix testbed (a launcher the CLI passes in: orchestration/testbed/launch.py puts
+   every node in its cgroup with the pool's CFS quota and in its own network namespace on a tbf-capped veth),
+2. reads each node's capacity profile from the router (GET /afd/v1/cluster: attention µs per token at a
+   context, FFN µs per token-expert pair, measured by the node itself at start-up inside its cgroup),
+3. runs a short warm-up and then the serving benchmark (benchmarks/serve.py) at a concurrency of
+   batch x attention nodes, recording the kernel's CPU time of every node (cpuacct) and the router's FFN
+   busy fractions over the run,
+4. asks the planner (afd.planning.predict) for the same mix, fitted to those profiles, the mix's CPU quotas
+   (`CpuQuota`) and its link (the cap's bandwidth, the file's per-exchange latency),
+and writes one JSON file: per mix, every field `afd bench serve --save-result` writes (vLLM's) plus the
+mix (per-role kind, count, CPU limit, threads), A:F ratio, m, link, predicted and measured figures and the
+relative error; then a markdown report with the table and plots (measured vs predicted per mix, and the
+Pareto front of tok/s per accelerator against TPOT).
+
+Measured decode tok/s is concurrency / mean TPOT (the decode rate of a full batch, what the cost model
+predicts); `output_throughput` (vLLM's, with prefill and the ramp at both ends) is kept beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from afd.builtin_model import builtin_model_dir
+from afd.errors import AfdError, ConfigError
+from afd.model_spec import ModelSpec
+from afd.planning import CpuQuota, Link, Mix, Prediction, predict
+from afd.planning.calibration import AttentionMeasurement, FfnMeasurement
+from benchmarks.serve import ServeBenchmarkConfig, run_serve_benchmark
+from benchmarks.serve_cluster import client_cpu_model
+
+RESULT_VERSION = 1
+ROLES = ("attention", "ffn")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class PoolSpec(_Model):
+    """One pool of a mix: how many nodes and what hardware each gets."""
+
+    count: int = Field(ge=1, le=8)
+    """Nodes of the pool (this machine runs every one of them)."""
+    cpu: float | None = Field(default=None, gt=0, le=64)
+    """CPU limit of each node in cores (a CFS quota, as Kubernetes' limits.cpu); null: no limit."""
+    threads: int = Field(default=1, ge=1, le=64)
+    """torch threads of each node."""
+    kind: str = "cpu"
+    """Catalog kind the planner predicts the pool as (afd/planning/hardware.yaml)."""
+
+
+class MixSpec(_Model):
+    """One mix: the two pools, the microbatches, the link and the batch."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+    """Label in the result and the report (letters, digits, `_.-`)."""
+    attention: PoolSpec
+    """The attention pool."""
+    ffn: PoolSpec
+    """The FFN pool."""
+    microbatches: int = Field(default=1, ge=1, le=8)
+    """Ping-pong microbatches m of every attention node."""
+    link_mbit: float | None = Field(default=None, gt=0)
+    """Cap of each node's link, each direction, 1e6 bit/s (tc tbf); null: the veth uncapped."""
+    batch_per_attention_node: int = Field(default=4, ge=1, le=256)
+    """Requests in one attention node's decode batch: the benchmark's concurrency is this x attention nodes."""
+
+    @property
+    def concurrency(self) -> int:
+        return self.batch_per_attention_node * self.attention.count
+
+    @property
+    def af_ratio(self) -> str:
+        return f"{self.attention.count}:{self.ffn.count}"
+
+
+class Workload(_Model):
+    """What every mix serves."""
+
+    requests_per_slot: int = Field(default=3, ge=1, le=100)
+    """Requests per slot of the batch: num_prompts = this x concurrency (all sent at once, capped)."""
+    input_len: int = Field(default=16, ge=1)
+    """Prompt tokens per request."""
+    output_len: int = Field(default=48, ge=2)
+    """Generated tokens per request (ignore_eos)."""
+    warmup_output_len: int = Field(default=4, ge=1)
+    """Tokens of each warm-up request (one per slot) before the timed run; 0 warm-up is not offered: the
+    first steps of a fresh node include one-off costs (allocator, thread pools) no mix should be charged."""
+    seed: int = 0
+    """Seed of the prompts."""
+
+
+class MixesFile(_Model):
+    """A mixes file: `version: 1`, optional `model`, `workload` and link figures, and the `mixes`."""
+
+    version: Literal[1] = 1
+    """File format version."""
+    model: str | None = None
+    """Checkpoint directory (relative paths from the file's directory); null: the built-in demo model."""
+    workload: Workload = Field(default_factory=Workload)
+    """The requests every mix serves."""
+    link_latency_us: float = Field(default=160.0, ge=0)
+    """One-way latency of one A<->F exchange, microseconds, where no calibration mix fits it (`afd bench
+    transport --transport grpc` reports it as grpc_p50_us)."""
+    uncapped_link_gb_per_s: float = Field(default=2.0, gt=0)
+    """Bandwidth the planner assumes for a mix without link_mbit (a veth through the bridge), 1e9 B/s."""
+    calibration_mix: MixSpec | None = Field(
+        default_factory=lambda: MixSpec(
+            name="calibration",
+            attention=PoolSpec(count=1),
+            ffn=PoolSpec(count=1),
+            batch_per_attention_node=4,
+        )
+    )
+    """Run first: 1 attention + 1 FFN node without CPU limits, m = 1; its CPU times and TPOT give the
+    per-call costs and the exchange latency every prediction uses (fit_host); null: none (no per-call
+    costs, link_latency_us)."""
+    mixes: list[MixSpec] = Field(min_length=1)
+    """The mixes, run in this order."""
+
+    @field_validator("calibration_mix")
+    @classmethod
+    def _reference(cls, mix: MixSpec | None) -> MixSpec | None:
+        if mix is not None and (
+            mix.attention.count != 1 or mix.ffn.count != 1 or mix.microbatches != 1 or mix.attention.cpu or mix.ffn.cpu
+        ):
+            raise ValueError("the calibration mix must have 1 attention and 1 FFN node, no CPU limit and m = 1")
+        return mix
+
+    @field_validator("mixes")
+    @classmethod
+    def _unique_names(cls, mixes: list[MixSpec]) -> list[MixSpec]:
+        names = [m.name for m in mixes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"mix names must be unique; repeated: {', '.join(duplicates)}")
+        return mixes
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> MixesFile:
+        if self.workload.input_len + self.workload.output_len > 4096:
+            raise ValueError("workload input_len + output_len must be <= 4096 tokens")
+        return self
+
+
+def load_mixes(path: Path) -> MixesFile:
+    """Read and validate a mixes file; ConfigError names each bad field by its path (mixes.2.ffn.cpu)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read mixes file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"mixes file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"mixes file {path}: expected a mapping with `mixes:`, got {type(data).__name__}")
+    try:
+        mixes = MixesFile.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors(include_url=False):
+            where = ".".join(str(p) for p in item["loc"]) or "(file)"
+            message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append(f"  - {where}: {message}")
+        raise ConfigError(f"invalid mixes file {path}:\n" + "\n".join(problems)) from None
+    if mixes.model is not None and not Path(mixes.model).is_absolute():
+        mixes = mixes.model_copy(update={"model": str((path.parent / mixes.model).resolve())})
+    return mixes
+
+
+# ---- what the launcher gives the benchmark ---------------------------------------------------------------
+@dataclass
+class RunningMix:
+    """A mix's cluster while it runs, as the launcher exposes it."""
+
+    base_url: str
+    """Router root URL (http://host:port)."""
+    cluster_view: Callable[[], dict[str, Any]]
+    """GET /afd/v1/cluster."""
+    cpu_usage_ns: Callable[[], dict[str, int]]
+    """Node id -> CPU time so far (the kernel's, per node cgroup), ns."""
+    throttling: Callable[[], dict[str, dict[str, int]]]
+    """Node id -> the kernel's CFS throttling counters."""
+
+
+#: Brings a mix up (model directory, mix) and tears it down on exit; raises AfdError where it cannot.
+Launcher = Callable[[Path, MixSpec], AbstractContextManager[RunningMix]]
+
+
+# ---- prediction ------------------------------------------------------------------------------------------
+def measurements(view: Mapping[str, Any]) -> tuple[tuple[AttentionMeasurement, ...], tuple[FfnMeasurement, ...]]:
+    """The start-up profiles of the view's attention and FFN nodes."""
+    attention: list[AttentionMeasurement] = []
+    ffn: list[FfnMeasurement] = []
+    for node in view.get("nodes", []):
+        measured = node.get("measured_us") or {}
+        if node.get("role") == "attention" and (measured.get("per_token") or 0) > 0:
+            context = int(measured.get("at_context_len") or 128)
+            attention.append(AttentionMeasurement(us_per_token=measured["per_token"], context_len=context))
+        elif node.get("role") == "ffn" and (measured.get("per_token_expert") or 0) > 0:
+            ffn.append(FfnMeasurement(us_per_token_expert=measured["per_token_expert"]))
+    return tuple(attention), tuple(ffn)
+
+
+@dataclass(frozen=True)
+class HostCalibration:
+    """What the calibration mix measured on this host beyond the nodes' start-up profiles."""
+
+    attention_call_us: float
+    """Attention node CPU time per layer beyond its attention kernels (Mix.attention_call_us), µs."""
+    ffn_call_us: float
+    """FFN node CPU time per layer and frame beyond its expert kernels (Mix.ffn_call_us), µs."""
+    link_latency_us: float
+    """One-way latency of one A<->F exchange (the step's time when neither node computes), µs."""
+    source: str
+    """What it rests on."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attention_call_us": round(self.attention_call_us, 3),
+            "ffn_call_us": round(self.ffn_call_us, 3),
+            "link_latency_us": round(self.link_latency_us, 3),
+            "source": self.source,
+        }
+
+
+def file_host_calibration(mixes: MixesFile) -> HostCalibration:
+    """No calibration mix: no per-call costs, the file's link latency."""
+    return HostCalibration(0.0, 0.0, mixes.link_latency_us, "mixes file (no calibration mix)")
+
+
+def planner_mix(
+    spec: MixSpec, mixes: MixesFile, model: ModelSpec, view: Mapping[str, Any], host: HostCalibration
+) -> Mix:
+    """The planner's Mix for `spec`, fitted to the nodes' own profiles in `view` and the host's calibration."""
+    attention, ffn = measurements(view)
+    if not attention or not ffn:
+        raise AfdError("the router's view has no measured attention or FFN costs: cannot fit the prediction")
+    if spec.link_mbit is not None:
+        rate = spec.link_mbit * 1e6 / 8
+        link = Link(f"tbf {spec.link_mbit:g} Mbit/s", rate, host.link_latency_us, f"tc tbf cap; {host.source}")
+    else:
+        rate = mixes.uncapped_link_gb_per_s * 1e9
+        link = Link("veth (uncapped)", rate, host.link_latency_us, f"mixes file; {host.source}")
+    quotas = [spec.attention.cpu, spec.ffn.cpu]
+    limited = sum(p.cpu * p.count for p in (spec.attention, spec.ffn) if p.cpu is not None)
+    # The pools overlap (ping-pong) only where each node has CPU of its own: every node limited, the limits
+    # adding up to no more than this machine's cores. Otherwise they take turns on the same cores.
+    overlap = None not in quotas and limited <= (os.cpu_count() or 1)
+    element_bytes = 4.0 if model.dtype in ("float32", "fp32") else 2.0
+    return Mix(
+        attention_kind=spec.attention.kind,
+        attention_count=spec.attention.count,
+        ffn_kind=spec.ffn.kind,
+        ffn_count=spec.ffn.count,
+        microbatches=spec.microbatches,
+        batch_per_attention_node=spec.batch_per_attention_node,
+        context_len=mixes.workload.input_len + mixes.workload.output_len // 2,
+        link=link,
+        attention_measured=attention,
+        ffn_measured=ffn,
+        activation_bytes=element_bytes,
+        overlap=overlap,
+        attention_quota=CpuQuota(spec.attention.cpu, spec.attention.threads) if spec.attention.cpu else None,
+        ffn_quota=CpuQuota(spec.ffn.cpu, spec.ffn.threads) if spec.ffn.cpu else None,
+        attention_call_us=host.attention_call_us,
+        # an FFN node decodes and answers one frame per attention node per layer and microbatch
+        ffn_call_us=host.ffn_call_us * spec.attention.count,
+    )
+
+
+# ---- one mix ---------------------------------------------------------------------------------------------
+def relative_error(predicted: float | None, measured: float | None) -> float | None:
+    """(predicted - measured) / measured, None where either is missing or measured is 0."""
+    if predicted is None or measured is None or not measured or not math.isfinite(predicted):
+        return None
+    return (predicted - measured) / measured
+
+
+def _role_of(node_id: str, view: Mapping[str, Any]) -> str:
+    for node in view.get("nodes", []):
+        if node.get("node_id") == node_id:
+            return str(node.get("role"))
+    return "router" if node_id == "router" else "unknown"
+
+
+def busy_by_role(
+    before: Mapping[str, int], after: Mapping[str, int], seconds: float, view: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Per role: mean and max over its nodes of CPU time / wall time (cores busy) during the run."""
+    per_role: dict[str, list[float]] = {}
+    for node_id, end in after.items():
+        if node_id in before and seconds > 0:
+            per_role.setdefault(_role_of(node_id, view), []).append((end - before[node_id]) / 1e9 / seconds)
+    return {
+        role: {"mean_cores": round(sum(v) / len(v), 4), "max_cores": round(max(v), 4), "nodes": len(v)}
+        for role, v in sorted(per_role.items())
+    }
+
+
+def _pool_json(pool: PoolSpec, view: Mapping[str, Any], role: str) -> dict[str, Any]:
+    devices = sorted({str(n.get("device_kind")) for n in view.get("nodes", []) if n.get("role") == role})
+    return {
+        "kind": pool.kind,
+        "count": pool.count,
+        "cpu_limit_cores": pool.cpu,
+        "threads": pool.threads,
+        "device_kind": devices,
+    }
+
+
+def mix_row(
+    spec: MixSpec,
+    serve: Mapping[str, Any],
+    prediction: Prediction,
+    view: Mapping[str, Any],
+    busy: Mapping[str, Any],
+    ffn_busy_fraction: Mapping[str, float],
+    throttled: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One mix's result: `serve` (vLLM's fields) plus the mix, the prediction, the measurement and errors."""
+    tpot = serve.get("mean_tpot_ms") or None
+    decode = spec.concurrency * 1000.0 / tpot if tpot else None
+    accelerators = spec.attention.count + spec.ffn.count
+    measured = {
+        "decode_tok_s": decode,
+        "output_throughput": serve.get("output_throughput"),
+        "tok_s_per_accelerator": decode / accelerators if decode else None,
+        "tpot_ms": tpot,
+        "ttft_ms": serve.get("mean_ttft_ms"),
+        "busy": dict(busy),
+        "ffn_busy_fraction": dict(ffn_busy_fraction),
+        "cpu_throttling": dict(throttled),
+    }
+    predicted = prediction.to_dict()
+    return {
+        **serve,
+        "mix": spec.name,
+        "attention": _pool_json(spec.attention, view, "attention"),
+        "ffn": _pool_json(spec.ffn, view, "ffn"),
+        "af_ratio": spec.af_ratio,
+        "microbatches": spec.microbatches,
+        "batch_per_attention_node": spec.batch_per_attention_node,
+        "link_mbit": spec.link_mbit,
+        "accelerators": accelerators,
+        "predicted": predicted,
+        "measured": measured,
+        "error": {
+            "decode_tok_s": relative_error(prediction.decode_tok_s, decode),
+            "output_throughput": relative_error(prediction.decode_tok_s, serve.get("output_throughput")),
+            "tpot_ms": relative_error(prediction.tpot_ms, tpot),
+        },
+    }
+
+
+def _serve_config(base_url: str, spec: MixSpec, workload: Workload, prompts: int, output_len: int) -> Any:
+    return ServeBenchmarkConfig(
+        base_url=base_url,
+        num_prompts=prompts,
+        max_concurrency=spec.concurrency,
+        random_input_len=workload.input_len,
+        random_output_len=output_len,
+        seed=workload.seed,
+        request_timeout_s=120.0,
+        cluster_poll_interval_s=0.5,
+    )
+
+
+@dataclass
+class MixMeasurement:
+    """What one mix's run measured."""
+
+    serve: dict[str, Any]
+    """The serving benchmark's result (vLLM's fields)."""
+    view: dict[str, Any]
+    """The router's cluster view at start (the nodes' profiles)."""
+    busy: dict[str, dict[str, float]]
+    """Per role: CPU cores busy during the run (the kernel's CPU time of each node)."""
+    ffn_busy_fraction: dict[str, float]
+    """FFN node -> busy fraction of its last heartbeat (the router's afd:ffn_busy_fraction)."""
+    throttled: dict[str, dict[str, int]]
+    """Node -> CFS periods and throttled periods/time during the run."""
+
+
+def measure_mix(
+    spec: MixSpec, mixes: MixesFile, model_dir: Path, launch: Launcher, phase: Callable[[str], None]
+) -> MixMeasurement:
+    """Bring `spec` up, warm up, serve, read the counters; the cluster is down on return."""
+    workload = mixes.workload
+    phase("starting nodes")
+    with launch(model_dir, spec) as running:
+        view = running.cluster_view()
+        phase("warm-up")
+        run_serve_benchmark(
+            _serve_config(running.base_url, spec, workload, spec.concurrency, workload.warmup_output_len)
+        )
+        phase("serving")
+        usage_before, throttle_before = running.cpu_usage_ns(), running.throttling()
+        started = time.monotonic()
+        serve = run_serve_benchmark(
+            _serve_config(
+                running.base_url, spec, workload, workload.requests_per_slot * spec.concurrency, workload.output_len
+            )
+        )
+        elapsed = time.monotonic() - started
+        usage_after, throttle_after = running.cpu_usage_ns(), running.throttling()
+        after = running.cluster_view()  # FFN busy fractions from the last heartbeats of the run
+        phase("stopping")
+    if not serve.get("completed"):
+        errors = [e for e in serve.get("errors", []) if e]
+        raise AfdError(f"mix {spec.name}: every request failed; first error: {errors[0] if errors else '?'}")
+    ffn_nodes = [n for n in after.get("nodes", []) if n.get("role") == "ffn"]
+    throttled = {
+        node_id: {
+            key: counters.get(key, 0) - throttle_before.get(node_id, {}).get(key, 0)
+            for key in ("nr_periods", "nr_throttled", "throttled_time")
+        }
+        for node_id, counters in throttle_after.items()
+    }
+    return MixMeasurement(
+        serve=serve,
+        view=view,
+        busy=busy_by_role(usage_before, usage_after, elapsed, view),
+        ffn_busy_fraction={str(n["node_id"]): float(n.get("busy_fraction") or 0.0) for n in ffn_nodes},
+        throttled=throttled,
+    )
+
+
+def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec) -> HostCalibration:
+    """The per-call costs and the exchange latency of this host, from the calibration mix's run.
+
+    The calibration mix (1 attention + 1 FFN node, no CPU limit, m = 1) runs its two nodes one after the
+    other, so per decode step: the attention node's CPU time = its kernels (the profile's T_a, summed over the
+    layers, with the head) + layers x attention_call_us; the FFN node's likewise; and the rest of the step,
+    when neither computes, is the link: bytes / bandwidth + 2 x layers x the one-way latency.
+    """
+    tpot_ms = measured.serve.get("mean_tpot_ms")
+    busy_a = measured.busy.get("attention", {}).get("mean_cores")
+    busy_f = measured.busy.get("ffn", {}).get("mean_cores")
+    if not tpot_ms or busy_a is None or busy_f is None:
+        raise AfdError("the calibration mix measured no TPOT or no CPU time (is cpuacct mounted?)")
+    zero = HostCalibration(0.0, 0.0, 0.0, "none")
+    base = predict(model, planner_mix(spec, mixes, model, measured.view, zero))
+    step_us = tpot_ms * 1000.0
+    layers = model.num_layers
+    cpu_a, cpu_f = busy_a * step_us, busy_f * step_us
+    call_a = max(0.0, cpu_a - base.attention_us) / layers
+    call_f = max(0.0, cpu_f - base.ffn_us) / layers
+    residual = step_us - cpu_a - cpu_f - base.link_us  # base.link_us: the bytes' time only (latency 0)
+    latency = residual / (2 * layers) if residual > 0 else mixes.link_latency_us
+    source = (
+        f"calibration mix {spec.name}: TPOT {tpot_ms:.3f} ms, attention node {busy_a:.3f} cores busy, "
+        f"FFN node {busy_f:.3f} cores busy"
+    )
+    return HostCalibration(call_a, call_f, latency, source)
+
+
+def predict_row(
+    spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec, host: HostCalibration
+) -> dict[str, Any]:
+    """The result row of a measured mix with the planner's prediction for it."""
+    prediction = predict(model, planner_mix(spec, mixes, model, measured.view, host))
+    return mix_row(
+        spec, measured.serve, prediction, measured.view, measured.busy, measured.ffn_busy_fraction, measured.throttled
+    )
+
+
+# ---- the whole run ---------------------------------------------------------------------------------------
+def best_of(rows: list[dict[str, Any]], side: str) -> str | None:
+    """The mix with the most tok/s per accelerator, predicted (side 'predicted') or measured."""
+    key = "tok_s_per_accelerator"
+    scored = [(r[side].get(key) or 0.0, r["mix"]) for r in rows if r[side].get(key)]
+    return max(scored)[1] if scored else None
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Errors over the mixes, and the planner's top-ranked mix against the best measured one."""
+    errors = [abs(e) for r in rows if (e := r["error"]["decode_tok_s"]) is not None]
+    top, best = best_of(rows, "predicted"), best_of(rows, "measured")
+    by_name = {r["mix"]: r for r in rows}
+    gap = None
+    if top and best:
+        gap = relative_error(
+            by_name[top]["measured"]["tok_s_per_accelerator"], by_name[best]["measured"]["tok_s_per_accelerator"]
+        )
+    return {
+        "mixes": len(rows),
+        "max_abs_error_decode_tok_s": max(errors) if errors else None,
+        "mean_abs_error_decode_tok_s": sum(errors) / len(errors) if errors else None,
+        "within_15_percent": sum(e <= 0.15 for e in errors),
+        "planner_top_mix": top,
+        "best_measured_mix": best,
+        "top_mix_measured_vs_best": gap,
+    }
+
+
+def run_mixes(
+    mixes: MixesFile, launch: Launcher, show_progress: bool = False, console: Console | None = None
+) -> dict[str, Any]:
+    """Every mix in order; the result document (rows in `mixes`, failures in `failed_mixes`)."""
+    model_dir = Path(mixes.model) if mixes.model else builtin_model_dir()
+    model = ModelSpec.from_pretrained(model_dir)
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    date = datetime.now().strftime("%Y%m%d-%H%M%S")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console or Console(stderr=True), disable=not show_progress) as bar:
+        reference = mixes.calibration_mix
+        task = bar.add_task("mixes", total=len(mixes.mixes) + (reference is not None))
+        host = file_host_calibration(mixes)
+        calibration: dict[str, Any] | None = None
+        if reference is not None:  # a failed calibration fails the run: every prediction rests on it
+
+            def calibrating(text: str) -> None:
+                bar.update(task, description=f"calibration {reference.name}: {text}")
+
+            measured = measure_mix(reference, mixes, model_dir, launch, calibrating)
+            host = fit_host(reference, measured, mixes, model)
+            calibration = {"fitted": host.to_dict(), "run": predict_row(reference, measured, mixes, model, host)}
+            bar.advance(task)
+        for spec in mixes.mixes:
+
+            def phase(text: str, name: str = spec.name) -> None:
+                bar.update(task, description=f"{name}: {text}")
+
+            try:
+                rows.append(predict_row(spec, measure_mix(spec, mixes, model_dir, launch, phase), mixes, model, host))
+            except AfdError as error:
+                failed.append({"mix": spec.name, "error": str(error)})
+            bar.advance(task)
+    return {
+        "version": RESULT_VERSION,
+        "date": date,
+        "model": str(model_dir),
+        "architecture": model.architecture,
+        "host": {"cpu": client_cpu_model(), "cores": os.cpu_count()},
+        "workload": mixes.workload.model_dump(),
+        "calibration": calibration,
+        "host_calibration": host.to_dict(),
+        "mixes": rows,
+        "failed_mixes": failed,
+        "summary": summary(rows),
+    }
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 1, percent: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value * 100:+.{digits}f} %" if percent else f"{value:,.{digits}f}"
+
+
+def _pool_label(pool: Mapping[str, Any]) -> str:
+    cpu = pool["cpu_limit_cores"]
+    return f"{pool['count']} x {cpu:g} cpu/{pool['threads']}t" if cpu else f"{pool['count']} x cpu/{pool['threads']}t"
+
+
+def table_rows(result: Mapping[str, Any]) -> list[list[str]]:
+    """The report's table: one row per mix."""
+    rows = []
+    for r in result["mixes"]:
+        p, m, e = r["predicted"], r["measured"], r["error"]
+        busy = r["measured"]["busy"]
+        rows.append(
+            [
+                r["mix"],
+                _pool_label(r["attention"]),
+                _pool_label(r["ffn"]),
+                str(r["microbatches"]),
+                f"{r['link_mbit']:g}" if r["link_mbit"] else "-",
+                str(r["batch_per_attention_node"]),
+                _fmt(p["decode_tok_s"]),
+                _fmt(m["decode_tok_s"]),
+                _fmt(e["decode_tok_s"], percent=True),
+                _fmt(m["output_throughput"]),
+                _fmt(p["tpot_ms"], 2),
+                _fmt(m["tpot_ms"], 2),
+                _fmt(m["ttft_ms"], 0),
+                " / ".join(_fmt(busy.get(role, {}).get("mean_cores"), 2) for role in ROLES),
+                p["exposed"],
+            ]
+        )
+    return rows
+
+
+HEADERS = [
+    "mix", "attention", "FFN", "m", "link Mbit/s", "batch/attn", "pred tok/s", "meas tok/s", "error",
+    "vLLM output tok/s", "pred TPOT ms", "meas TPOT ms", "TTFT ms", "busy cores A / F", "predicted exposed",
+]  # fmt: skip
+
+
+def write_plots(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """measured_vs_predicted.png and pareto.png under `directory` (matplotlib, Agg)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise AfdError('--plot needs matplotlib: pip install "afd[plot]"') from exc
+    rows = [r for r in result["mixes"] if r["measured"]["decode_tok_s"]]
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [r["mix"] for r in rows]
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
+    x = range(len(rows))
+    axes.bar([i - 0.2 for i in x], [r["predicted"]["decode_tok_s"] for r in rows], 0.4, label="predicted")
+    axes.bar([i + 0.2 for i in x], [r["measured"]["decode_tok_s"] for r in rows], 0.4, label="measured")
+    axes.set_xticks(list(x), names, rotation=30, ha="right")
+    axes.set_ylabel("decode tok/s")
+    axes.set_title("afd bench mix: planner prediction vs measurement")
+    axes.legend()
+    figure.tight_layout()
+    bars = directory / "measured_vs_predicted.png"
+    figure.savefig(bars, dpi=120)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    for side, marker in (("measured", "o"), ("predicted", "x")):
+        points = [(r[side]["tpot_ms"], r[side]["tok_s_per_accelerator"], r["mix"]) for r in rows]
+        axes.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=side)
+        if side == "measured":
+            for tpot, rate, name in points:
+                axes.annotate(name, (tpot, rate), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front: list[tuple[float, float]] = []
+            for tpot, rate, _ in sorted(points):  # lowest TPOT first: on the front if nothing faster does more
+                if not front or rate > front[-1][1]:
+                    front.append((tpot, rate))
+            axes.plot([f[0] for f in front], [f[1] for f in front], color="black", linewidth=1, label="measured front")
+    axes.set_xlabel("TPOT (ms)")
+    axes.set_ylabel("decode tok/s per accelerator (node)")
+    axes.set_title("Pareto front: throughput per node against TPOT")
+    axes.legend()
+    figure.tight_layout()
+    pareto = directory / "pareto.png"
+    figure.savefig(pareto, dpi=120)
+    plt.close(figure)
+    return [bars, pareto]
+
+
+def markdown_report(result: Mapping[str, Any], plots: list[Path], report_path: Path) -> str:
+    """The report: setup, the table, the summary, the failures, the plots (paths relative to the report)."""
+    s = result["summary"]
+    w = result["workload"]
+    h = result["host_calibration"]
+    lines = [
+        "# afd bench mix",
+        "",
+        f"{result['date']} on {result['host']['cpu']} ({result['host']['cores']} cores), model "
+        f"{result['architecture']} ({result['model']}). Every mix serves {w['requests_per_slot']} requests per "
+        f"batch slot of {w['input_len']} "
+        f"prompt and {w['output_len']} output tokens after a warm-up. Host calibration used by every "
+        f"prediction: attention {h['attention_call_us']:.1f} us and FFN {h['ffn_call_us']:.1f} us per layer "
+        f"call beyond the kernels, link latency {h['link_latency_us']:.1f} us one way ({h['source']}).",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+        *("| " + " | ".join(row) + " |" for row in table_rows(result)),
+        "",
+        f"Error = (predicted - measured) / measured decode tok/s (concurrency / mean TPOT). Within 15 %: "
+        f"{s['within_15_percent']} of {s['mixes']}; mean |error| "
+        f"{_fmt(s['mean_abs_error_decode_tok_s'], percent=True)}, "
+        f"max {_fmt(s['max_abs_error_decode_tok_s'], percent=True)}. The planner's top mix (tok/s per node) is "
+        f"{s['planner_top_mix']}, the best measured {s['best_measured_mix']}; the top mix measured "
+        f"{_fmt(s['top_mix_measured_vs_best'], percent=True)} against the best.",
+    ]
+    if result["failed_mixes"]:
+        lines += ["", "Failed mixes:", *(f"- {f['mix']}: {f['error']}" for f in result["failed_mixes"])]
+    for plot in plots:
+        try:
+            relative = os.path.relpath(plot, report_path.parent)
+        except ValueError:
+            relative = str(plot)
+        lines += ["", f"![{plot.stem}]({relative})"]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(console: Console, result: Mapping[str, Any]) -> None:
+    table = Table(title="afd bench mix")
+    for header in HEADERS:
+        table.add_column(
+            header, justify="left" if header in ("mix", "attention", "FFN", "predicted exposed") else "right"
+        )
+    for row in table_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    for failure in result["failed_mixes"]:
+        console.print(f"[red]mix {failure['mix']} failed:[/red] {failure['error']}")
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM ends the run through `finally` blocks (each mix's teardown), as Ctrl-C does."""
+    if sys.platform == "win32" or not _main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def make_command(launch: Launcher) -> Callable[..., None]:
+    """The `afd bench mix` typer command, bringing mixes up with `launch` (the CLI passes the testbed's)."""
+
+    def command(
+        mixes: Annotated[Path, typer.Option(help="Mixes file (YAML): pools, CPU limits, A:F, m, link caps.")],
+        out: Annotated[Path | None, typer.Option(help="Write the result JSON here.")] = None,
+        report: Annotated[Path | None, typer.Option(help="Write a markdown report here.")] = None,
+        plot: Annotated[
+            Path | None, typer.Option(help="Directory for measured_vs_predicted.png and pareto.png.")
+        ] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON line.")] = False,
+    ) -> None:
+        """Run each mix for real on this machine (CPU quotas, namespaces, capped links): measured vs predicted."""
+        console = Console(stderr=json_output, width=None if sys.stdout.isatty() else 220)
+        try:
+            spec = load_mixes(mixes)
+            with _terminate_as_exit():
+                result = run_mixes(spec, launch, show_progress=sys.stderr.isatty(), console=Console(stderr=True))
+            plots = write_plots(result, plot) if plot is not None and result["mixes"] else []
+        except AfdError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2 if isinstance(error, ConfigError) else 1) from None
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+            console.print(f"result written to {out}")
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(markdown_report(result, plots, report))
+            console.print(f"report written to {report}")
+        print_table(console, result)
+        if json_output:
+            typer.echo(json.dumps(result))
+        if not result["mixes"]:
+            raise typer.Exit(1)
+
+    return command
