@@ -287,5 +287,6 @@ def test_frozen_ffn_node_stalls_requests_only_until_the_router_declares_it_dead(
     assert all(text == expected[prompt] for prompt, text in load.results)
     assert recovered_after < 20.0, f"requests stalled {recovered_after:.1f} s (the reply timeout is 30 s)"
     router_log = c.router.log_path.read_text(errors="replace")
-    assert "node ffn-1 declared dead" in router_log
+    # withdrawn as a straggler by the attention node's deadlines (afd/transport/deadlines.py), or dead
+    assert "node ffn-1 declared dead" in router_log or "node ffn-1 degraded" in router_log
     assert "node attn-0 declared dead" not in router_log, "the attention node's heartbeats waited on the step"
