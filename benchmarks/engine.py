@@ -28,6 +28,7 @@ from afd.sampling_params import SamplingParams
 from afd.transport import InProcessTransport
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
+from benchmarks.references import ReferenceUnavailable, reference_model
 from benchmarks.vllm_peer import PeerUnavailable, VllmPeer, resolve_python
 from ffn_nodes.local_pool import local_ffn_pool
 
@@ -112,8 +113,10 @@ def copy_bandwidth_gbs(size_bytes: int = 1 << 29, repeats: int = 5) -> float:
 class BatchResult:
     batch: int
     engine_tok_s: float
-    reference_tok_s: float
-    ratio: float
+    reference_tok_s: float | None
+    """transformers' best total tok/s; None where it cannot run the checkpoint (transformers_skipped says why)."""
+    ratio: float | None
+    """engine_tok_s / reference_tok_s."""
     engine_decode_tok_s: float
     bytes_per_decode_step: int
     read_bandwidth_gbs: float
@@ -122,7 +125,7 @@ class BatchResult:
     experts_touched_per_layer: float
     engine_tok_s_spread: dict[str, float]
     """min / median / max of the repeats' total tok/s (engine_tok_s is the best)."""
-    reference_tok_s_spread: dict[str, float]
+    reference_tok_s_spread: dict[str, float] | None
     vllm_tok_s: float | None = None
     """vLLM-CPU's best total tok/s on the same prompts (`--peer vllm`), None without the peer."""
     vllm_tok_s_spread: dict[str, float] | None = None
@@ -223,7 +226,9 @@ def run(
     repeats: int,
     peer: VllmPeer | None = None,
 ) -> tuple[list[BatchResult], dict[str, Any]]:
-    """Each batch size: warm-up, then `repeats` rounds of engine, transformers and (if given) the vLLM peer."""
+    """Each batch size: warm-up, then `repeats` rounds of engine, transformers (benchmarks/references.py; skipped,
+    with the reason in the context's transformers_skipped, where transformers cannot run the checkpoint) and (if
+    given) the vLLM peer."""
     import transformers
 
     model_dir = checkpoint or ensure_checkpoint()
@@ -236,15 +241,20 @@ def run(
     )
     placement, transport = local_ffn_pool(model_dir, ffn_shards, "bfloat16")
     engine = AttentionEngine.load(model_dir, transport, placement, config)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    reference.generation_config.eos_token_id = None
+    reference: Any = None
+    try:
+        reference = reference_model(model_dir, torch.bfloat16)
+        skipped: dict[str, Any] = {}
+    except ReferenceUnavailable as exc:
+        skipped = {"transformers_skipped": str(exc)}
     results = []
     for batch in batches:
         prompts = _prompts(batch, prompt_len, spec.vocab_size)
         ids = torch.tensor(prompts)
         _run_engine(engine, transport, prompts, 4)  # warm-up
         with torch.inference_mode():
-            reference.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+            if reference is not None:
+                reference.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
         if peer is not None:
             peer.generate(prompts, 4)  # warm-up
         # The sides alternate within each repeat, so a slow spell of a shared machine hits all of them alike.
@@ -252,10 +262,12 @@ def run(
         peer_tokens: list[int] = []
         for _ in range(repeats):
             runs.append(_run_engine(engine, transport, prompts, new_tokens))
-            with torch.inference_mode():
-                start = time.perf_counter()
-                out = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-                reference_s.append(time.perf_counter() - start)
+            if reference is not None:
+                with torch.inference_mode():
+                    start = time.perf_counter()
+                    out = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                    reference_s.append(time.perf_counter() - start)
+                assert out.shape[1] == prompt_len + new_tokens
             if peer is not None:
                 seconds, made, peer_tokens = peer.generate(prompts, new_tokens)
                 assert made == batch * new_tokens, f"vLLM made {made} tokens, expected {batch * new_tokens}"
@@ -263,7 +275,6 @@ def run(
         engine_s = min(r[0] for r in runs)
         decode_tok_s = max(r[1] for r in runs)
         touched = statistics.mean(r[2] for r in runs)
-        assert out.shape[1] == prompt_len + new_tokens
         tokens = batch * new_tokens
         step_bytes = _bytes_per_decode_step(spec, batch, prompt_len + new_tokens // 2, touched, 2)
         roofline = batch / (step_bytes / (bandwidth * 1e9))
@@ -272,8 +283,8 @@ def run(
             BatchResult(
                 batch=batch,
                 engine_tok_s=round(tokens / engine_s, 2),
-                reference_tok_s=round(tokens / min(reference_s), 2),
-                ratio=round(min(reference_s) / engine_s, 3),
+                reference_tok_s=round(tokens / min(reference_s), 2) if reference_s else None,
+                ratio=round(min(reference_s) / engine_s, 3) if reference_s else None,
                 engine_decode_tok_s=round(decode_tok_s, 2),
                 bytes_per_decode_step=step_bytes,
                 read_bandwidth_gbs=round(bandwidth, 2),
@@ -281,7 +292,7 @@ def run(
                 roofline_share=round(decode_tok_s / roofline, 3),
                 experts_touched_per_layer=round(touched, 2),
                 engine_tok_s_spread=_spread([tokens / r[0] for r in runs]),
-                reference_tok_s_spread=_spread([tokens / s for s in reference_s]),
+                reference_tok_s_spread=_spread([tokens / s for s in reference_s]) if reference_s else None,
                 vllm_tok_s=vllm_tok_s,
                 vllm_tok_s_spread=_spread([tokens / s for s in peer_s]) if peer_s else None,
                 ratio_vs_vllm=round(min(peer_s) / engine_s, 3) if peer_s else None,
@@ -299,7 +310,7 @@ def run(
         "copy_bandwidth_gbs": round(copy_gbs, 2),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
-    }
+    } | skipped
     return results, context
 
 
@@ -365,6 +376,8 @@ def command(
         print(json.dumps(asdict(result) | context))
     if json_output:
         return
+    if "transformers_skipped" in context:
+        print(f"transformers column skipped: {context['transformers_skipped']}")
     with_peer = started is not None
     title = f"AFD engine vs transformers{' and vLLM-CPU' if with_peer else ''} ({context['dtype']}, "
     table = Table(title=title + f"{ffn_shards} FFN shards, in-process; tok/s median \\[min-max] of {repeats})")
@@ -378,7 +391,8 @@ def command(
         return f"{s['median']:.1f} \\[{s['min']:.1f}-{s['max']:.1f}]" if s else "-"
 
     for r in results:
-        row = [str(r.batch), spread(r.engine_tok_s_spread), spread(r.reference_tok_s_spread), f"{r.ratio:.2f}x"]
+        row = [str(r.batch), spread(r.engine_tok_s_spread), spread(r.reference_tok_s_spread)]
+        row += [f"{r.ratio:.2f}x" if r.ratio is not None else "-"]
         row += [spread(r.vllm_tok_s_spread), f"{r.ratio_vs_vllm:.2f}x" if r.ratio_vs_vllm else "-"] if with_peer else []
         row += [f"{r.roofline_tok_s:.1f}", f"{r.roofline_share:.0%}"]
         table.add_row(*row)
