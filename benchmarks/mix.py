@@ -320,13 +320,14 @@ def busy_by_role(
 
 
 def _pool_json(pool: PoolSpec, view: Mapping[str, Any], role: str) -> dict[str, Any]:
-    devices = sorted({str(n.get("device_kind")) for n in view.get("nodes", []) if n.get("role") == role})
+    nodes = [n for n in view.get("nodes", []) if n.get("role") == role]
     return {
         "kind": pool.kind,
         "count": pool.count,
         "cpu_limit_cores": pool.cpu,
         "threads": pool.threads,
-        "device_kind": devices,
+        "device_kind": sorted({str(n.get("device_kind")) for n in nodes}),
+        "addresses": sorted(str(n.get("address")) for n in nodes),
     }
 
 

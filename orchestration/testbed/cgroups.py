@@ -110,20 +110,23 @@ class CpuCgroup:
     def remove(self, timeout_s: float = 10.0) -> None:
         """Kill what still runs in the group (its processes are the testbed's own) and remove it."""
         deadline = time.monotonic() + timeout_s
-        while pids := self.pids():
+        while True:
+            pids = self.pids()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
+            if not pids:
+                try:
+                    for path in self.dirs():
+                        with contextlib.suppress(FileNotFoundError):
+                            path.rmdir()
+                    return
+                except OSError as error:  # EBUSY: a process joined after we looked (a node still starting)
+                    if time.monotonic() > deadline:
+                        raise TestbedError(f"cannot remove cgroup {self.name}: {error.strerror}") from None
+            elif time.monotonic() > deadline:
                 raise TestbedError(f"cgroup {self.name}: processes {sorted(pids)} did not exit")
             time.sleep(0.05)
-        for path in self.dirs():
-            try:
-                path.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                raise TestbedError(f"cannot remove cgroup {path}: {error.strerror}") from None
 
 
 def testbed_cgroups(root: Path = CGROUP_ROOT) -> list[str]:

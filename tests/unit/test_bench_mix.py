@@ -1,0 +1,287 @@
+"""`afd bench mix` without a testbed: the mixes file is validated with the bad field named, the result JSON
+carries every `afd bench serve` field plus the mix, prediction, measurement and errors, the calibration mix's
+fit is the arithmetic its docstring states, and the report and plots are written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from afd.builtin_model import _config
+from afd.errors import ConfigError
+from afd.model_spec import ModelSpec
+from afd.planning import CpuQuota, predict
+from benchmarks import mix as bench_mix
+from benchmarks.mix import (
+    HostCalibration,
+    MixSpec,
+    RunningMix,
+    fit_host,
+    load_mixes,
+    markdown_report,
+    measure_mix,
+    planner_mix,
+    run_mixes,
+    write_plots,
+)
+from benchmarks.serve import ServeBenchmarkConfig, _result_header
+from benchmarks.serve_metrics import RequestOutput, compute_metrics
+
+MIXES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "mixes"
+MIX = {
+    "name": "a1f2",
+    "attention": {"count": 1, "cpu": 1.0},
+    "ffn": {"count": 2, "cpu": 0.5, "threads": 1},
+    "link_mbit": 100,
+    "batch_per_attention_node": 2,
+}
+
+
+def _write(tmp_path: Path, data: Any) -> Path:
+    path = tmp_path / "mixes.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "model"
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(_config(1000)))
+    return directory
+
+
+# ---- the mixes file ---------------------------------------------------------------------------------------
+def test_the_shipped_mixes_files_are_valid_and_the_big_one_covers_what_the_issue_asks():
+    smoke = load_mixes(MIXES_DIR / "smoke.yaml")
+    assert len(smoke.mixes) == 2
+    full = load_mixes(MIXES_DIR / "cpu-2core.yaml")
+    assert len(full.mixes) >= 6
+    assert {m.af_ratio for m in full.mixes} >= {"1:1", "1:2", "2:1"}
+    assert len({m.link_mbit for m in full.mixes}) >= 2
+    assert len({(m.attention.cpu, m.ffn.cpu) for m in full.mixes}) >= 3
+    assert {m.microbatches for m in full.mixes} >= {1, 2}
+    assert full.calibration_mix is not None  # the default reference mix
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["mixes"][0]["attention"].update(cpux=1), r"mixes\.0\.attention\.cpux: unknown field"),
+        (lambda d: d["mixes"][0]["ffn"].update(cpu=-0.5), r"mixes\.0\.ffn\.cpu: Input should be greater than 0"),
+        (lambda d: d["mixes"][0].update(microbatches=0), r"mixes\.0\.microbatches: Input should be greater"),
+        (lambda d: d["mixes"][0].update(link_mbit=0), r"mixes\.0\.link_mbit"),
+        (lambda d: d["mixes"][0].update(name="a b"), r"mixes\.0\.name: String should match pattern"),
+        (lambda d: d["mixes"][0].pop("ffn"), r"mixes\.0\.ffn: Field required"),
+        (lambda d: d["mixes"].append(dict(MIX)), r"mix names must be unique; repeated: a1f2"),
+        (lambda d: d.update(mixes=[]), r"mixes: List should have at least 1 item"),
+        (lambda d: d.update(version=2), r"version: Input should be 1"),
+        (lambda d: d.update(workload={"output_len": 1}), r"workload\.output_len"),
+        (
+            lambda d: d.update(calibration_mix={**MIX, "name": "ref"}),
+            r"calibration mix must have 1 attention and 1 FFN node, no CPU limit",
+        ),
+    ],
+)
+def test_a_bad_mixes_file_is_refused_with_the_field_named(tmp_path, mutate, expected):
+    data = {"version": 1, "mixes": [json.loads(json.dumps(MIX))]}
+    mutate(data)
+    with pytest.raises(ConfigError, match=expected):
+        load_mixes(_write(tmp_path, data))
+
+
+def test_unreadable_and_malformed_files_say_so(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read mixes file"):
+        load_mixes(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_mixes(_write(tmp_path, "mixes: [\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_mixes(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_a_relative_model_path_is_read_from_the_files_directory(tmp_path):
+    mixes = load_mixes(_write(tmp_path, {"model": "model", "mixes": [MIX]}))
+    assert mixes.model == str((tmp_path / "model").resolve())
+
+
+# ---- prediction inputs ------------------------------------------------------------------------------------
+VIEW = {
+    "nodes": [
+        {"node_id": "router", "role": "router", "measured_us": {}},
+        {"node_id": "attn-0", "role": "attention", "device_kind": "cpu (1 threads)", "state": "ready",
+         "measured_us": {"per_token": 30.0, "at_context_len": 128}},
+        {"node_id": "ffn-0", "role": "ffn", "device_kind": "cpu (1 threads)", "state": "ready",
+         "measured_us": {"per_token_expert": 5.0}, "busy_fraction": 0.25},
+        {"node_id": "ffn-1", "role": "ffn", "device_kind": "cpu (1 threads)", "state": "ready",
+         "measured_us": {"per_token_expert": 6.0}, "busy_fraction": 0.35},
+    ]
+}  # fmt: skip
+
+
+def test_the_planner_mix_carries_the_nodes_profiles_quotas_link_and_host_costs(tmp_path):
+    mixes = load_mixes(_write(tmp_path, {"mixes": [MIX], "workload": {"input_len": 16, "output_len": 48}}))
+    spec = ModelSpec.from_config(_config(1000))
+    host = HostCalibration(100.0, 20.0, 50.0, "test")
+    mix = planner_mix(mixes.mixes[0], mixes, spec, VIEW, host)
+    assert (mix.attention_count, mix.ffn_count, mix.microbatches, mix.batch_per_attention_node) == (1, 2, 1, 2)
+    assert [m.us_per_token for m in mix.attention_measured] == [30.0]
+    assert mix.attention_measured[0].context_len == 128
+    assert [m.us_per_token_expert for m in mix.ffn_measured] == [5.0, 6.0]
+    assert mix.attention_quota == CpuQuota(1.0, 1) and mix.ffn_quota == CpuQuota(0.5, 1)
+    assert not isinstance(mix.link, str)
+    assert mix.link.bandwidth_bytes_per_s == pytest.approx(100e6 / 8) and mix.link.latency_us == 50.0
+    assert mix.context_len == 16 + 24
+    assert mix.activation_bytes == 4.0  # the demo model computes in float32
+    assert mix.overlap  # 1 + 2 x 0.5 = 2 cores limited on a machine with at least 2
+    assert (mix.attention_call_us, mix.ffn_call_us) == (100.0, 20.0)
+    unlimited = MixSpec.model_validate({**MIX, "attention": {"count": 2}})
+    mix = planner_mix(unlimited, mixes, spec, VIEW, host)
+    assert not mix.overlap and mix.attention_quota is None  # an unlimited pool shares the cores
+    assert mix.ffn_call_us == 40.0  # each FFN node answers a frame of each of the 2 attention nodes
+
+
+# ---- a whole run with a fake launcher ---------------------------------------------------------------------
+def _serve_result(config: ServeBenchmarkConfig) -> dict[str, Any]:
+    """What run_serve_benchmark returns: TTFT 20 ms, then a token every 10 ms (TPOT 10 ms)."""
+    outputs = [
+        RequestOutput(
+            prompt_len=config.random_input_len, success=True, output_tokens=config.random_output_len, ttft=0.02,
+            itl=[0.01] * (config.random_output_len - 1), latency=0.02 + 0.01 * (config.random_output_len - 1),
+            start_time=0.0,
+        )
+        for _ in range(config.num_prompts)
+    ]  # fmt: skip
+    duration = 0.5
+    result = _result_header(config, "fake-model", "20260101-000000", 1000) | {"duration": duration}
+    result |= compute_metrics(outputs, duration, config.metric_percentiles)
+    return result | {"topology": None, "per_role_tokens_per_s": None, "hardware": {"client_cpu": "x"}}
+
+
+class FakeHost:
+    """A launcher whose nodes' CPU counters advance by fixed amounts per reading and a clock of 2 s per run."""
+
+    def __init__(self) -> None:
+        self.launched: list[str] = []
+        self.open = 0
+
+    @contextmanager
+    def launch(self, model_dir: Path, spec: MixSpec) -> Iterator[RunningMix]:
+        self.launched.append(spec.name)
+        self.open += 1
+        readings = {"n": 0}
+
+        def usage() -> dict[str, int]:
+            readings["n"] += 1
+            n = readings["n"]  # attention 0.4 cores, FFN 0.45 cores, router 0.05 over the 2 s of a run
+            return {
+                "attn-0": int(0.8e9 * n),
+                "ffn-0": int(0.9e9 * n),
+                "ffn-1": int(0.9e9 * n),
+                "router": int(0.1e9 * n),
+            }
+
+        def throttling() -> dict[str, dict[str, int]]:
+            return {"attn-0": {"nr_periods": 10 * readings["n"], "nr_throttled": readings["n"], "throttled_time": 0}}
+
+        try:
+            yield RunningMix("http://127.0.0.1:1", lambda: VIEW, usage, throttling)
+        finally:
+            self.open -= 1
+
+
+@pytest.fixture
+def fake_serving(monkeypatch):
+    ticks = iter(range(0, 10_000, 2))
+    monkeypatch.setattr(bench_mix.time, "monotonic", lambda: float(next(ticks)))
+    monkeypatch.setattr(bench_mix, "run_serve_benchmark", _serve_result)
+
+
+def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_errors(tmp_path, fake_serving):
+    data = {"model": "model", "mixes": [MIX, {**MIX, "name": "a1f2-m2", "microbatches": 2}]}
+    _model_dir(tmp_path)
+    mixes = load_mixes(_write(tmp_path, data))
+    host = FakeHost()
+    result = json.loads(json.dumps(run_mixes(mixes, host.launch)))  # JSON-clean
+    assert host.launched == ["calibration", "a1f2", "a1f2-m2"] and host.open == 0
+    assert result["version"] == 1 and result["failed_mixes"] == []
+    serve_fields = set(_serve_result(ServeBenchmarkConfig(base_url="http://x", num_prompts=2)))
+    for row in result["mixes"]:
+        assert serve_fields <= set(row)
+        assert row["mean_tpot_ms"] == pytest.approx(10.0) and row["max_concurrency"] == 2
+        assert row["num_prompts"] == 3 * 2  # requests_per_slot x concurrency
+        assert row["attention"] == {"kind": "cpu", "count": 1, "cpu_limit_cores": 1.0, "threads": 1,
+                                    "device_kind": ["cpu (1 threads)"], "addresses": ["None"]}  # fmt: skip
+        assert row["ffn"]["count"] == 2 and row["ffn"]["cpu_limit_cores"] == 0.5
+        assert row["af_ratio"] == "1:2" and row["accelerators"] == 3 and row["link_mbit"] == 100
+        measured = row["measured"]
+        assert measured["decode_tok_s"] == pytest.approx(2 * 1000 / 10.0)  # concurrency / TPOT
+        assert measured["tok_s_per_accelerator"] == pytest.approx(200 / 3)
+        assert measured["busy"]["attention"]["mean_cores"] == pytest.approx(0.4)
+        assert measured["busy"]["ffn"] == {"mean_cores": 0.45, "max_cores": 0.45, "nodes": 2}
+        assert measured["ffn_busy_fraction"] == {"ffn-0": 0.25, "ffn-1": 0.35}
+        assert measured["cpu_throttling"]["attn-0"] == {"nr_periods": 10, "nr_throttled": 1, "throttled_time": 0}
+        predicted = row["predicted"]
+        assert (
+            predicted["attention"] == {"kind": "cpu", "count": 1} and predicted["microbatches"] == row["microbatches"]
+        )
+        error = row["error"]["decode_tok_s"]
+        assert error == pytest.approx((predicted["decode_tok_s"] - 200.0) / 200.0, rel=1e-3)
+        assert row["error"]["tpot_ms"] == pytest.approx((predicted["tpot_ms"] - 10.0) / 10.0, rel=1e-3)
+    fitted = result["host_calibration"]
+    assert result["calibration"]["fitted"] == fitted
+    assert fitted["attention_call_us"] > 0 and "calibration mix calibration" in fitted["source"]
+    summary = result["summary"]
+    assert summary["mixes"] == 2 and summary["planner_top_mix"] in ("a1f2", "a1f2-m2")
+    assert summary["best_measured_mix"] in ("a1f2", "a1f2-m2")
+
+    plots = write_plots(result, tmp_path / "plots")
+    assert [p.name for p in plots] == ["measured_vs_predicted.png", "pareto.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    report = markdown_report(result, plots, tmp_path / "report.md")
+    assert "| a1f2 | 1 x 1 cpu/1t | 2 x 0.5 cpu/1t | 1 | 100 | 2 |" in report
+    assert "](plots/pareto.png)" in report and "Within 15 %" in report
+
+
+def test_the_calibration_fit_is_the_stated_arithmetic(tmp_path, fake_serving):
+    _model_dir(tmp_path)
+    mixes = load_mixes(_write(tmp_path, {"model": "model", "mixes": [MIX]}))
+    reference = mixes.calibration_mix
+    assert reference is not None
+    spec = ModelSpec.from_config(_config(1000))
+    measured = measure_mix(reference, mixes, tmp_path / "model", FakeHost().launch, lambda _: None)
+    host = fit_host(reference, measured, mixes, spec)
+    base = predict(spec, planner_mix(reference, mixes, spec, VIEW, HostCalibration(0, 0, 0, "")))
+    step = 10_000.0  # µs: TPOT 10 ms
+    cpu_a, cpu_f = 0.4 * step, 0.45 * step  # cores busy x step
+    assert cpu_a > base.attention_us and cpu_f > base.ffn_us and step > cpu_a + cpu_f + base.link_us
+    assert host.attention_call_us == pytest.approx((cpu_a - base.attention_us) / 4)  # 4 layers
+    assert host.ffn_call_us == pytest.approx((cpu_f - base.ffn_us) / 4)
+    assert host.link_latency_us == pytest.approx((step - cpu_a - cpu_f - base.link_us) / 8)
+    # with those costs the calibration mix itself is predicted at its measured TPOT (overlap off, m = 1)
+    again = predict(spec, planner_mix(reference, mixes, spec, VIEW, host))
+    assert again.tpot_ms == pytest.approx(10.0, rel=1e-6)
+
+
+def test_a_failing_mix_is_reported_and_the_rest_still_run(tmp_path, fake_serving, monkeypatch):
+    _model_dir(tmp_path)
+    mixes = load_mixes(
+        _write(tmp_path, {"model": "model", "calibration_mix": None, "mixes": [MIX, {**MIX, "name": "ok"}]})
+    )
+    host = FakeHost()
+
+    @contextmanager
+    def launch(model_dir: Path, spec: MixSpec) -> Iterator[RunningMix]:
+        if spec.name == "a1f2":
+            raise bench_mix.AfdError("attn-0 exited with 1")
+        with host.launch(model_dir, spec) as running:
+            yield running
+
+    result = run_mixes(mixes, launch)
+    assert result["failed_mixes"] == [{"mix": "a1f2", "error": "attn-0 exited with 1"}]
+    assert [r["mix"] for r in result["mixes"]] == ["ok"]
+    assert result["calibration"] is None and result["host_calibration"]["link_latency_us"] == 160.0
