@@ -8,11 +8,15 @@ test_engine_equivalence.py and test_checkpoint_roles.py, over every architecture
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from afd.errors import ConfigError
 from afd.model_spec import ModelSpec
+from afd.sampling_params import SamplingParams
 from attn_nodes.attention_metadata import AttentionMetadata, SequenceChunk
+from attn_nodes.config import EngineConfig
 from tests.checkpoints import ARCHITECTURES
 
 
@@ -155,8 +159,6 @@ def fp8_deepseek_v3(tmp_path_factory):
 def _run_bench_engine(directory, monkeypatch, capsys):
     """`afd bench engine --checkpoint DIR --batch 1 --batch 2` (bandwidth probes stubbed: they read a GiB), through
     the command so that the printed JSON lines and table are exercised too; the JSON lines."""
-    import json
-
     from benchmarks import engine
 
     monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda: 10.0)
@@ -185,3 +187,56 @@ def test_bench_engine_accepts_an_fp8_checkpoint(fp8_deepseek_v3, monkeypatch, ca
     assert all(line["reference_tok_s"] is None and line["ratio"] is None for line in lines)
     reason = lines[0]["transformers_skipped"]
     assert "fp8" in reason and "\n" not in reason
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "minimax", "qwen3_moe"])
+def test_midsize_checkpoint_writer_at_tiny_size(family, tmp_path):
+    """benchmarks.midsize_checkpoints writes, through the code the mid-size benchmark checkpoints take, a tiny bf16
+    checkpoint with the family's features that the engine serves token-identical to transformers; a second call
+    reuses it, another seed rewrites it."""
+    import torch
+
+    from benchmarks import midsize_checkpoints
+    from tests.checkpoints import reference_greedy, reference_model
+    from tests.engines import inprocess_engine
+
+    out = midsize_checkpoints.write_checkpoint(family, tmp_path / family, "tiny")
+    spec = ModelSpec.from_pretrained(out)
+    assert (spec.hidden_size, spec.num_layers, spec.num_experts) == (64, 8, 8)
+    if family == "glm4_moe":
+        assert spec.layers[0].kind == "dense" and spec.moe(1).shared_intermediate_size > 0  # type: ignore[union-attr]
+        assert spec.moe(1).correction_bias and spec.rope.rotary_dim == 8  # type: ignore[union-attr]
+    if family == "minimax":
+        assert spec.linear_attention is not None and spec.linear_attention.layers == tuple(range(7))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
+    # GLM keeps its router correction bias in float32, as GLM-4.5 publishes it.
+    assert {d for name, d in dtypes.items() if not name.endswith("e_score_correction_bias")} == {"BF16"}
+
+    prompts = [[5], list(range(3, 14))]  # 11 tokens: MiniMax's 4-token lightning blocks, the last one partial
+    engine = inprocess_engine(out, 3, EngineConfig(block_size=4, num_kv_blocks=64, dtype="float32"))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    reference = reference_model(out)
+    assert reference.dtype == torch.float32
+    assert engine.generate(prompts, params) == [reference_greedy(reference, p, 6) for p in prompts]
+
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    assert midsize_checkpoints.write_checkpoint(family, out, "tiny") == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == written, "the same checkpoint is reused"
+    midsize_checkpoints.write_checkpoint(family, out, "tiny", seed=8)
+    assert json.loads((out / midsize_checkpoints.MARKER).read_text())["seed"] == 8
+
+
+def test_midsize_shape_is_the_bench_configs():
+    """The mid size is benchmarks/engine.py's bench_config(), so the families' rows compare with Qwen3-MoE's."""
+    from benchmarks import midsize_checkpoints
+    from benchmarks.engine import bench_config
+
+    _, qwen = midsize_checkpoints.family_config("qwen3_moe", midsize_checkpoints.SIZES["mid"])
+    assert {k: v for k, v in bench_config().items() if k in qwen} == qwen
+    for family in midsize_checkpoints.FAMILIES:
+        _, kwargs = midsize_checkpoints.family_config(family, midsize_checkpoints.SIZES["mid"])
+        assert (kwargs["hidden_size"], kwargs["num_hidden_layers"], kwargs["vocab_size"]) == (1024, 8, 32000)
+        assert kwargs["num_experts_per_tok"] == 4
