@@ -9,6 +9,7 @@ from pathlib import Path
 from benchmarks.mix import MixSpec, RunningMix
 from orchestration.local_cluster import LocalClusterConfig
 from orchestration.testbed.cluster import MixCluster
+from orchestration.testbed.netns import tbf_burst_bytes
 from orchestration.testbed.testbed import NodeLimits, Testbed
 
 
@@ -34,7 +35,8 @@ def launch_mix(model_dir: Path, spec: MixSpec) -> Iterator[RunningMix]:
         cluster = MixCluster(config, testbed=testbed, limits=limits)
         try:
             cluster.start()
-            yield RunningMix(cluster.base_url, cluster.cluster, testbed.cpu_usage_ns, testbed.throttling)
+            burst = tbf_burst_bytes(spec.link_mbit) if spec.link_mbit is not None else 0
+            yield RunningMix(cluster.base_url, cluster.cluster, testbed.cpu_usage_ns, testbed.throttling, burst)
         finally:
             cluster.stop()
             cluster.remove_workdir()

@@ -3,7 +3,8 @@
 See the package docstring for the topology. Addresses: the bridge holds 10.213.N.1/24 (N: the first /24 of
 10.213.0.0/16 no interface of this host uses), node i holds 10.213.N.(i + 2). The cap is a token bucket on the
 egress of both ends of a node's veth: what the node sends and what it receives are each limited to the rate,
-per node, like a NIC of that speed (`netem` delay is not available on every kernel; tbf is).
+per node, like a NIC of that speed (`netem` delay is not available on every kernel; tbf is). The bucket holds
+one segment and segments are one MTU, so each message takes its bytes / rate on the link, as on a wire.
 """
 
 from __future__ import annotations
@@ -20,16 +21,29 @@ SUBNET_PREFIX = "10.213"
 MAX_NODES = 200
 
 
-def tbf_args(rate_mbit: float) -> list[str]:
-    """`tc qdisc ... tbf` arguments for a cap of `rate_mbit` (1e6 bit/s).
+SEGMENT_BYTES = 1500
+"""Largest segment the stack hands a capped veth (`gso_max_size`): one MTU, as on a wire."""
+TBF_BURST_BYTES = 1600
+"""Token bucket of a capped link: one segment. A bigger bucket would let a whole small message through at
+once, and the cap would then limit only the average rate, not each message's time on the link."""
 
-    The bucket holds 5 ms of traffic but at least 64 KiB: veth hands tc segmentation-offload packets of up to
-    64 KiB, and a bucket smaller than one packet would drop it instead of delaying it. The queue may hold
-    200 ms of traffic before tbf drops (TCP then backs off, as behind a real slow link).
+
+def tbf_args(rate_mbit: float) -> list[str]:
+    """`tc qdisc ... tbf` arguments for a cap of `rate_mbit` (1e6 bit/s), each message paced at the rate.
+
+    The bucket holds one segment (the veth's segmentation offload is limited to SEGMENT_BYTES, so no packet
+    is larger than the bucket); at high rates it holds 20 µs of traffic, so the qdisc's timer need not fire
+    for every packet. The queue may hold 200 ms of traffic before tbf drops (TCP then
+    backs off, as behind a real slow link).
     """
     rate_bytes = rate_mbit * 1e6 / 8
-    burst = max(64 * 1024, int(rate_bytes * 0.005))
+    burst = max(TBF_BURST_BYTES, int(rate_bytes * 20e-6))
     return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", str(burst), "latency", "200ms"]
+
+
+def tbf_burst_bytes(rate_mbit: float) -> int:
+    """Bytes of a message a capped link passes at once (the bucket): the planner's per-message discount."""
+    return int(tbf_args(rate_mbit)[4])
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +130,8 @@ class TestbedNetwork:
         run(["ip", "-n", ns, "link", "set", node.node_end, "up"])
         run(["ip", "-n", ns, "link", "set", "lo", "up"])
         if rate_mbit is not None:
+            run(["ip", "link", "set", "dev", node.host_end, "gso_max_size", str(SEGMENT_BYTES)])
+            run(["ip", "-n", ns, "link", "set", "dev", node.node_end, "gso_max_size", str(SEGMENT_BYTES)])
             try:
                 run(["tc", "qdisc", "add", "dev", node.host_end, "root", *tbf_args(rate_mbit)])
                 run(["tc", "-n", ns, "qdisc", "add", "dev", node.node_end, "root", *tbf_args(rate_mbit)])

@@ -79,7 +79,9 @@ def test_a_mix_is_built_and_torn_down_by_its_commands(tmp_path):
     assert runner.ran("ip", "link", "add", "afdm1092x0h", "type", "veth", "peer", "name", "afdm1092x0n")
     assert runner.ran("ip", "link", "set", "afdm1092x0h", "master", "afdm1092xbr")
     assert runner.ran("ip", "-n", "afdm1092xattn-0", "addr", "add", "10.213.1.2/24", "dev", "afdm1092x0n")
-    # both directions capped: the bridge end's egress and the node end's egress
+    # both directions capped: the bridge end's egress and the node end's egress, in one-MTU segments
+    assert runner.ran("ip", "link", "set", "dev", "afdm1092x0h", "gso_max_size", "1500")
+    assert runner.ran("ip", "-n", "afdm1092xattn-0", "link", "set", "dev", "afdm1092x0n", "gso_max_size", "1500")
     assert runner.ran("tc", "qdisc", "add", "dev", "afdm1092x0h", "root", "tbf", "rate", "100mbit")
     assert runner.ran("tc", "-n", "afdm1092xattn-0", "qdisc", "add", "dev", "afdm1092x0n", "root", "tbf")
 
@@ -197,8 +199,8 @@ def test_limits_and_link_caps_are_validated():
 
 
 def test_tbf_bucket_holds_an_offload_packet_and_node_arguments_are_replaced():
-    assert tbf_args(20) == ["tbf", "rate", "20mbit", "burst", "65536", "latency", "200ms"]
-    assert tbf_args(10_000)[4] == str(int(10_000e6 / 8 * 0.005))  # 5 ms of a fast link
+    assert tbf_args(20) == ["tbf", "rate", "20mbit", "burst", "1600", "latency", "200ms"]  # one segment
+    assert tbf_args(10_000)[4] == str(int(10_000e6 / 8 * 20e-6))  # 20 us of a fast link
     args = ["--host", "127.0.0.1", "--threads", "1", "--port", "0"]
     assert _replace_option(args, "--host", "10.213.0.2") == ["--host", "10.213.0.2", "--threads", "1", "--port", "0"]
     assert _replace_option(["--port", "0"], "--threads", "2") == ["--port", "0", "--threads", "2"]
