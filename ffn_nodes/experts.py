@@ -81,12 +81,7 @@ class StackedExperts:
         if self.strategy in ("auto", "fused") and not self._grouped:
             fused = routed_experts_swiglu(hidden, expert_ids, expert_weights, self.gate_up, self.down, out)
             if fused is not None:
-                busy = 0
-                for expert, count in enumerate(fused):
-                    if count:
-                        self.expert_tokens[expert] += count
-                        busy += 1
-                self.experts_hit += busy
+                self._count(fused)
                 return
         if expert_ids.numel() <= FEW_ASSIGNMENTS and self.strategy in ("auto", "looped") and not self._grouped:
             self._few_assignments(hidden, expert_ids, expert_weights, out)
@@ -100,12 +95,7 @@ class StackedExperts:
         if elsewhere == flat.numel():
             return
         expert_counts = counts[1:]
-        busy = 0
-        for expert, count in enumerate(per_expert):
-            if count:
-                self.expert_tokens[expert] += count
-                busy += 1
-        self.experts_hit += busy
+        busy = self._count(per_expert)
         order = torch.sort(flat, stable=True).indices[elsewhere:]
         tokens = order // top_k
         weights = expert_weights.reshape(-1)[order]
@@ -125,6 +115,16 @@ class StackedExperts:
         else:
             y = self._looped_swiglu(x, per_expert)
         out.index_add_(0, tokens, y * weights.to(y.dtype).unsqueeze(1))
+
+    def _count(self, per_expert: list[int]) -> int:
+        """Add one call's tokens per local expert to the load counters; returns the experts hit."""
+        busy = 0
+        for expert, count in enumerate(per_expert):
+            if count:
+                self.expert_tokens[expert] += count
+                busy += 1
+        self.experts_hit += busy
+        return busy
 
     def _few_assignments(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, out: torch.Tensor
@@ -226,34 +226,26 @@ def clamped_swiglu(
     return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), down, down_bias)
 
 
-class ClampedSwigluExperts:
-    """The routed experts of a gpt-oss layer on one FFN node: biased projections and the clamped SwiGLU.
+class LoopedExperts:
+    """Routed experts computed one hit expert at a time, for activations the fused and batched paths do not
+    cover (gpt-oss's biased, clamped SwiGLU; Step-3.5's bounded one): subclasses give `expert_output`.
 
-    Same interface and load counters as StackedExperts. Each expert's tokens are one contiguous block after
-    one sort, and the loop runs over the experts that received tokens only (the weights of idle experts are
-    never read).
+    Same interface and load counters as StackedExperts. One sort makes each expert's tokens a contiguous
+    block, and the loop runs over the experts that received tokens only (idle experts' weights are never read).
     """
 
-    def __init__(
-        self,
-        gate_up: torch.Tensor,
-        gate_up_bias: torch.Tensor,
-        down: torch.Tensor,
-        down_bias: torch.Tensor,
-        alpha: float,
-        limit: float,
-    ) -> None:
-        """gate_up: `[num_local, 2 * intermediate, hidden]` (gate rows first), gate_up_bias: `[num_local,
-        2 * intermediate]`; down: `[num_local, hidden, intermediate]`, down_bias: `[num_local, hidden]`."""
-        self.gate_up, self.gate_up_bias, self.down, self.down_bias = gate_up, gate_up_bias, down, down_bias
-        self.alpha, self.limit = alpha, limit
-        self.num_local = int(gate_up.shape[0])
-        self.intermediate = int(down.shape[2])
-        self.strategy: Strategy = "looped"
-        self.expert_tokens = [0] * self.num_local
+    strategy: Strategy = "looped"
+
+    def __init__(self, num_local: int) -> None:
+        self.num_local = num_local
+        self.expert_tokens = [0] * num_local
         """Tokens routed to each local expert since load (as StackedExperts.expert_tokens)."""
         self.experts_hit = 0
         """Sum over calls of the experts that received at least one token."""
+
+    def expert_output(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        """`rows: [tokens, hidden]` routed to local `expert` -> its output `[tokens, hidden]` in rows' dtype."""
+        raise NotImplementedError
 
     def forward(
         self, hidden: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, out: torch.Tensor
@@ -273,19 +265,40 @@ class ClampedSwigluExperts:
             if count:
                 self.expert_tokens[expert] += count
                 self.experts_hit += 1
-                outputs.append(
-                    clamped_swiglu(
-                        x[start : start + count],
-                        self.gate_up[expert],
-                        self.gate_up_bias[expert],
-                        self.down[expert],
-                        self.down_bias[expert],
-                        self.alpha,
-                        self.limit,
-                    )
-                )
+                outputs.append(self.expert_output(expert, x[start : start + count]))
                 start += count
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        # Rounded to the hidden dtype before weighting, as the reference does (its weights are in that dtype).
+        # Rounded to the hidden dtype before weighting, as the references do (their weights are in that dtype).
         weights = expert_weights.reshape(-1)[order].to(y.dtype)
         out.index_add_(0, tokens, y * weights.unsqueeze(1))
+
+
+class ClampedSwigluExperts(LoopedExperts):
+    """The routed experts of a gpt-oss layer on one FFN node: biased projections and the clamped SwiGLU."""
+
+    def __init__(
+        self,
+        gate_up: torch.Tensor,
+        gate_up_bias: torch.Tensor,
+        down: torch.Tensor,
+        down_bias: torch.Tensor,
+        alpha: float,
+        limit: float,
+    ) -> None:
+        """gate_up: `[num_local, 2 * intermediate, hidden]` (gate rows first), gate_up_bias: `[num_local,
+        2 * intermediate]`; down: `[num_local, hidden, intermediate]`, down_bias: `[num_local, hidden]`."""
+        super().__init__(int(gate_up.shape[0]))
+        self.gate_up, self.gate_up_bias, self.down, self.down_bias = gate_up, gate_up_bias, down, down_bias
+        self.alpha, self.limit = alpha, limit
+        self.intermediate = int(down.shape[2])
+
+    def expert_output(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return clamped_swiglu(
+            rows,
+            self.gate_up[expert],
+            self.gate_up_bias[expert],
+            self.down[expert],
+            self.down_bias[expert],
+            self.alpha,
+            self.limit,
+        )
