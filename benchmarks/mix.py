@@ -51,6 +51,8 @@ from benchmarks.serve import ServeBenchmarkConfig, run_serve_benchmark
 from benchmarks.serve_cluster import client_cpu_model
 
 RESULT_VERSION = 1
+SHARED_CORES = 1.0
+"""Cores the router and the benchmark client take beside the nodes (what the pools cannot overlap into)."""
 ROLES = ("attention", "ffn")
 
 
@@ -140,6 +142,16 @@ class MixesFile(_Model):
     """Run first: 1 attention + 1 FFN node without CPU limits, m = 1; its CPU times and TPOT give the
     per-call costs and the exchange latency every prediction uses (fit_host); null: none (no per-call
     costs, link_latency_us)."""
+    fanout_calibration_mix: MixSpec | None = Field(
+        default_factory=lambda: MixSpec(
+            name="calibration-fanout",
+            attention=PoolSpec(count=1),
+            ffn=PoolSpec(count=2),
+            batch_per_attention_node=4,
+        )
+    )
+    """Run second (with a calibration mix): 1 attention + 2 FFN nodes without CPU limits, m = 1; splits the
+    attention node's per-call cost into a part per layer and a part per FFN node it sends to (fit_fanout)."""
     mixes: list[MixSpec] = Field(min_length=1)
     """The mixes, run in this order."""
 
@@ -150,6 +162,15 @@ class MixesFile(_Model):
             mix.attention.count != 1 or mix.ffn.count != 1 or mix.microbatches != 1 or mix.attention.cpu or mix.ffn.cpu
         ):
             raise ValueError("the calibration mix must have 1 attention and 1 FFN node, no CPU limit and m = 1")
+        return mix
+
+    @field_validator("fanout_calibration_mix")
+    @classmethod
+    def _fanout(cls, mix: MixSpec | None) -> MixSpec | None:
+        if mix is not None and (
+            mix.attention.count != 1 or mix.ffn.count != 2 or mix.microbatches != 1 or mix.attention.cpu or mix.ffn.cpu
+        ):
+            raise ValueError("the fanout calibration mix must have 1 attention and 2 FFN nodes, no CPU limit, m = 1")
         return mix
 
     @field_validator("mixes")
@@ -240,10 +261,14 @@ class HostCalibration:
     """One-way latency of one A<->F exchange (the step's time when neither node computes), µs."""
     source: str
     """What it rests on."""
+    attention_call_per_ffn_node_us: float = 0.0
+    """Attention node CPU time per layer per FFN node it sends to (a frame to encode, send and combine), µs;
+    Mix.attention_call_us = attention_call_us + this x FFN nodes."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "attention_call_us": round(self.attention_call_us, 3),
+            "attention_call_per_ffn_node_us": round(self.attention_call_per_ffn_node_us, 3),
             "ffn_call_us": round(self.ffn_call_us, 3),
             "link_latency_us": round(self.link_latency_us, 3),
             "source": self.source,
@@ -280,9 +305,10 @@ def planner_mix(
         link = Link("veth (uncapped)", rate, host.link_latency_us, f"mixes file; {host.source}")
     quotas = [spec.attention.cpu, spec.ffn.cpu]
     limited = sum(p.cpu * p.count for p in (spec.attention, spec.ffn) if p.cpu is not None)
-    # The pools overlap (ping-pong) only where each node has CPU of its own: every node limited, the limits
-    # adding up to no more than this machine's cores. Otherwise they take turns on the same cores.
-    overlap = None not in quotas and limited <= (os.cpu_count() or 1)
+    # The pools overlap (ping-pong) only where each node has CPU of its own: every node limited, and the
+    # limits leave a core for the router and the load generator, which share the host. On 2 cores they never
+    # do: measured m = 2 steps there take the sum of both nodes' CPU times, not the larger.
+    overlap = None not in quotas and limited + SHARED_CORES <= (os.cpu_count() or 1)
     element_bytes = 4.0 if model.dtype in ("float32", "fp32") else 2.0
     return Mix(
         attention_kind=spec.attention.kind,
@@ -299,7 +325,7 @@ def planner_mix(
         overlap=overlap,
         attention_quota=CpuQuota(spec.attention.cpu, spec.attention.threads) if spec.attention.cpu else None,
         ffn_quota=CpuQuota(spec.ffn.cpu, spec.ffn.threads) if spec.ffn.cpu else None,
-        attention_call_us=host.attention_call_us,
+        attention_call_us=host.attention_call_us + host.attention_call_per_ffn_node_us * spec.ffn.count,
         # an FFN node decodes and answers one frame per attention node per layer and microbatch
         ffn_call_us=host.ffn_call_us * spec.attention.count,
     )
@@ -343,6 +369,7 @@ def _pool_json(pool: PoolSpec, view: Mapping[str, Any], role: str) -> dict[str, 
         "threads": pool.threads,
         "device_kind": sorted({str(n.get("device_kind")) for n in nodes}),
         "addresses": sorted(str(n.get("address")) for n in nodes),
+        "measured_us": [n.get("measured_us") for n in nodes],  # each node's start-up profile, as the router has it
     }
 
 
@@ -503,6 +530,38 @@ def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: M
     return HostCalibration(call_a, call_f, latency, source)
 
 
+def fit_fanout(
+    host: HostCalibration, spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec
+) -> HostCalibration:
+    """`host` (fitted on 1 attention + 1 FFN node) split by the fanout calibration mix (1 attention + 2 FFN
+    nodes): the attention node's per-layer call cost is a + b x FFN nodes (one frame each), so b is the rise
+    from one FFN node to two and a what remains; the FFN node's per-frame cost is the mean of both mixes'.
+    """
+    tpot_ms = measured.serve.get("mean_tpot_ms")
+    busy_a = measured.busy.get("attention", {}).get("mean_cores")
+    busy_f = measured.busy.get("ffn", {}).get("mean_cores")
+    if not tpot_ms or busy_a is None or busy_f is None:
+        raise AfdError("the fanout calibration mix measured no TPOT or no CPU time (is cpuacct mounted?)")
+    zero = HostCalibration(0.0, 0.0, 0.0, "none")
+    base = predict(model, planner_mix(spec, mixes, model, measured.view, zero, measured.link_burst_bytes))
+    step_us, layers = tpot_ms * 1000.0, model.num_layers
+    call_two = max(0.0, busy_a * step_us - base.attention_us) / layers  # a + 2b
+    call_one = host.attention_call_us + host.attention_call_per_ffn_node_us  # a + b
+    per_node = max(0.0, call_two - call_one)
+    ffn_two = max(0.0, busy_f * step_us - base.ffn_us) / layers
+    source = (
+        f"{host.source}; fanout mix {spec.name}: TPOT {tpot_ms:.3f} ms, attention node {busy_a:.3f} cores, "
+        f"FFN nodes {busy_f:.3f} cores busy each"
+    )
+    return HostCalibration(
+        attention_call_us=max(0.0, call_one - per_node),
+        ffn_call_us=(host.ffn_call_us + ffn_two) / 2,
+        link_latency_us=host.link_latency_us,
+        source=source,
+        attention_call_per_ffn_node_us=per_node,
+    )
+
+
 def predict_row(
     spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec, host: HostCalibration
 ) -> dict[str, Any]:
@@ -556,7 +615,8 @@ def run_mixes(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console or Console(stderr=True), disable=not show_progress) as bar:
         reference = mixes.calibration_mix
-        task = bar.add_task("mixes", total=len(mixes.mixes) + (reference is not None))
+        fanout = mixes.fanout_calibration_mix if reference is not None else None
+        task = bar.add_task("mixes", total=len(mixes.mixes) + (reference is not None) + (fanout is not None))
         host = file_host_calibration(mixes)
         calibration: dict[str, Any] | None = None
         if reference is not None:  # a failed calibration fails the run: every prediction rests on it
@@ -566,8 +626,19 @@ def run_mixes(
 
             measured = measure_mix(reference, mixes, model_dir, launch, calibrating)
             host = fit_host(reference, measured, mixes, model)
-            calibration = {"fitted": host.to_dict(), "run": predict_row(reference, measured, mixes, model, host)}
             bar.advance(task)
+            fanout_measured = None
+            if fanout is not None:
+
+                def fanning(text: str) -> None:
+                    bar.update(task, description=f"calibration {fanout.name}: {text}")
+
+                fanout_measured = measure_mix(fanout, mixes, model_dir, launch, fanning)
+                host = fit_fanout(host, fanout, fanout_measured, mixes, model)
+                bar.advance(task)
+            calibration = {"fitted": host.to_dict(), "run": predict_row(reference, measured, mixes, model, host)}
+            if fanout is not None and fanout_measured is not None:
+                calibration["fanout_run"] = predict_row(fanout, fanout_measured, mixes, model, host)
         for spec in mixes.mixes:
 
             def phase(text: str, name: str = spec.name) -> None:

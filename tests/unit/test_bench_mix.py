@@ -5,6 +5,7 @@ fit is the arithmetic its docstring states, and the report and plots are written
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +21,10 @@ from afd.planning import CpuQuota, predict
 from benchmarks import mix as bench_mix
 from benchmarks.mix import (
     HostCalibration,
+    MixMeasurement,
     MixSpec,
     RunningMix,
+    fit_fanout,
     fit_host,
     load_mixes,
     markdown_report,
@@ -34,6 +37,7 @@ from benchmarks.serve import ServeBenchmarkConfig, _result_header
 from benchmarks.serve_metrics import RequestOutput, compute_metrics
 
 MIXES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "mixes"
+ONE = {"count": 1}
 MIX = {
     "name": "a1f2",
     "attention": {"count": 1, "cpu": 1.0},
@@ -81,6 +85,10 @@ def test_the_shipped_mixes_files_are_valid_and_the_big_one_covers_what_the_issue
         (lambda d: d["mixes"].append(dict(MIX)), r"mix names must be unique; repeated: a1f2"),
         (lambda d: d.update(mixes=[]), r"mixes: List should have at least 1 item"),
         (lambda d: d.update(version=2), r"version: Input should be 1"),
+        (
+            lambda d: d.update(fanout_calibration_mix={**MIX, "name": "f", "ffn": {"count": 3}, "attention": ONE}),
+            r"fanout calibration mix must have 1 attention and 2 FFN nodes",
+        ),
         (lambda d: d.update(workload={"output_len": 1}), r"workload\.output_len"),
         (
             lambda d: d.update(calibration_mix={**MIX, "name": "ref"}),
@@ -123,7 +131,7 @@ VIEW = {
 }  # fmt: skip
 
 
-def test_the_planner_mix_carries_the_nodes_profiles_quotas_link_and_host_costs(tmp_path):
+def test_the_planner_mix_carries_the_nodes_profiles_quotas_link_and_host_costs(tmp_path, monkeypatch):
     mixes = load_mixes(_write(tmp_path, {"mixes": [MIX], "workload": {"input_len": 16, "output_len": 48}}))
     spec = ModelSpec.from_config(_config(1000))
     host = HostCalibration(100.0, 20.0, 50.0, "test")
@@ -137,7 +145,10 @@ def test_the_planner_mix_carries_the_nodes_profiles_quotas_link_and_host_costs(t
     assert mix.link.bandwidth_bytes_per_s == pytest.approx(100e6 / 8) and mix.link.latency_us == 50.0
     assert mix.context_len == 16 + 24
     assert mix.activation_bytes == 4.0  # the demo model computes in float32
-    assert mix.overlap  # 1 + 2 x 0.5 = 2 cores limited on a machine with at least 2
+    # 1 + 2 x 0.5 = 2 cores limited, + 1 for the router and the client: overlap only on 3 cores or more
+    assert mix.overlap == ((os.cpu_count() or 1) >= 3)
+    monkeypatch.setattr(bench_mix.os, "cpu_count", lambda: 3)
+    assert planner_mix(mixes.mixes[0], mixes, spec, VIEW, host).overlap
     assert (mix.attention_call_us, mix.ffn_call_us) == (100.0, 20.0)
     # a 1250-byte token bucket at 100 Mbit/s (12.5 MB/s) passes 100 us of each message at once
     slower = HostCalibration(100.0, 20.0, 500.0, "test")
@@ -211,7 +222,7 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     mixes = load_mixes(_write(tmp_path, data))
     host = FakeHost()
     result = json.loads(json.dumps(run_mixes(mixes, host.launch)))  # JSON-clean
-    assert host.launched == ["calibration", "a1f2", "a1f2-m2"] and host.open == 0
+    assert host.launched == ["calibration", "calibration-fanout", "a1f2", "a1f2-m2"] and host.open == 0
     assert result["version"] == 1 and result["failed_mixes"] == []
     serve_fields = set(_serve_result(ServeBenchmarkConfig(base_url="http://x", num_prompts=2)))
     for row in result["mixes"]:
@@ -219,7 +230,8 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
         assert row["mean_tpot_ms"] == pytest.approx(10.0) and row["max_concurrency"] == 2
         assert row["num_prompts"] == 3 * 2  # requests_per_slot x concurrency
         assert row["attention"] == {"kind": "cpu", "count": 1, "cpu_limit_cores": 1.0, "threads": 1,
-                                    "device_kind": ["cpu (1 threads)"], "addresses": ["None"]}  # fmt: skip
+                                    "device_kind": ["cpu (1 threads)"], "addresses": ["None"],
+                                    "measured_us": [{"per_token": 30.0, "at_context_len": 128}]}  # fmt: skip
         assert row["ffn"]["count"] == 2 and row["ffn"]["cpu_limit_cores"] == 0.5
         assert row["af_ratio"] == "1:2" and row["accelerators"] == 3 and row["link_mbit"] == 100
         measured = row["measured"]
@@ -239,6 +251,7 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
         assert row["error"]["tpot_ms"] == pytest.approx((predicted["tpot_ms"] - 10.0) / 10.0, rel=1e-3)
     fitted = result["host_calibration"]
     assert result["calibration"]["fitted"] == fitted
+    assert result["calibration"]["fanout_run"]["ffn"]["count"] == 2
     assert fitted["attention_call_us"] > 0 and "calibration mix calibration" in fitted["source"]
     summary = result["summary"]
     assert summary["mixes"] == 2 and summary["planner_top_mix"] in ("a1f2", "a1f2-m2")
@@ -311,3 +324,27 @@ def test_the_least_disturbed_of_the_timed_runs_is_kept(tmp_path, fake_serving, m
     row = run_mixes(mixes, FakeHost().launch)["mixes"][0]
     assert row["measured"]["runs_tpot_ms"] == pytest.approx([30.0, 10.0, 20.0])
     assert row["mean_tpot_ms"] == pytest.approx(10.0) and row["measured"]["tpot_ms"] == pytest.approx(10.0)
+
+
+def test_the_fanout_calibration_splits_the_attention_call_cost_by_ffn_nodes(tmp_path):
+    mixes = load_mixes(_write(tmp_path, {"mixes": [MIX]}))
+    spec = ModelSpec.from_config(_config(1000))
+    assert mixes.calibration_mix is not None and mixes.fanout_calibration_mix is not None
+
+    def measured(attention: float, ffn: float) -> MixMeasurement:  # TPOT 10 ms, cores busy per role
+        busy = {"attention": {"mean_cores": attention}, "ffn": {"mean_cores": ffn}}
+        return MixMeasurement({"mean_tpot_ms": 10.0}, VIEW, busy, {}, {})
+
+    one, two = measured(0.4, 0.45), measured(0.6, 0.4)
+    zero = HostCalibration(0, 0, 0, "")
+    base_one = predict(spec, planner_mix(mixes.calibration_mix, mixes, spec, VIEW, zero))
+    base_two = predict(spec, planner_mix(mixes.fanout_calibration_mix, mixes, spec, VIEW, zero))
+    host = fit_fanout(fit_host(mixes.calibration_mix, one, mixes, spec), mixes.fanout_calibration_mix, two, mixes, spec)
+    c1 = (4000 - base_one.attention_us) / 4  # a + b: one FFN node
+    c2 = (6000 - base_two.attention_us) / 4  # a + 2b: two
+    assert host.attention_call_per_ffn_node_us == pytest.approx(c2 - c1)
+    assert host.attention_call_us == pytest.approx(2 * c1 - c2)
+    ffn_one, ffn_two = (4500 - base_one.ffn_us) / 4, (4000 - base_two.ffn_us) / 4
+    assert host.ffn_call_us == pytest.approx((ffn_one + ffn_two) / 2)
+    # the planner's Mix takes a + b x FFN nodes
+    assert planner_mix(MixSpec.model_validate(MIX), mixes, spec, VIEW, host).attention_call_us == pytest.approx(c2)
