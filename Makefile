@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints/cpu.txt -e ".[dev]"
-	$(BIN)/python -m afd.kernels.native
+	$(BIN)/python -c "from afd.kernels.native import main; main()"  # build the native CPU kernels once
 	touch $(STAMP)
 
 demo: $(STAMP)

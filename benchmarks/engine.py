@@ -33,6 +33,9 @@ from benchmarks.vllm_peer import PeerUnavailable, VllmPeer, resolve_python
 from ffn_nodes.local_pool import local_ffn_pool
 
 BENCH_SEED = 7
+SETTLE_S = 0.5
+"""Pause before each timed run: the side that ran last may still hold the cores (OpenMP runtimes spin-wait
+after a parallel region, Intel's for 200 ms by default in vLLM's process), which would tax the next side."""
 
 
 def bench_config() -> dict[str, Any]:
@@ -261,14 +264,17 @@ def run(
         runs, reference_s, peer_s = [], [], []
         peer_tokens: list[int] = []
         for _ in range(repeats):
+            time.sleep(SETTLE_S)
             runs.append(_run_engine(engine, transport, prompts, new_tokens))
             if reference is not None:
+                time.sleep(SETTLE_S)
                 with torch.inference_mode():
                     start = time.perf_counter()
                     out = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
                     reference_s.append(time.perf_counter() - start)
                 assert out.shape[1] == prompt_len + new_tokens
             if peer is not None:
+                time.sleep(SETTLE_S)
                 seconds, made, peer_tokens = peer.generate(prompts, new_tokens)
                 assert made == batch * new_tokens, f"vLLM made {made} tokens, expected {batch * new_tokens}"
                 peer_s.append(seconds)

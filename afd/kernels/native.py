@@ -1,6 +1,6 @@
 """The C++ CPU kernels in csrc/cpu_kernels.cpp, built once per machine with its own compiler.
 
-`make setup` builds them (`python -m afd.kernels.native`); otherwise the first process that needs them
+`make setup` builds them (`afd.kernels.native.main`); otherwise the first process that needs them
 does. The build goes through torch.utils.cpp_extension into the cache (`~/.cache/afd/native-kernels/`),
 in a folder named by the source, torch and Python, so a changed source or a new torch rebuilds and
 processes on one machine share a build. The instruction set is picked at run time inside the library, so
