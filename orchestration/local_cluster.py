@@ -117,9 +117,13 @@ class LocalCluster:
         return f"http://{self.config.host}:{self.http_port}"
 
     # ---- processes -------------------------------------------------------------------------------------
+    def _node_command(self, node_id: str, role: str, args: list[str]) -> list[str]:
+        """The command line that starts one node (the mix testbed wraps it in a namespace and cgroups)."""
+        return [sys.executable, "-m", "orchestration.cli", "node", role, *args]
+
     def _spawn(self, node_id: str, role: str, args: list[str]) -> NodeHandle:
         log_path = self.workdir / f"{node_id}.log"
-        command = [sys.executable, "-m", "orchestration.cli", "node", role, *args]
+        command = self._node_command(node_id, role, args)
         if self._lifeline is None:
             self._lifeline = os.pipe()  # both ends close-on-exec: only pass_fds hands the read end on
         read_end = self._lifeline[0]

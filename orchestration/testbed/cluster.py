@@ -9,13 +9,9 @@ address in the root namespace (LocalClusterConfig.host), where the benchmark cli
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
-from orchestration.lifeline import LAUNCHER_FD_ENV
-from orchestration.local_cluster import LocalCluster, NodeHandle
+from orchestration.local_cluster import LocalCluster
 from orchestration.testbed.testbed import NodeLimits, Testbed
 
 ROLE_OF_PROCESS = {"attn": "attention", "ffn": "ffn", "router": "router"}
@@ -40,7 +36,7 @@ class MixCluster(LocalCluster):
     limits: dict[str, NodeLimits] = field(default_factory=dict)
     """Process role (attn, ffn) -> CPU quota and threads of every node of that pool."""
 
-    def _spawn(self, node_id: str, role: str, args: list[str]) -> NodeHandle:
+    def _node_command(self, node_id: str, role: str, args: list[str]) -> list[str]:
         testbed = self.testbed
         assert testbed is not None, "MixCluster needs a started testbed"
         limits = self.limits.get(role)
@@ -48,17 +44,4 @@ class MixCluster(LocalCluster):
         args = _replace_option(args, "--host", address)
         if limits is not None and role != "router":
             args = _replace_option(args, "--threads", str(limits.threads))
-        command = testbed.wrap(node_id, [sys.executable, "-m", "orchestration.cli", "node", role, *args])
-        log_path = self.workdir / f"{node_id}.log"
-        if self._lifeline is None:
-            self._lifeline = os.pipe()  # both ends close-on-exec: only pass_fds hands the read end on
-        read_end = self._lifeline[0]
-        env = {**os.environ, LAUNCHER_FD_ENV: str(read_end)}
-        with open(log_path, "wb") as out:
-            # as LocalCluster: a session of its own, tied to the launcher by the lifeline pipe
-            process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(read_end,), env=env
-            )
-        handle = NodeHandle(node_id, role, process, log_path)
-        self._record(extra=[handle])
-        return handle
+        return testbed.wrap(node_id, super()._node_command(node_id, role, args))
