@@ -117,6 +117,20 @@ class Workload(_Model):
     """Seed of the prompts."""
 
 
+def _calibration_shape(mix: MixSpec | None, what: str, ffn_nodes: int) -> MixSpec | None:
+    """A calibration mix is 1 attention node and `ffn_nodes` FFN nodes, no CPU limit, m = 1 (or absent)."""
+    if mix is not None and (
+        mix.attention.count != 1
+        or mix.ffn.count != ffn_nodes
+        or mix.microbatches != 1
+        or mix.attention.cpu
+        or mix.ffn.cpu
+    ):
+        nodes = "1 FFN node" if ffn_nodes == 1 else f"{ffn_nodes} FFN nodes"
+        raise ValueError(f"{what} must have 1 attention and {nodes}, no CPU limit and m = 1")
+    return mix
+
+
 class MixesFile(_Model):
     """A mixes file: `version: 1`, optional `model`, `workload` and link figures, and the `mixes`."""
 
@@ -158,20 +172,12 @@ class MixesFile(_Model):
     @field_validator("calibration_mix")
     @classmethod
     def _reference(cls, mix: MixSpec | None) -> MixSpec | None:
-        if mix is not None and (
-            mix.attention.count != 1 or mix.ffn.count != 1 or mix.microbatches != 1 or mix.attention.cpu or mix.ffn.cpu
-        ):
-            raise ValueError("the calibration mix must have 1 attention and 1 FFN node, no CPU limit and m = 1")
-        return mix
+        return _calibration_shape(mix, "the calibration mix", ffn_nodes=1)
 
     @field_validator("fanout_calibration_mix")
     @classmethod
     def _fanout(cls, mix: MixSpec | None) -> MixSpec | None:
-        if mix is not None and (
-            mix.attention.count != 1 or mix.ffn.count != 2 or mix.microbatches != 1 or mix.attention.cpu or mix.ffn.cpu
-        ):
-            raise ValueError("the fanout calibration mix must have 1 attention and 2 FFN nodes, no CPU limit, m = 1")
-        return mix
+        return _calibration_shape(mix, "the fanout calibration mix", ffn_nodes=2)
 
     @field_validator("mixes")
     @classmethod
