@@ -132,7 +132,10 @@ def test_hot_experts_are_replicated_live_without_changing_tokens(skewed: Path):
         ffn = {n["node_id"]: n for n in replicated["nodes"] if n["role"] == "ffn"}
         held_by = {e: [n for n, node in ffn.items() if e in node["experts"]] for e in (0, 1)}
         assert any(len(nodes) == 2 for nodes in held_by.values()), held_by
-        assert ffn[hot]["replicas"] == [] and set(ffn[cold]["replicas"]) <= {0, 1}
+        # Replicas go from the hot node to the cold one. Which of the hot node's experts beyond 0 and 1 the
+        # greedy plan also copies depends on the window's counts at that moment (a loaded machine made it 2).
+        hot_experts = {e for n in first["nodes"] if n["node_id"] == hot for e in n["experts"]}
+        assert ffn[hot]["replicas"] == [] and set(ffn[cold]["replicas"]) <= hot_experts, (ffn, hot_experts)
         # every attention node switched to it before it is used for new requests
         attention = [n for n in replicated["nodes"] if n["role"] == "attention"]
         wait = time.monotonic() + 30
