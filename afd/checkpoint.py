@@ -27,9 +27,14 @@ INDEX_FILE = "model.safetensors.index.json"
 class CheckpointReader:
     """Reads named tensors (whole, or a row/column slice) from a single or sharded safetensors checkpoint."""
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """`device`: where every tensor read is placed (None: the CPU). Each tensor moves from the memory map
+        straight to it, one at a time, so a shard is never copied whole into host memory first."""
         self.model_dir = Path(model_dir)
         self.dtype = dtype
+        self.device = torch.device(device) if device is not None else None
         self.tensors_read: set[str] = set()
         self.rows_read: dict[str, set[int]] = {}
         """Stacked tensors read in part (get_rows): name -> the dim-0 rows read."""
@@ -125,9 +130,11 @@ class CheckpointReader:
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise ShapeMismatchError(f"tensor {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(shape)}")
         self.tensors_read.add(name)
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        return tensor.contiguous()
+        dtype = self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if self.device is not None and self.device.type != "cpu":
+            # Cast after the copy: the host side then never holds more than the mapped pages.
+            return tensor.contiguous().to(self.device, non_blocking=False).to(dtype)
+        return tensor.to(dtype).contiguous()
 
     def close(self) -> None:
         self._handles.clear()
