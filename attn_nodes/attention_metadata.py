@@ -3,6 +3,10 @@
 A step processes a flat list of tokens from several sequences (prefill chunks and decode tokens
 together). Attention pads them to `[num_seqs, max_query_len]` queries against
 `[num_seqs, max_context_len]` keys gathered from the paged cache through the block tables.
+
+The index tensors are built on the host from the scheduler's lists (tiny, and the block tables live there);
+on an accelerator `to_device` then moves all of them, with the step's token ids, in one copy from one pinned
+buffer and rebuilds the masks there, so no layer ever reads an index back or copies one of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +59,12 @@ class AttentionMetadata:
     """window -> its mask, built by the first sliding layer of the step and reused by the others."""
     state_slots: torch.Tensor | None = None
     """`[num_seqs] int64` linear-attention state slot of each sequence; None when no chunk has one."""
+    seq_starts: tuple[int, ...] = ()
+    """Host copy: tokens already cached per sequence (SequenceChunk.start), for code that loops per sequence."""
+    query_lens: tuple[int, ...] = ()
+    """Host copy: tokens computed per sequence this step."""
+    state_slot_list: tuple[int, ...] = ()
+    """Host copy of `state_slots` (empty when None)."""
 
     def window_mask(self, window: int) -> torch.Tensor:
         """`[num_seqs, 1, max_query_len, max_context_len] bool` causal mask that also hides keys `window` or
@@ -87,6 +97,11 @@ class AttentionMetadata:
         last = torch.tensor(query_lens).cumsum(0) - 1
         has_states = any(c.state_slot >= 0 for c in chunks)
         state_slots = torch.tensor([c.state_slot for c in chunks], dtype=torch.int64) if has_states else None
+        host = {
+            "seq_starts": tuple(c.start for c in chunks),
+            "query_lens": tuple(query_lens),
+            "state_slot_list": tuple(c.state_slot for c in chunks) if has_states else (),
+        }
         if max_q == 1:
             padding = None if min(context_lens) == max_ctx else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
             return cls(
@@ -101,6 +116,7 @@ class AttentionMetadata:
                 last,
                 query_positions=positions.view(num_seqs, 1),
                 state_slots=state_slots,
+                **host,
             )
         offsets = torch.cat([torch.arange(n) for n in query_lens])
         query_index = seq_of_token * max_q + offsets
@@ -120,4 +136,75 @@ class AttentionMetadata:
             last,
             query_positions=padded_pos.view(num_seqs, max_q),
             state_slots=state_slots,
+            **host,
         )
+
+    def to_device(
+        self, device: torch.device, *extra: torch.Tensor
+    ) -> tuple[AttentionMetadata, tuple[torch.Tensor, ...]]:
+        """This metadata on `device` and the `extra` int64 host tensors (e.g. the step's token ids) with it, all
+        in one host-to-device copy; on the CPU, self and `extra` unchanged.
+
+        The index tensors are packed into one pinned buffer (where a pinned buffer can be had), copied once
+        without blocking the host, and split into views there; the boolean masks are rebuilt on the device from
+        the copied positions, so nothing but int64 crosses and nothing is read back.
+        """
+        if device.type == "cpu":
+            return self, extra
+        ctx = self.context_slots.shape[1]
+        lengths = torch.tensor([s + n for s, n in zip(self.seq_starts, self.query_lens, strict=True)])
+        parts: dict[str, torch.Tensor] = {
+            "positions": self.positions,
+            "slot_mapping": self.slot_mapping,
+            "context_slots": self.context_slots,
+            "last_token_index": self.last_token_index,
+            "context_lens": lengths,
+        }
+        for name in ("query_index", "query_positions", "state_slots"):
+            value = getattr(self, name)
+            if value is not None:
+                parts[name] = value
+        flat = [t.reshape(-1).to(torch.int64) for t in (*parts.values(), *extra)]
+        packed = torch.cat(flat)
+        if _can_pin(device):
+            packed = packed.pin_memory()
+        moved = packed.to(device, non_blocking=True)
+        views, offset = [], 0
+        for tensor, part in zip((*parts.values(), *extra), flat, strict=True):
+            views.append(moved[offset : offset + part.numel()].view(tensor.shape))
+            offset += part.numel()
+        on_device = dict(zip(parts, views[: len(parts)], strict=True))
+        key_pos = torch.arange(ctx, device=device)
+        mask = key_padding = None
+        if self.query_index is not None:
+            padded = on_device["query_positions"]
+            mask = (key_pos[None, None, :] <= padded.unsqueeze(-1)).unsqueeze(1)
+        elif self.key_padding is not None:
+            key_padding = (key_pos[None, :] < on_device["context_lens"][:, None])[:, None, None, :]
+        meta = AttentionMetadata(
+            on_device["positions"],
+            on_device["slot_mapping"],
+            on_device["context_slots"],
+            mask,
+            key_padding,
+            on_device.get("query_index"),
+            self.num_seqs,
+            self.max_query_len,
+            on_device["last_token_index"],
+            query_positions=on_device.get("query_positions"),
+            state_slots=on_device.get("state_slots"),
+            seq_starts=self.seq_starts,
+            query_lens=self.query_lens,
+            state_slot_list=self.state_slot_list,
+        )
+        return meta, tuple(views[len(parts) :])
+
+
+def _can_pin(device: torch.device) -> bool:
+    """Pinned host memory needs the accelerator's runtime (and means nothing for `meta`)."""
+    if device.type == "meta":
+        return False
+    try:
+        return bool(torch.cuda.is_available()) if device.type == "cuda" else False
+    except RuntimeError:
+        return False

@@ -6,11 +6,11 @@ own hardware with its own model, not looked up in a table.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
+from afd.devices import DeviceInfo, synchronize
 from attn_nodes.attention_metadata import AttentionMetadata, SequenceChunk
 from attn_nodes.model import AttentionHalfModel
 
@@ -19,12 +19,9 @@ CALIBRATION_BATCH = 8
 
 
 def device_description(device: torch.device) -> tuple[str, int, int]:
-    """(device kind, memory bytes, count) of the compute device."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(device)
-        return props.name, int(props.total_memory), 1
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return f"cpu ({torch.get_num_threads()} threads)", int(memory), 1
+    """(device name, memory bytes, count) of the compute device (afd.devices.DeviceInfo)."""
+    info = DeviceInfo.of(device)
+    return info.name, info.memory_bytes, 1
 
 
 @torch.inference_mode()
@@ -33,22 +30,29 @@ def attention_us_per_token(model: AttentionHalfModel, repeats: int = 3) -> float
     spec = model.spec
     block = 16
     blocks_per_seq = -(-(CALIBRATION_CONTEXT + 1) // block)
-    cache = torch.zeros(CALIBRATION_BATCH * blocks_per_seq * block, spec.kv_entry_width, dtype=model.dtype)
+    device = model.device
+    cache = torch.zeros(
+        CALIBRATION_BATCH * blocks_per_seq * block, spec.kv_entry_width, dtype=model.dtype, device=device
+    )
     chunks = [
         SequenceChunk(list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), CALIBRATION_CONTEXT, 1, i)
         for i in range(CALIBRATION_BATCH)
     ]
     # Lightning-attention layers (MiniMax) read a recurrent state per sequence (slot i) instead of the cache.
-    states = torch.zeros(CALIBRATION_BATCH, spec.num_heads, spec.head_dim, spec.head_dim, dtype=model.dtype)
-    meta = AttentionMetadata.build(chunks, block)
+    states = torch.zeros(
+        CALIBRATION_BATCH, spec.num_heads, spec.head_dim, spec.head_dim, dtype=model.dtype, device=device
+    )
+    meta, _ = AttentionMetadata.build(chunks, block).to_device(device)
     tables = model.rope.tables(meta.positions)
-    hidden = torch.randn(CALIBRATION_BATCH, spec.hidden_size, dtype=model.dtype) * 0.1
+    hidden = torch.randn(CALIBRATION_BATCH, spec.hidden_size, dtype=model.dtype, device=device) * 0.1
     layers = list(range(spec.num_layers))
     best = float("inf")
     for _ in range(repeats):
         residual = hidden.clone()
+        synchronize(device)
         start = time.perf_counter()
         for layer in layers:
             model.attention_half(layer, residual, meta, states if spec.is_linear_attention(layer) else cache, tables)
+        synchronize(device)  # an accelerator only queued the work
         best = min(best, time.perf_counter() - start)
     return best * 1e6 / (CALIBRATION_BATCH * len(layers))

@@ -43,6 +43,10 @@ class EngineConfig:
     test checkpoints, see tests/unit/test_fp8_wire.py, so it is never chosen silently). Partial sums come
     back in the FFN node's model dtype whatever this says; FFN nodes follow what each frame carries."""
 
+    device: str = "cpu"
+    """Compute device of the attention half: cpu, cuda, cuda:N or another torch device string (see afd.devices);
+    weights, KV cache and each step's tensors live there, and sampled ids are read back once per step."""
+
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "microbatches"):
             if getattr(self, name) < 1:

@@ -4,6 +4,11 @@ Each token's hidden state goes once to every node that holds one of its experts 
 shared expert / dense MLP, in which case every token goes there), carrying local expert ids and weights.
 An expert held by several nodes (a replica of a hot expert) has its tokens split among them
 (_ReplicaTables), each (token, expert) pair computed by exactly one.
+
+On the CPU a node gets only the rows of tokens it computes (found with `nonzero`, free there). On an
+accelerator that would read the routing back to the host every layer, so there every node that holds experts
+of the layer gets the whole microbatch with -1 for the pairs computed elsewhere: fixed shapes, no host read;
+its partial sum is exactly zero on the rows it computed nothing for.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class FfnDispatcher:
         # local_on[i][e]: expert e's id on node i, or -1 when node i does not serve it (one gather per node).
         self.local_on = [torch.where(owner == i, local, -1).to(torch.int32) for i in range(len(placement.nodes))]
         self._replicas = _ReplicaTables.of(placement) if placement.has_replicas else None
+        self._holds_experts = [bool(held) for held in placement.experts]
         nodes = range(len(placement.nodes))
         self._dense_nodes: dict[int, list[int]] = {}
         self._shared_nodes: dict[int, set[int]] = {}
@@ -71,9 +77,26 @@ class FfnDispatcher:
         shared_nodes = self._shared_nodes.get(moe.shared_intermediate_size, set())
         num_tokens = hidden.shape[0]
         split = self._replicas.split(routing.expert_ids) if self._replicas else None
+        compact = hidden.device.type == "cpu"
+        if self.local_on[0].device != hidden.device:
+            self.local_on = [table.to(hidden.device) for table in self.local_on]
         for i, node in enumerate(nodes):
             # [num_tokens, top_k] local ids on node i, -1 where another node computes the pair
             ids = self.local_on[i][routing.expert_ids] if split is None else torch.where(split[0] == i, split[1], -1)
+            if not compact:
+                if not self._holds_experts[i] and i not in shared_nodes:
+                    continue
+                requests[node] = FfnRequest(
+                    layer,
+                    hidden,
+                    expert_ids=ids,
+                    expert_weights=routing.weights.masked_fill(ids < 0, 0.0),
+                    shared_scale=routing.shared_scale,
+                    microbatch=microbatch,
+                    placement_version=version,
+                )
+                rows[node] = None
+                continue
             elsewhere = ids < 0
             weights = routing.weights.masked_fill(elsewhere, 0.0)
             shared = routing.shared_scale
@@ -161,7 +184,8 @@ class _ReplicaTables:
         flat = expert_ids.reshape(-1)
         # rank of each pair among the pairs of its expert, in token order (a stable sort groups them)
         order = torch.sort(flat, stable=True).indices
-        per_expert = torch.bincount(flat, minlength=self.count.numel())
+        # a fixed-size count (bincount's size depends on the largest id, which an accelerator must read back)
+        per_expert = torch.zeros_like(self.sent).scatter_add_(0, flat, torch.ones_like(flat))
         starts = torch.cumsum(per_expert, 0) - per_expert
         rank = torch.empty_like(flat)
         rank[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]

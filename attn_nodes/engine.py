@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from afd.checkpoint import CheckpointReader
+from afd.devices import parse_device
 from afd.dtypes import resolve_dtype
 from afd.errors import ConfigError, RequestError
 from afd.model_spec import ModelSpec
@@ -59,9 +60,10 @@ class AttentionEngine:
         num_blocks = cfg.num_kv_blocks or blocks_for_budget(
             cfg.kv_cache_gib - state_gib, max(1, len(paged)), cfg.block_size, width, model.dtype
         )
-        states = LinearStateStore(self.spec, cfg.max_num_seqs, model.dtype) if state_gib else None
+        device = model.device
+        states = LinearStateStore(self.spec, cfg.max_num_seqs, model.dtype, device) if state_gib else None
         self.kv = KVCacheManager(num_blocks, cfg.block_size, states)
-        tensors = iter(allocate_cache_tensors(len(paged), num_blocks, cfg.block_size, width, model.dtype))
+        tensors = iter(allocate_cache_tensors(len(paged), num_blocks, cfg.block_size, width, model.dtype, device))
         cache = [
             states.layer(layer) if states is not None and layer not in paged else next(tensors)
             for layer in range(self.spec.num_layers)
@@ -70,7 +72,7 @@ class AttentionEngine:
         wire = resolve_wire_dtype(cfg.wire_dtype)
         self.runner = ModelRunner(model, cache, cfg.block_size, transport, self.dispatcher, wire)
         self.scheduler = Scheduler(cfg, self.kv)
-        self.sampler = Sampler(cfg.seed, self.spec.eos_token_ids)
+        self.sampler = Sampler(cfg.seed, self.spec.eos_token_ids, device)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._microbatches = cfg.microbatches
@@ -88,7 +90,8 @@ class AttentionEngine:
         spec = ModelSpec.from_pretrained(model_dir)
         max_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         dtype = resolve_dtype(config.dtype, spec.dtype)
-        model = AttentionHalfModel.load(model_dir, max_len, dtype=dtype, spec=spec, reader=reader)
+        device = parse_device(config.device)
+        model = AttentionHalfModel.load(model_dir, max_len, dtype=dtype, spec=spec, reader=reader, device=device)
         return cls(model, transport, placement, config, max_len)
 
     @property
@@ -187,7 +190,7 @@ class AttentionEngine:
                     [
                         SamplingRow(
                             c.request.params,
-                            c.request.next_token_generator(),
+                            c.request.next_token_generator(self.sampler.device),
                             c.request.prompt_token_ids,
                             c.request.output_token_ids,
                         )
@@ -240,11 +243,7 @@ class AttentionEngine:
                     scored.append(_PromptRows(r, first, last))
                     extra_rows.extend(start + p - r.num_computed_tokens for p in range(first, last))
             start += c.num_tokens
-        mb = self.runner.prepare(chunks, tokens, wants)
-        if extra_rows:
-            rows = torch.tensor(extra_rows, dtype=mb.logits_rows.dtype, device=mb.logits_rows.device)
-            mb.logits_rows = torch.cat([mb.logits_rows, rows])
-        return mb, scored
+        return self.runner.prepare(chunks, tokens, wants, extra_rows), scored
 
     @staticmethod
     def _score_prompts(scored: list[_PromptRows], logits: torch.Tensor) -> None:

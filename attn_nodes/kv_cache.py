@@ -104,10 +104,15 @@ class KVCacheManager:
 
 
 def allocate_cache_tensors(
-    num_layers: int, num_blocks: int, block_size: int, entry_width: int, dtype: torch.dtype
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    entry_width: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
-    """One `[num_blocks * block_size, entry_width]` tensor per layer."""
-    return [torch.zeros(num_blocks * block_size, entry_width, dtype=dtype) for _ in range(num_layers)]
+    """One `[num_blocks * block_size, entry_width]` tensor per layer, on `device`."""
+    return [torch.zeros(num_blocks * block_size, entry_width, dtype=dtype, device=device) for _ in range(num_layers)]
 
 
 def blocks_for_budget(gib: float, num_layers: int, block_size: int, entry_width: int, dtype: torch.dtype) -> int:

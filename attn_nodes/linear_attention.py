@@ -22,6 +22,7 @@ step's requests and restores them when the step fails midway (an FFN node died),
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -74,13 +75,13 @@ class LightningAttention:
         self.block_size = spec.linear_attention.block_size
         self.qkv_proj, self.output_gate = w["qkv_proj"], w["output_gate"]
         self.norm, self.out_proj = w["attn_norm"], w["out_proj"]
-        dtype = self.qkv_proj.dtype
+        dtype, device = self.qkv_proj.dtype, self.qkv_proj.device
         tables = decays if decays is not None else decay_tables(spec, layer)
         # The reference's buffers are cast with the model, so its decays are in the model dtype.
-        self.slope_rate = tables["slope_rate"].to(dtype)
-        self.query_decay = tables["query_decay"].to(dtype)
-        self.key_decay = tables["key_decay"].to(dtype)
-        self.diagonal_decay = tables["diagonal_decay"].to(dtype)
+        self.slope_rate = tables["slope_rate"].to(device, dtype)
+        self.query_decay = tables["query_decay"].to(device, dtype)
+        self.key_decay = tables["key_decay"].to(device, dtype)
+        self.diagonal_decay = tables["diagonal_decay"].to(device, dtype)
         self.ratio = torch.exp(-self.slope_rate)
         """`[heads, 1, 1]` one token's decay of the state."""
 
@@ -96,15 +97,15 @@ class LightningAttention:
         heads, dim = self.heads, self.head_dim
         qkv = F.silu(linear(x, self.qkv_proj)).view(-1, heads, 3 * dim)
         q, k, v = torch.split(qkv, dim, dim=-1)  # [num_tokens, heads, dim] each
-        ends = (meta.last_token_index + 1).tolist()
+        # The per-sequence loop reads the metadata's host copies: nothing is read back from the device.
+        starts, slots = meta.seq_starts, meta.state_slot_list
+        ends = list(itertools.accumulate(meta.query_lens))
         firsts = [0, *ends[:-1]]
-        starts = meta.positions[torch.tensor(firsts)].tolist()
-        slots = meta.state_slots.tolist()
         out = torch.empty_like(q)
         decode = [i for i in range(meta.num_seqs) if ends[i] - firsts[i] == 1 and starts[i] > 0]
         if decode:
-            rows = torch.tensor([firsts[i] for i in decode])
-            index = torch.tensor([slots[i] for i in decode])
+            rows = torch.tensor([firsts[i] for i in decode], device=q.device)
+            index = torch.tensor([slots[i] for i in decode], device=q.device)
             out[rows] = self._recur(q[rows], k[rows], v[rows], states, index)
         for i in sorted(set(range(meta.num_seqs)) - set(decode)):
             rows_slice = slice(firsts[i], ends[i])
@@ -162,14 +163,14 @@ class LinearStateStore:
     every slot is held. `KVCacheManager` owns the store and frees a request's slot with its blocks.
     """
 
-    def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         if spec.linear_attention is None:
             raise ConfigError(f"{spec.architecture} has no linear-attention layers to keep a state for")
         if num_slots < 1:
             raise ConfigError(f"a linear-attention state store needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
         shape = (num_slots, spec.num_heads, spec.head_dim, spec.head_dim)
-        self.tensors = {layer: torch.zeros(shape, dtype=dtype) for layer in spec.linear_attention.layers}
+        self.tensors = {layer: torch.zeros(shape, dtype=dtype, device=device) for layer in spec.linear_attention.layers}
         """layer -> `[num_slots, heads, head_dim, head_dim]` states of that layer (model dtype)."""
         self._free: deque[int] = deque(range(num_slots))
         self._slots: dict[str, int] = {}
@@ -208,7 +209,7 @@ class LinearStateStore:
         """Copies of `slots`' states, taken before a step: a step updates states in place, which, unlike the KV
         cache's writes, is not idempotent, so a step that fails midway (an FFN node died) must be undone before
         it runs again."""
-        index = torch.tensor(slots, dtype=torch.int64)
+        index = torch.tensor(slots, dtype=torch.int64, device=next(iter(self.tensors.values())).device)
         return StateSnapshot(index, {layer: tensor[index].clone() for layer, tensor in self.tensors.items()})
 
     def restore(self, snapshot: StateSnapshot) -> None:

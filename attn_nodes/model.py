@@ -57,6 +57,8 @@ class AttentionHalfModel:
         self.layers = layers
         self.rope = rope
         self.dtype = embed.dtype
+        self.device = embed.device
+        """Where every weight, the KV cache and each step's tensors live (the node's --device)."""
 
     @classmethod
     def load(
@@ -66,13 +68,17 @@ class AttentionHalfModel:
         dtype: torch.dtype | None = None,
         spec: ModelSpec | None = None,
         reader: CheckpointReader | None = None,
+        device: torch.device | str = "cpu",
     ) -> AttentionHalfModel:
+        """`device`: where the weights go (read straight onto it); a given `reader` must place them there."""
         spec = spec or ModelSpec.from_pretrained(model_dir)
-        reader = reader or CheckpointReader(model_dir, dtype=dtype)
+        reader = reader or CheckpointReader(model_dir, dtype=dtype, device=device)
         names = TensorNames(spec)
         embed = reader.get(names.embed, (spec.vocab_size, spec.hidden_size))
-        rope = RotaryEmbedding(spec.rope, max_positions, embed.dtype)
-        sliding_rope = RotaryEmbedding(spec.sliding_rope, max_positions, embed.dtype) if spec.sliding_rope else None
+        rope = RotaryEmbedding(spec.rope, max_positions, embed.dtype, embed.device)
+        sliding_rope = (
+            RotaryEmbedding(spec.sliding_rope, max_positions, embed.dtype, embed.device) if spec.sliding_rope else None
+        )
         layers = []
         for layer in range(spec.num_layers):
             shapes = _attention_shapes(spec, spec.layer_num_heads(layer))

@@ -51,7 +51,7 @@ class Request:
     preemption, so recomputed chunks are not scored twice."""
     prompt_logprobs_sent: bool = False
 
-    def next_token_generator(self) -> torch.Generator | None:
+    def next_token_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """The generator for the next sampled token of a seeded request (None without a seed).
 
         Seeded from (seed, output position) rather than advanced from one per-request stream, so that a
@@ -60,7 +60,8 @@ class Request:
         """
         if self.params.seed is None:
             return None
-        return torch.Generator().manual_seed(position_seed(self.params.seed, len(self.output_token_ids)))
+        seed = position_seed(self.params.seed, len(self.output_token_ids))
+        return torch.Generator(device=device).manual_seed(seed)
 
     @property
     def num_tokens(self) -> int:

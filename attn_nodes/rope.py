@@ -67,15 +67,18 @@ def _yarn(rope: RopeSpec) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding:
     """Applies rope to `[num_tokens, num_heads, head_dim]` tensors given `positions: [num_tokens] int64`."""
 
-    def __init__(self, rope: RopeSpec, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, rope: RopeSpec, max_positions: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
+        """The tables are computed on the host, as the references compute inv_freq, then moved to `device`."""
         inv_freq, magnitude = inverse_frequencies(rope)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         cos = (freqs.cos() * magnitude).to(dtype)
         sin = (freqs.sin() * magnitude).to(dtype)
         # Full-width tables with the rotation's sign folded into sin: out = x * cos + swap_halves(x) * sin,
         # the reference's `x * cos + rotate_half(x) * sin` with the same roundings, in fewer kernels.
-        self.cos = torch.cat((cos, cos), dim=-1)  # [max_positions, rotary_dim]
-        self.sin = torch.cat((-sin, sin), dim=-1)
+        self.cos = torch.cat((cos, cos), dim=-1).to(device)  # [max_positions, rotary_dim]
+        self.sin = torch.cat((-sin, sin), dim=-1).to(device)
         self.rotary_dim = rope.rotary_dim
         self.interleaved = rope.interleaved
         self.max_positions = max_positions

@@ -147,13 +147,25 @@ class ModelRunner:
         self.transport = transport
         self.dispatcher = dispatcher
         self.transfers = TransferStats(model.spec.num_layers)
+        self.device = model.device
 
     def prepare(
-        self, chunks: Sequence[SequenceChunk], token_ids: Sequence[list[int]], wants_logits: Sequence[bool]
+        self,
+        chunks: Sequence[SequenceChunk],
+        token_ids: Sequence[list[int]],
+        wants_logits: Sequence[bool],
+        extra_logits_rows: Sequence[int] = (),
     ) -> Microbatch:
+        """The microbatch of `chunks`, on the model's device: built on the host, moved in one copy.
+
+        Logits are computed for the last token of each chunk that `wants_logits`, then for the flat token rows
+        `extra_logits_rows` (prompt logprobs), in that order."""
         meta = AttentionMetadata.build(chunks, self.block_size)
         flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.int64)
         rows = meta.last_token_index[torch.tensor(wants_logits, dtype=torch.bool)]
+        if extra_logits_rows:
+            rows = torch.cat([rows, torch.tensor(list(extra_logits_rows), dtype=torch.int64)])
+        meta, (flat, rows) = meta.to_device(self.device, flat, rows)
         return Microbatch(flat, meta, rows)
 
     @torch.inference_mode()

@@ -42,8 +42,12 @@ class SampleResult:
 class Sampler:
     """Samples one token per row of logits; rows without a seed share the sampler's generator."""
 
-    def __init__(self, seed: int = 0, eos_token_ids: Sequence[int] = ()) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int = 0, eos_token_ids: Sequence[int] = (), device: torch.device | str = "cpu") -> None:
+        """`device`: where the logits are (the model's device); the draws happen there, with generators there."""
+        self.device = torch.device(device)
+        # meta has no generator; its logits are never drawn from (tests of the device path only run greedy)
+        self.generator = torch.Generator(device="cpu" if self.device.type == "meta" else self.device)
+        self.generator.manual_seed(seed)
         self.eos_token_ids = tuple(eos_token_ids)
         """The model's end-of-sequence tokens, which min_tokens keeps from being sampled (unless ignore_eos)."""
 
@@ -67,11 +71,12 @@ class Sampler:
         tokens = logits.max(dim=-1).indices  # 3x faster than argmax on CPU, same first-max index
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
-            probs = self._probabilities(logits[torch.tensor(random_rows)], [params[i] for i in random_rows])
+            index = torch.tensor(random_rows, device=logits.device)
+            probs = self._probabilities(logits[index], [params[i] for i in random_rows])
             for j, i in enumerate(random_rows):
                 generator = rows[i].generator or self.generator
                 tokens[i] = torch.multinomial(probs[j], 1, generator=generator)[0]
-        token_ids = tokens.tolist()
+        token_ids = read_token_ids(tokens)
         out: list[TokenLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
             chosen = [token_ids[i] for i in want_logprobs]
@@ -119,20 +124,27 @@ class Sampler:
     @staticmethod
     def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Softmax of temperature-scaled logits with top-k / top-p filtering, `[rows, vocab] float32`."""
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         logits = logits / temperature.unsqueeze(1)
         top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
         top_p = [p.top_p for p in params]
         if max(top_p) < 1.0 or min(top_k) < logits.shape[1]:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            rank = torch.arange(logits.shape[1]).unsqueeze(0)
-            drop = rank >= torch.tensor(top_k).unsqueeze(1)
+            rank = torch.arange(logits.shape[1], device=device).unsqueeze(0)
+            drop = rank >= torch.tensor(top_k, device=device).unsqueeze(1)
             probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
             # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-            drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p).unsqueeze(1)
+            drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p, device=device).unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         return logits.softmax(dim=-1)
+
+
+def read_token_ids(tokens: torch.Tensor) -> list[int]:
+    """`tokens: [rows] int64` sampled ids on the model's device -> host ints: the decode step's one read back
+    to the host (the scheduler needs the ids). Everything else of a step stays on the device."""
+    return tokens.tolist()
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: Sequence[int], ks: Sequence[int]) -> list[TokenLogprobs]:

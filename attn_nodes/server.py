@@ -158,7 +158,7 @@ class AttentionNodeServer(StopOnce):
 
     def _measure_capacity(self) -> pb.CapacityProfile:
         assert self.engine is not None
-        kind, memory, count = device_description(torch.device("cpu"))
+        kind, memory, count = device_description(self.engine.model.device)
         engine_config = self.engine.config
         return pb.CapacityProfile(
             device_kind=kind,

@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from afd.builtin_model import cache_root, random_qwen3_moe_weights
+from afd.devices import DeviceInfo, parse_device, synchronize
+from afd.errors import ConfigError
 from afd.model_spec import ModelSpec
 from afd.sampling_params import SamplingParams
 from afd.transport import InProcessTransport
@@ -38,44 +40,64 @@ SETTLE_S = 0.5
 after a parallel region, Intel's for 200 ms by default in vLLM's process), which would tax the next side."""
 
 
-def bench_config() -> dict[str, Any]:
-    """The issue's mid-size Qwen3-MoE: 8 layers, hidden 1024, 16/4 heads, 32 experts top-4."""
-    return {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
-        "vocab_size": 32000,
-        "hidden_size": 1024,
-        "intermediate_size": 2048,
-        "moe_intermediate_size": 512,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-        "head_dim": 64,
-        "num_experts": 32,
-        "num_experts_per_tok": 4,
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "eos_token_id": None,
-        "torch_dtype": "bfloat16",
-    }
+# The accelerators issue's larger model, a few GB of bf16: hidden 2048, 24 layers, 32/4 heads, 64 experts top-8.
+LARGE = {
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 256,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+}
+SIZES = ("mid", "large")
 
 
-def ensure_checkpoint(root: Path | None = None) -> Path:
-    """Write the benchmark checkpoint once (about 1 GB of bf16) and reuse it."""
+def bench_config(size: str = "mid") -> dict[str, Any]:
+    """The issue's mid-size Qwen3-MoE: 8 layers, hidden 1024, 16/4 heads, 32 experts top-4 (or, for "large",
+    the GPU benchmark's model of about 5 GB in bf16, see LARGE)."""
+    if size not in SIZES:
+        raise typer.BadParameter(f"model size must be one of {list(SIZES)}, not {size!r}")
+    return _MID | (LARGE if size == "large" else {})
+
+
+_MID: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2048,
+    "moe_intermediate_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "num_experts": 32,
+    "num_experts_per_tok": 4,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "eos_token_id": None,
+    "torch_dtype": "bfloat16",
+}
+
+
+def ensure_checkpoint(root: Path | None = None, size: str = "mid") -> Path:
+    """Write the benchmark checkpoint once (about 1 GB of bf16; "large" about 5 GB) and reuse it."""
     from safetensors.torch import save_file
 
-    directory = (root or cache_root()) / f"bench-qwen3-moe-{BENCH_SEED}"
+    suffix = "" if size == "mid" else f"-{size}"
+    directory = (root or cache_root()) / f"bench-qwen3-moe-{BENCH_SEED}{suffix}"
     if (directory / "model.safetensors").is_file():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    config = bench_config()
+    config = bench_config(size)
     weights = random_qwen3_moe_weights(config, BENCH_SEED, torch.bfloat16)
     save_file(weights, str(directory / "model.safetensors.partial"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -83,31 +105,37 @@ def ensure_checkpoint(root: Path | None = None) -> Path:
     return directory
 
 
-def read_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best streaming-read bandwidth (GB/s) over a float32 buffer far larger than the caches.
+def read_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5, device: torch.device | None = None) -> float:
+    """Best streaming-read bandwidth (GB/s) over a float32 buffer far larger than the caches, on `device`.
 
     Two reductions (sum, and a dot product of the buffer with itself) and the faster one counts: both
     only read, and whichever the CPU vectorises better is the closer to what the weights can stream at.
     """
-    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
+    device = device or torch.device("cpu")
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32, device=device)
     best = float("inf")
     for reduce in (torch.sum, lambda b: torch.dot(b, b)):
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             reduce(buffer)
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
     del buffer
     return size_bytes / best / 1e9
 
 
-def copy_bandwidth_gbs(size_bytes: int = 1 << 29, repeats: int = 5) -> float:
-    """Plain copy bandwidth, counting bytes read plus bytes written."""
-    src = torch.ones(size_bytes, dtype=torch.uint8)
+def copy_bandwidth_gbs(size_bytes: int = 1 << 29, repeats: int = 5, device: torch.device | None = None) -> float:
+    """Plain copy bandwidth on `device`, counting bytes read plus bytes written (the GPU roofline's figure)."""
+    device = device or torch.device("cpu")
+    src = torch.ones(size_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size_bytes / best / 1e9
 
@@ -228,32 +256,42 @@ def run(
     checkpoint: Path | None,
     repeats: int,
     peer: VllmPeer | None = None,
+    device: str = "cpu",
+    ffn_device: str | None = None,
 ) -> tuple[list[BatchResult], dict[str, Any]]:
     """Each batch size: warm-up, then `repeats` rounds of engine, transformers (benchmarks/references.py; skipped,
     with the reason in the context's transformers_skipped, where transformers cannot run the checkpoint) and (if
-    given) the vLLM peer."""
+    given) the vLLM peer. `device` / `ffn_device`: the attention half's and the FFN shards' (the latter defaults
+    to the former); transformers runs on `device`. On an accelerator the roofline divides by its measured copy
+    bandwidth, on a CPU by the read bandwidth (what decode streams at)."""
     import transformers
 
     model_dir = checkpoint or ensure_checkpoint()
     spec = ModelSpec.from_pretrained(model_dir)
-    bandwidth = read_bandwidth_gbs()
-    copy_gbs = copy_bandwidth_gbs()
+    compute = parse_device(device)
+    accelerator = compute.type != "cpu"
+    copy_gbs = copy_bandwidth_gbs(device=compute)
+    bandwidth = copy_gbs if accelerator else read_bandwidth_gbs()
     max_batch = max(batches)
     config = EngineConfig(
-        dtype="bfloat16", max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * prompt_len)
+        dtype="bfloat16",
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=max(2048, max_batch * prompt_len),
+        device=device,
+        kv_cache_gib=4.0 if accelerator else 1.0,
     )
-    placement, transport = local_ffn_pool(model_dir, ffn_shards, "bfloat16")
+    placement, transport = local_ffn_pool(model_dir, ffn_shards, "bfloat16", device=ffn_device or device)
     engine = AttentionEngine.load(model_dir, transport, placement, config)
     reference: Any = None
     try:
-        reference = reference_model(model_dir, torch.bfloat16)
+        reference = reference_model(model_dir, torch.bfloat16).to(compute)
         skipped: dict[str, Any] = {}
     except ReferenceUnavailable as exc:
         skipped = {"transformers_skipped": str(exc)}
     results = []
     for batch in batches:
         prompts = _prompts(batch, prompt_len, spec.vocab_size)
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=compute)
         _run_engine(engine, transport, prompts, 4)  # warm-up
         with torch.inference_mode():
             if reference is not None:
@@ -271,6 +309,7 @@ def run(
                 with torch.inference_mode():
                     start = time.perf_counter()
                     out = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                    synchronize(compute)
                     reference_s.append(time.perf_counter() - start)
                 assert out.shape[1] == prompt_len + new_tokens
             if peer is not None:
@@ -309,6 +348,9 @@ def run(
     context = {
         "model": str(model_dir),
         "dtype": "bfloat16",
+        "device": DeviceInfo.of(compute).name,
+        "ffn_device": DeviceInfo.of(parse_device(ffn_device or device)).name,
+        "roofline_bandwidth": "copy" if accelerator else "read",
         "ffn_shards": ffn_shards,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
@@ -363,17 +405,28 @@ def command(
         bool, typer.Option(help="LD_PRELOAD tcmalloc and the venv's libiomp5 for vLLM, as vLLM recommends.")
     ] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Only JSON lines, one per batch size.")] = False,
+    device: Annotated[str, typer.Option(help="Attention half's and transformers' device: cpu, cuda, cuda:N.")] = "cpu",
+    ffn_device: Annotated[str | None, typer.Option(help="Device of the FFN shards; --device if omitted.")] = None,
+    model_size: Annotated[str, typer.Option(help="Built-in random model: mid (~1 GB) or large (~5 GB, GPUs).")] = "mid",
 ) -> None:
     """AFD engine vs transformers generate (and vLLM-CPU with --peer vllm) in bf16, with a bandwidth roofline."""
     batches = batch or [1, 8, 32]
-    model_dir = checkpoint or ensure_checkpoint()
+    try:
+        parse_device(device)
+        if ffn_device is not None:
+            parse_device(ffn_device)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+    model_dir = checkpoint or ensure_checkpoint(size=model_size)
     started, peer_context = _start_peer(
         peer, peer_python, peer_preload, model_dir, max(batches), prompt_len + new_tokens + 16
     )
     if "vllm_skipped" in peer_context:
         print(f"vLLM peer skipped: {peer_context['vllm_skipped']}")
     try:
-        results, context = run(batches, prompt_len, new_tokens, ffn_shards, model_dir, repeats, started)
+        results, context = run(
+            batches, prompt_len, new_tokens, ffn_shards, model_dir, repeats, started, device, ffn_device
+        )
     finally:
         if started is not None:
             started.close()

@@ -41,6 +41,10 @@ def generate(
     ignore_eos: Annotated[bool, typer.Option(help="Keep generating past end-of-sequence.")] = False,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     microbatches: Annotated[int, typer.Option(min=1, help="Ping-pong microbatches per step.")] = 1,
+    device: Annotated[str, typer.Option(help="Attention half's device: cpu, cuda, cuda:N or a torch device.")] = "cpu",
+    ffn_device: Annotated[
+        str | None, typer.Option(help="FFN shards' device (e.g. cpu beside cuda attention); --device if omitted.")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Generate for a batch of prompts with 1 attention half and N FFN shards, and report tokens/s."""
@@ -50,8 +54,8 @@ def generate(
         tokenizer = Tokenizer.from_pretrained(model_dir)
         texts = prompt or (DEMO_PROMPTS if tokenizer else ["1 2 3 4"])
         prompts = [_encode(text, tokenizer) for text in texts]
-        config = EngineConfig(dtype=dtype, microbatches=microbatches)  # type: ignore[arg-type]
-        placement, transport = local_ffn_pool(model_dir, ffn_shards, dtype)
+        config = EngineConfig(dtype=dtype, microbatches=microbatches, device=device)  # type: ignore[arg-type]
+        placement, transport = local_ffn_pool(model_dir, ffn_shards, dtype, device=ffn_device or device)
         engine = AttentionEngine.load(model_dir, transport, placement, config)
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos
@@ -67,6 +71,8 @@ def generate(
         "model": str(model_dir),
         "architecture": engine.spec.architecture,
         "ffn_shards": {node: len(ids) for node, ids in zip(placement.nodes, placement.experts, strict=True)},
+        "device": str(engine.model.device),
+        "ffn_device": ffn_device or device,
         "prompts": len(prompts),
         "generated_tokens": generated,
         "elapsed_s": round(elapsed, 4),

@@ -34,6 +34,21 @@ WireDTypeOption = Annotated[
     typer.Option(help="Hidden states to the FFN nodes: fp8 (e4m3, a scale per token), bf16, or auto (model dtype)."),
 ]
 
+DeviceOption = Annotated[
+    str,
+    typer.Option(help="Compute device: cpu, cuda, cuda:N (ROCm too), or another torch device (xpu, npu, mps)."),
+]
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine lacks before anything loads, naming what it has."""
+    from afd.devices import parse_device
+
+    try:
+        parse_device(device)
+    except AfdError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+
 
 def _setup_process(name: str) -> None:
     """Log lines tagged with `name`; if a launcher started this process, exit when the launcher is gone."""
@@ -158,7 +173,7 @@ def attention_command(
     advertise_host: Annotated[str | None, typer.Option(help="Host other nodes reach this one at.")] = None,
     transport: Annotated[str, typer.Option(help="Data plane: grpc, gloo, shm or nccl.")] = "grpc",
     microbatches: MicrobatchOption = "auto",
-    device: Annotated[str, typer.Option(help="Compute device; this release implements cpu only.")] = "cpu",
+    device: DeviceOption = "cpu",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     max_num_seqs: Annotated[int, typer.Option(help="Most requests running at once.")] = 64,
     kv_cache_gib: Annotated[float, typer.Option(help="KV cache memory.")] = 1.0,
@@ -172,8 +187,7 @@ def attention_command(
     from attn_nodes.config import EngineConfig
     from attn_nodes.server import AttentionNodeConfig, run_attention_node
 
-    if device != "cpu":
-        raise typer.BadParameter("only --device cpu is implemented for attention nodes in this release")
+    _check_device(device)
     if wire_dtype not in ("auto", "bf16", "fp8"):
         raise typer.BadParameter(f"--wire-dtype takes auto, bf16 or fp8, not {wire_dtype!r}")
     _setup_process(node_id)
@@ -187,7 +201,13 @@ def attention_command(
         advertise_host=advertise_host,
         transport=transport,  # type: ignore[arg-type]
         microbatches=_microbatches(microbatches),
-        engine=EngineConfig(dtype=dtype, max_num_seqs=max_num_seqs, kv_cache_gib=kv_cache_gib, wire_dtype=wire_dtype),  # type: ignore[arg-type]
+        engine=EngineConfig(
+            dtype=dtype,  # type: ignore[arg-type]
+            max_num_seqs=max_num_seqs,
+            kv_cache_gib=kv_cache_gib,
+            wire_dtype=wire_dtype,  # type: ignore[arg-type]
+            device=device,
+        ),
         auth=auth,
         threads=threads,
         ready_file=ready_file,
@@ -209,7 +229,7 @@ def ffn_command(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port (0 = any).")] = 0,
     advertise_host: Annotated[str | None, typer.Option(help="Host attention nodes reach this one at.")] = None,
-    device: Annotated[str, typer.Option(help="Compute device; this release implements cpu only.")] = "cpu",
+    device: DeviceOption = "cpu",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     max_batch_tokens: Annotated[int, typer.Option(min=1, help="Most tokens computed together (M2N batching).")] = 16384,
@@ -226,8 +246,7 @@ def ffn_command(
 
     if (router is None) == (placement_file is None):
         raise typer.BadParameter("give --router (join a cluster) or --placement-file (serve alone), exactly one")
-    if device != "cpu":
-        raise typer.BadParameter("only --device cpu is implemented for FFN nodes in this release")
+    _check_device(device)
     if threads:
         torch.set_num_threads(threads)
     _setup_process(node_id)
@@ -248,6 +267,7 @@ def ffn_command(
             dtype=dtype,
             auth=auth,
             max_batch_tokens=max_batch_tokens,
+            device=device,
         )
     except AfdError as exc:
         raise typer.BadParameter(str(exc)) from exc
