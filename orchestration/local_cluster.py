@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from afd.builtin_model import builtin_model_dir, cache_root
+from afd.devices import parse_device_list
 from afd.errors import AfdError, ConfigError
 from afd.wire.auth import read_token_file
 from orchestration.lifeline import LAUNCHER_FD_ENV, ProcessRecord, write_records
@@ -48,7 +51,7 @@ class LocalClusterConfig:
     ffn: int = 2
     """FFN nodes."""
     transport: str = "grpc"
-    """Data plane between attention and FFN nodes: grpc, gloo or shm."""
+    """Data plane between attention and FFN nodes: grpc, gloo, shm, or nccl (both pools on cuda)."""
     microbatches: str = "auto"
     """Microbatches per step: auto (router's plan) or a number."""
     host: str = "127.0.0.1"
@@ -77,15 +80,71 @@ class LocalClusterConfig:
     """Seconds between the router's re-plans of hot-expert replicas (when expert_replication)."""
     wire_dtype: str = "auto"
     """Hidden states on the attention->FFN wire: auto (model dtype), bf16 or fp8 (`--wire-dtype`)."""
+    attn_device: str = "cpu"
+    """Device of the attention nodes (`--attn-device`): cpu, cuda, cuda:N, any torch device string, or a comma
+    list (cuda:0,cuda:1) whose devices the pool's nodes take in turn. A bare accelerator type (cuda) spreads
+    the pool's nodes over every such device present, round-robin (see pool_devices)."""
+    ffn_device: str = "cpu"
+    """Device of the FFN nodes (`--ffn-device`), as attn_device."""
 
     def __post_init__(self) -> None:
         if self.attn < 1 or self.ffn < 1:
             raise ConfigError(f"need at least one attention and one FFN node, got --attn {self.attn} --ffn {self.ffn}")
-        if self.transport not in ("grpc", "gloo", "shm"):
-            raise ConfigError(f"local transport must be grpc, gloo or shm, not {self.transport!r}")
+        if self.transport not in ("grpc", "gloo", "shm", "nccl"):
+            raise ConfigError(f"local transport must be grpc, gloo, shm or nccl, not {self.transport!r}")
         parse_microbatches(self.microbatches)  # refuse here, not in every node process
         if self.wire_dtype not in ("auto", "bf16", "fp8"):
             raise ConfigError(f"wire dtype must be auto, bf16 or fp8, not {self.wire_dtype!r}")
+        # Only the spelling here: whether the devices are present is a question for the machine the nodes run
+        # on (this one for LocalCluster.start, a Ray worker's for `afd up --ray`).
+        types = {
+            torch.device(name).type
+            for option, text in (("--attn-device", self.attn_device), ("--ffn-device", self.ffn_device))
+            for name in device_names(text, option)
+        }
+        if self.transport == "nccl" and types != {"cuda"}:
+            raise ConfigError(
+                "--transport nccl moves activations GPU to GPU: it needs --attn-device and --ffn-device on cuda, "
+                f"got {self.attn_device} and {self.ffn_device} (grpc, gloo and shm work between any devices)"
+            )
+
+
+def device_names(text: str, option: str = "--device") -> list[str]:
+    """The torch device strings of a comma list ("cuda:0, cuda:1" -> ["cuda:0", "cuda:1"]), spelling checked
+    (torch.device parses each) but not presence; ConfigError naming `option` otherwise."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ConfigError(f"{option} needs a device, e.g. cpu, cuda or cuda:0,cuda:1; got {text!r}")
+    for name in names:
+        try:
+            torch.device(name)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"{option} {name!r} is not a torch device ({exc})") from None
+    return names
+
+
+def pool_devices(text: str, option: str = "--device") -> list[str]:
+    """The devices present here that a pool's nodes take in turn, as `afd node --device` strings.
+
+    "cpu" -> ["cpu"]; "cuda:1,cuda:0" -> ["cuda:1", "cuda:0"]; a bare accelerator type alone ("cuda") -> every
+    device of that type present (["cuda:0", "cuda:1", ...]), so that the nodes of one pool spread over the GPUs
+    instead of sharing the first. Raises ConfigError naming what was found when a device is not present."""
+    names = device_names(text, option)
+    try:
+        devices = parse_device_list(",".join(names))
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+    if len(names) == 1 and ":" not in names[0] and devices[0].type not in ("cpu", "meta"):
+        count = getattr(getattr(torch, devices[0].type), "device_count", lambda: 1)()
+        return [f"{devices[0].type}:{index}" for index in range(int(count))]
+    return [str(device) for device in devices]
+
+
+def next_device(devices: Sequence[str], in_use: Sequence[str]) -> str:
+    """The device of a pool's next node: the one of `devices` that the fewest of its live nodes (`in_use`, their
+    devices) compute on, the first such in list order: round-robin from a fresh start, and a node added after a
+    scale-down goes where one left."""
+    return min(devices, key=lambda device: (list(in_use).count(device), devices.index(device)))
 
 
 @dataclass
@@ -94,6 +153,8 @@ class NodeHandle:
     role: str
     process: subprocess.Popen
     log_path: Path
+    device: str = "cpu"
+    """The `--device` it computes on (attention and FFN nodes)."""
 
 
 @dataclass
@@ -107,6 +168,8 @@ class LocalCluster:
     _next_index: dict[str, int] = field(default_factory=lambda: {"attn": 0, "ffn": 0})
     _lifeline: tuple[int, int] | None = None
     """(read, write) ends of the lifeline pipe; children inherit only the read end."""
+    _devices: dict[str, list[str]] = field(default_factory=dict)
+    """Role -> the devices its nodes take in turn (pool_devices of the config's attn/ffn_device, at start)."""
 
     @property
     def api_url(self) -> str:
@@ -152,6 +215,11 @@ class LocalCluster:
 
     def start(self) -> None:
         config = self.config
+        # before any process starts: a device that is not here is refused naming what is
+        self._devices = {
+            "attn": pool_devices(config.attn_device, "--attn-device"),
+            "ffn": pool_devices(config.ffn_device, "--ffn-device"),
+        }
         self.model = config.model or builtin_model_dir()
         token = self.workdir / "cluster-token"
         token.write_text(secrets.token_urlsafe(32))
@@ -234,7 +302,12 @@ class LocalCluster:
         if role == "attn":
             args += ["--transport", config.transport, "--microbatches", config.microbatches]
             args += ["--wire-dtype", config.wire_dtype]
+        devices = self._devices.get(role) or ["cpu"]
+        device = next_device(devices, [h.device for h in self._of_role(role)])
+        if device != "cpu":  # cpu is the node's default: a CPU cluster's command lines stay as they were
+            args += ["--device", device]
         handle = self._spawn(node_id, role, args)
+        handle.device = device
         self.nodes[node_id] = handle
         return handle
 

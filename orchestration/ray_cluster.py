@@ -47,7 +47,7 @@ from afd.errors import AfdError, ConfigError
 from afd.wire.auth import read_token_file
 from orchestration.k8s.config import ATTENTION_POOL
 from orchestration.k8s.kuberay import HEAD_ROUTER_RESOURCE, pool_resource
-from orchestration.local_cluster import LocalClusterConfig
+from orchestration.local_cluster import LocalClusterConfig, device_names
 from orchestration.ray_node import WILDCARD_HOSTS, NodeActor, NodeInfo, NodeLaunch, NodeRole
 from orchestration.router_view import cluster_view, wait_until_ready
 from router.microbatch_plan import parse_microbatches
@@ -72,12 +72,17 @@ class RayOptions:
     """How long a placement group may wait for resources before start or scale fails."""
     leave_timeout_s: float = 120.0
     """How long a removed node may drain / hand its experts over before its actor is killed."""
+    gpu_share: float = 1.0
+    """GPUs a node of a cuda pool reserves where the cluster advertises no afd pool resource (Ray's num_gpus:
+    1 = a GPU of its own; 0.5 = two nodes share one). Ray makes the reserved GPU the actor's cuda:0."""
 
     def __post_init__(self) -> None:
         if self.local_num_cpus is not None and self.local_num_cpus < 1:
             raise ConfigError(f"local_num_cpus must be >= 1, got {self.local_num_cpus}")
         if not 0 < self.cpu_share <= 64:
             raise ConfigError(f"cpu_share must be in (0, 64], got {self.cpu_share}")
+        if not 0 < self.gpu_share <= 8:
+            raise ConfigError(f"gpu_share must be in (0, 8], got {self.gpu_share}")
         if self.placement_timeout_s <= 0 or self.leave_timeout_s <= 0:
             raise ConfigError("placement_timeout_s and leave_timeout_s must be positive")
 
@@ -98,6 +103,8 @@ class PoolLayout:
     """Nodes the cluster can hold (units of the pool resource); None = bounded only by CPUs."""
     threads: int | None
     """torch threads of each node of the pool."""
+    device: str = "cpu"
+    """`--device` of the pool's nodes: cpu, or a bare accelerator type (cuda) whose device Ray assigned."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,33 @@ def _share(kind: str, resource: str, machines: Sequence[Mapping[str, float]]) ->
     return float(math.floor(share)) if share >= 1 and kind == "GPU" else math.floor(share * 10_000) / 10_000
 
 
+def ray_device(text: str, option: str) -> str:
+    """The device a Ray pool's actors compute on, from `--attn-device`/`--ffn-device`: cpu or cuda.
+
+    Ray, not the launcher, picks an actor's GPU (num_gpus; it sets CUDA_VISIBLE_DEVICES so the GPU is the
+    actor's cuda:0), so indices are refused rather than silently ignored; and Ray reserves only CUDA GPUs
+    this way, so other accelerator types are refused too rather than crowded onto one device unreserved."""
+    names = device_names(text, option)
+    types = {torch_device_type(name) for name in names}
+    if any(":" in name for name in names):
+        raise ConfigError(
+            f"{option} {text!r}: with --ray, Ray assigns each actor its GPU (num_gpus); give the device type "
+            f"({'/'.join(sorted(types))}) without an index"
+        )
+    if len(types) > 1:
+        raise ConfigError(f"{option} {text!r}: one device type per pool with --ray")
+    (kind,) = types
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"{option} {text!r}: with --ray, a pool computes on cpu or cuda (Ray reserves CUDA GPUs)")
+    return kind
+
+
+def torch_device_type(name: str) -> str:
+    import torch
+
+    return torch.device(name).type
+
+
 def plan_pools(
     config: LocalClusterConfig,
     options: RayOptions,
@@ -218,15 +252,27 @@ def plan_pools(
     (each alive node's resources): router, attention, and one FFN pool per afd_pool_<name> resource other
     than the attention pool's (a single CPU-only pool named ffn when there is none)."""
     shared_threads = config.threads_per_node or max(1, int(totals.get("CPU", 1)) // (config.attn + config.ffn))
+    devices = {
+        "router": "cpu",
+        "attn": ray_device(config.attn_device, "--attn-device"),
+        "ffn": ray_device(config.ffn_device, "--ffn-device"),
+    }
 
     def layout(name: str, role: NodeRole, resource: str, strategy: str) -> PoolLayout:
+        device = devices[role]
         if resource not in totals:
             threads = None if role == "router" else shared_threads
-            return PoolLayout(name, role, {"CPU": options.cpu_share}, strategy, None, threads)
+            bundle = {"CPU": options.cpu_share, **({"GPU": options.gpu_share} if device == "cuda" else {})}
+            return PoolLayout(name, role, bundle, strategy, None, threads, device)
         cpus, gpus = _share("CPU", resource, machines), _share("GPU", resource, machines)
+        if device == "cuda" and gpus <= 0:
+            raise ConfigError(
+                f"pool {name!r} computes on cuda, but the Ray machines advertising {resource} have no GPU to "
+                f"give each of its nodes (GPU per machine: {[m.get('GPU', 0) for m in machines if resource in m]})"
+            )
         bundle = {resource: 1.0, **({"CPU": cpus} if cpus > 0 else {}), **({"GPU": gpus} if gpus > 0 else {})}
         threads = None if role == "router" else config.threads_per_node or max(1, int(cpus))
-        return PoolLayout(name, role, bundle, strategy, int(totals[resource]), threads)
+        return PoolLayout(name, role, bundle, strategy, int(totals[resource]), threads, device)
 
     attn_resource = pool_resource(ATTENTION_POOL)
     ffn_resources = sorted(r for r in totals if r.startswith(POOL_RESOURCE_PREFIX) and r != attn_resource)
@@ -482,6 +528,7 @@ class RayCluster:
                 transport=config.transport,
                 threads=self.pools[pool].layout.threads,
                 dtype=config.dtype,
+                device=self.pools[pool].layout.device,
             )
             node = self.nodes[node_id] = self._spawn(launch, pool, slot)
             started.append(node)

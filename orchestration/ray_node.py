@@ -61,12 +61,16 @@ class NodeLaunch:
     """torch intra-op threads of attention and FFN nodes; torch's default when None."""
     dtype: str = "auto"
     """Compute dtype of attention and FFN nodes."""
+    device: str = "cpu"
+    """Attention and FFN nodes: the torch device they compute on (cuda: the GPU Ray assigned, its cuda:0)."""
 
     def __post_init__(self) -> None:
         if self.role not in ("router", "attn", "ffn"):
             raise ConfigError(f"unknown node role {self.role!r}; expected router, attn or ffn")
         if self.role != "router" and not self.router:
             raise ConfigError(f"{self.role} node {self.node_id} needs the router's address")
+        if self.role == "router" and self.device != "cpu":
+            raise ConfigError(f"the router computes nothing on a device; got device {self.device!r}")
 
 
 class NodeInfo(TypedDict):
@@ -88,6 +92,8 @@ class NodeInfo(TypedDict):
     """What Ray assigned the actor (its bundle's CPUs and pool resource)."""
     placement_group: str
     """Hex id of the placement group the actor runs in ("" when none)."""
+    device: str
+    """What the node computes on, e.g. "cuda:0" (of the GPUs Ray made visible to the actor) or "cpu"."""
 
 
 def _log_to_stdout(node_id: str) -> None:
@@ -180,6 +186,12 @@ class NodeActor:
 
         return Path(self.launch.model) if self.launch.model else builtin_model_dir()
 
+    def _device(self) -> str:
+        """The launch's device, refused here (on the actor's machine) when it is not present there."""
+        from afd.devices import parse_device
+
+        return str(parse_device(self.launch.device))
+
     def _advertise_host(self) -> str | None:
         if self.launch.host not in WILDCARD_HOSTS:
             return None
@@ -222,7 +234,7 @@ class NodeActor:
                     advertise_host=self._advertise_host(),
                     transport=launch.transport,  # type: ignore[arg-type]
                     microbatches=launch.microbatches,
-                    engine=EngineConfig(dtype=launch.dtype),  # type: ignore[arg-type]
+                    engine=EngineConfig(dtype=launch.dtype, device=self._device()),  # type: ignore[arg-type]
                     auth=auth,
                     threads=launch.threads,
                 )
@@ -235,7 +247,12 @@ class NodeActor:
         if launch.threads:
             torch.set_num_threads(launch.threads)
         config = FfnServerConfig(
-            model_dir=self._model(), node_id=launch.node_id, host=launch.host, dtype=launch.dtype, auth=auth
+            model_dir=self._model(),
+            node_id=launch.node_id,
+            host=launch.host,
+            dtype=launch.dtype,
+            auth=auth,
+            device=self._device(),
         )
         return FfnClusterNode(config, ClusterAttachment(router=launch.router, advertise_host=self._advertise_host()))
 
@@ -260,4 +277,5 @@ class NodeActor:
             actor_id=context.get_actor_id() or "",
             resources=dict(context.get_assigned_resources()),
             placement_group=context.get_placement_group_id() or "",
+            device="cpu" if launch.role == "router" else self._device(),
         )

@@ -42,11 +42,13 @@ def expert_ranges(experts: list[int]) -> str:
 
 
 def _device(node: dict[str, Any]) -> str:
+    """ "NVIDIA H200, 140.4 GiB", "cpu (8 threads), 31.2 GiB", "cpu x2": the name the node reports, how many, and
+    the memory of one (a tenth of a GiB: 80 GB and 80 GiB cards differ by 5.5 GiB; whole GiB without ".0")."""
     kind = str(node.get("device_kind") or "cpu")
     count = int(node.get("device_count") or 1)
     memory = int(node.get("device_memory_bytes") or 0)
     text = kind if count == 1 else f"{kind} x{count}"
-    return f"{text}, {memory / 2**30:.0f} GiB" if memory else text
+    return f"{text}, {f'{memory / 2**30:.1f}'.removesuffix('.0')} GiB" if memory else text
 
 
 def _share(value: float, warn: float = 0.9) -> Text:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from afd.errors import AfdError
 from orchestration.lifeline import ProcessRecord, read_records, start_ticks, stop_recorded
-from orchestration.local_cluster import LocalCluster, LocalClusterConfig, state_path
+from orchestration.local_cluster import LocalCluster, LocalClusterConfig, pool_devices, state_path
 from orchestration.status_view import cluster_table, router_fetcher, write_expert_heatmap
 from orchestration.status_view import watch as watch_cluster
 
@@ -162,7 +162,7 @@ def up(
     ] = None,
     attn: Annotated[int, typer.Option(help="Attention nodes.")] = 1,
     ffn: Annotated[int, typer.Option(help="FFN nodes.")] = 2,
-    transport: Annotated[str, typer.Option(help="Data plane: grpc, gloo or shm.")] = "grpc",
+    transport: Annotated[str, typer.Option(help="Data plane: grpc, gloo, shm, or nccl (GPU pools).")] = "grpc",
     microbatches: Annotated[str, typer.Option(help="auto or a number of ping-pong microbatches.")] = "auto",
     host: Annotated[str, typer.Option(help="Interface every process binds.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="OpenAI API port (0 = any free).")] = 8000,
@@ -188,6 +188,14 @@ def up(
     wire_dtype: Annotated[
         str, typer.Option(help="Hidden states to FFN nodes: fp8 (e4m3, a scale per token), bf16, auto (model dtype).")
     ] = "auto",
+    attn_device: Annotated[
+        str,
+        typer.Option(
+            help="Device of the attention nodes: cpu, cuda (several GPUs: round-robin), cuda:N, or a list "
+            "cuda:0,cuda:1 the nodes take in turn; any torch device string."
+        ),
+    ] = "cpu",
+    ffn_device: Annotated[str, typer.Option(help="Device of the FFN nodes, as --attn-device.")] = "cpu",
 ) -> None:
     """Start a router, attention nodes and FFN nodes; serve the OpenAI API until Ctrl-C."""
     if expert_replication not in ("on", "off"):
@@ -213,6 +221,22 @@ def up(
     if chat_template is not None and not chat_template.is_file():
         console.print(f"[red]error:[/red] --chat-template {chat_template}: no such file")
         raise typer.Exit(2)
+    try:
+        if ray:  # the actors' machines have the devices, not necessarily this one: what Ray can reserve only
+            from orchestration.ray_cluster import ray_device
+
+            devices = {
+                "attn": [ray_device(attn_device, "--attn-device")],
+                "ffn": [ray_device(ffn_device, "--ffn-device")],
+            }
+        else:
+            devices = {
+                "attn": pool_devices(attn_device, "--attn-device"),
+                "ffn": pool_devices(ffn_device, "--ffn-device"),
+            }
+    except AfdError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
     if _launcher_alive(name):
         console.print(f"[red]error:[/red] a cluster named {name!r} is already running; `afd down` it first")
         raise typer.Exit(2)
@@ -231,6 +255,8 @@ def up(
         threads_per_node=threads,
         expert_replication=expert_replication == "on",
         wire_dtype=wire_dtype,
+        attn_device=",".join(devices["attn"]),
+        ffn_device=",".join(devices["ffn"]),
     )
     launcher: Any
     if ray:
@@ -243,7 +269,8 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # `kill` of the launcher still stops every node
     control = ControlServer(launcher, stop)
     try:
-        with console.status(f"starting router + {attn} attention + {ffn} FFN nodes ..."):
+        on = f"attention on {config.attn_device}, FFN on {config.ffn_device}"
+        with console.status(f"starting router + {attn} attention + {ffn} FFN nodes ({on}) ..."):
             launcher.start()
         control.start()
         path = state_path(name)

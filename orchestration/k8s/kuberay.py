@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from afd.errors import ConfigError
 from orchestration.k8s.config import ATTENTION_POOL, AttentionPool, ClusterConfig, FfnPool
 from orchestration.k8s.naming import Manifest, labels, metadata
 from orchestration.k8s.render import (
@@ -42,12 +43,24 @@ def head_service_name(config: ClusterConfig) -> str:
     return f"{config.name}-head-svc"
 
 
+def _ffn_device(config: ClusterConfig) -> str:
+    """The one `--ffn-device` of `afd up --ray`: every FFN pool's device (Ray gives each actor its pool's GPU)."""
+    devices = {pool.name: pool.device for pool in config.ffn_pools}
+    if len(set(devices.values())) > 1:
+        raise ConfigError(
+            f"the ray overlay runs one `afd up --ray --ffn-device` for every FFN pool, but the pools' devices "
+            f"differ ({devices}); render without the ray overlay (a StatefulSet per pool) for mixed FFN pools"
+        )
+    return next(iter(devices.values()), "cpu")
+
+
 def _head_script(config: ClusterConfig) -> str:
     attention = config.attention
     up_args = [
         "afd", "up", "--ray", "--model", model_dir(config),
         "--attn", str(attention.replicas), "--ffn", str(sum(pool.replicas for pool in config.ffn_pools)),
         "--transport", attention.transport, "--microbatches", str(attention.microbatches),
+        "--attn-device", attention.device, "--ffn-device", _ffn_device(config),
         *config.ray.extra_up_args,
     ]  # fmt: skip
     gcs = f"127.0.0.1:{RAY_GCS_PORT}"

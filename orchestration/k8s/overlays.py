@@ -63,6 +63,16 @@ def _mix(
     return transform
 
 
+def _gpu_attention_cpu_experts(data: ConfigData) -> ConfigData:
+    """Attention on an H100, experts in the memory of CPU hosts (the one-GPU-plus-big-host way of running a
+    large MoE); gRPC between them, since NCCL needs a GPU on both ends. The CUDA image serves both pools: a
+    CUDA build of torch computes on the CPU too."""
+    data["attention"].update(accelerator=_gpu(H100), resources=_sized("16", "128Gi"), transport="grpc")
+    for pool in data["ffnPools"]:
+        pool.update(accelerator=None, tolerations=[], resources=_sized("32", "192Gi"))
+    return data
+
+
 def _pool_per_gpu_kind(data: ConfigData) -> ConfigData:
     """Attention on H100; one FFN pool per GPU kind (H100, A100, L40S), each cloned from the first FFN pool."""
     template = data["ffnPools"][0]
@@ -117,6 +127,11 @@ OVERLAYS: dict[str, Overlay] = {
             "h20-attn-h100-ffn",
             "attention on H20 (96 GB HBM, low compute), experts on H100 (compute); NCCL",
             _mix(H20, H100, _sized("16", "128Gi"), _sized("8", "96Gi")),
+        ),
+        Overlay(
+            "h100-attn-cpu-ffn",
+            "attention on H100, experts in host memory on CPU nodes (one GPU plus big-memory hosts); gRPC",
+            _gpu_attention_cpu_experts,
         ),
         Overlay(
             "pool-per-gpu-kind", "attention on H100, one FFN pool per GPU kind (H100, A100, L40S)", _pool_per_gpu_kind
