@@ -43,12 +43,12 @@ class LimitedMlpSlice(MlpSlice):
 class LimitedSwigluExperts(LoopedExperts):
     """The routed experts of one bounded Step-3.5 layer on one FFN node (see the module docstring)."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, limit: float) -> None:
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, limit: float, sync_free: bool | None = None) -> None:
         """gate_up: `[num_local, 2 * intermediate, hidden]` (gate rows first); down: `[num_local, hidden,
-        intermediate]`; limit > 0."""
+        intermediate]`; limit > 0; sync_free as LoopedExperts (None: by the weights' device)."""
         if limit <= 0:
             raise ValueError(f"swiglu limit must be positive, got {limit}")
-        super().__init__(int(gate_up.shape[0]))
+        super().__init__(int(gate_up.shape[0]), gate_up.device, sync_free)
         self.gate_up, self.down, self.limit = gate_up, down, limit
         self.intermediate = int(down.shape[2])
 

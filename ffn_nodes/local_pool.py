@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from afd.checkpoint import CheckpointReader
+from afd.devices import parse_device
 from afd.dtypes import resolve_dtype
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
@@ -21,10 +22,13 @@ def local_ffn_pool(
     num_shards: int,
     dtype: str = "auto",
     weights: Sequence[float] | None = None,
+    device: str = "cpu",
 ) -> tuple[ExpertPlacement, InProcessTransport]:
-    """Placement over shards "ffn-0".."ffn-{N-1}" (in proportion to `weights`) and a transport to them."""
+    """Placement over shards "ffn-0".."ffn-{N-1}" (in proportion to `weights`) and a transport to them; the
+    shards hold their weights on `device` ("cpu", "cuda", "cuda:1", ...; refused when not present) and
+    return their partial sums there."""
     spec = ModelSpec.from_pretrained(model_dir)
     placement = ExpertPlacement.balanced(spec.num_experts, [f"ffn-{i}" for i in range(num_shards)], weights)
-    reader = CheckpointReader(model_dir, dtype=resolve_dtype(dtype, spec.dtype))
+    reader = CheckpointReader(model_dir, dtype=resolve_dtype(dtype, spec.dtype), device=parse_device(device))
     shards = {node: FfnShard.load(model_dir, placement, node, spec=spec, reader=reader) for node in placement.nodes}
     return placement, InProcessTransport(shards)

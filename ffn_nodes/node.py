@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from afd.checkpoint import CheckpointReader
+from afd.devices import DeviceInfo, synchronize
 from afd.dtypes import resolve_dtype
 from afd.model_spec import ModelSpec, model_fingerprint
 from afd.node_lifecycle import run_until_signal
@@ -99,16 +100,13 @@ class FfnClusterNode(FfnNodeServer):
     def _measure_capacity(self) -> pb.CapacityProfile:
         spec = ModelSpec.from_pretrained(self.config.model_dir)
         dtype = resolve_dtype(self.config.dtype, spec.dtype)
-        memory = 0
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            import os
-
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        device = self.config.compute_device
+        info = DeviceInfo.of(device)
         return pb.CapacityProfile(
-            device_kind=f"cpu ({torch.get_num_threads()} threads)",
-            device_memory_bytes=int(memory),
+            device_kind=info.name,  # "NVIDIA H200", "cpu (8 threads)"
+            device_memory_bytes=info.memory_bytes,
             device_count=1,
-            ffn_us_per_token_expert=ffn_us_per_token_expert(self.config.model_dir, spec, dtype),
+            ffn_us_per_token_expert=ffn_us_per_token_expert(self.config.model_dir, spec, dtype, device=device),
         )
 
     def _beat(self) -> pb.HeartbeatRequest:
@@ -166,9 +164,18 @@ class FfnClusterNode(FfnNodeServer):
 
 
 @torch.inference_mode()
-def ffn_us_per_token_expert(model_dir: str | Path, spec: ModelSpec, dtype: torch.dtype, tokens: int = 16) -> float:
-    """Microseconds for one token through one routed expert (or through the whole dense MLP of layer 0)."""
-    reader = CheckpointReader(model_dir, dtype=dtype)
+def ffn_us_per_token_expert(
+    model_dir: str | Path,
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    tokens: int = 16,
+    device: torch.device | None = None,
+) -> float:
+    """Microseconds for one token through one routed expert (or through the whole dense MLP of layer 0), on
+    `device` (None: the CPU) through the path the node computes with there; an accelerator is synchronised
+    around each timed call, so the time is the device's, not the host's queueing."""
+    device = device or torch.device("cpu")
+    reader = CheckpointReader(model_dir, dtype=dtype, device=device)
     names = TensorNames(spec)
     layer = next((i for i, spec_layer in enumerate(spec.layers) if spec_layer.moe is not None), 0)
     moe = spec.layers[layer].moe
@@ -181,14 +188,16 @@ def ffn_us_per_token_expert(model_dir: str | Path, spec: ModelSpec, dtype: torch
         n = names.expert(layer, 0) if moe is not None else names.dense_mlp(layer)
         gate, up, down = reader.get(n.gate), reader.get(n.up), reader.get(n.down)
         experts = StackedExperts(torch.cat((gate, up)).unsqueeze(0), down.unsqueeze(0), strategy="looped")
-    hidden = torch.randn(tokens, spec.hidden_size, dtype=dtype) * 0.1
-    ids = torch.zeros(tokens, 1, dtype=torch.int32)
-    weights = torch.ones(tokens, 1)
+    hidden = (torch.randn(tokens, spec.hidden_size, dtype=dtype) * 0.1).to(device)
+    ids = torch.zeros(tokens, 1, dtype=torch.int32, device=device)
+    weights = torch.ones(tokens, 1, device=device)
     out = torch.zeros_like(hidden)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(5):  # the best of 5: the first also warms up (kernel loading, the CPU tuner)
+        synchronize(device)
         start = time.perf_counter()
         experts.forward(hidden, ids, weights, out)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best * 1e6 / tokens
 

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from afd.checkpoint import CheckpointReader
+from afd.devices import parse_device
 from afd.dtypes import resolve_dtype
 from afd.errors import AfdError, ConfigError, PeerError
 from afd.ffn_messages import FfnRequest
@@ -86,6 +87,10 @@ class FfnServerConfig:
     """Port to bind; 0 picks a free one (see `FfnNodeServer.port`)."""
     dtype: str = "auto"
     """Compute dtype: auto (the checkpoint's), float32, bfloat16 or float16."""
+    device: str = "cpu"
+    """Compute device as torch names it: cpu, cuda, cuda:N (ROCm too), or another torch device type (xpu, ...).
+    The shard's weights are read straight onto it and requests are computed there; one that is not present
+    is refused here, naming what was found."""
     auth: ClusterAuth = field(default_factory=ClusterAuth)
     """Cluster token / mTLS required of every caller."""
     max_tokens_per_frame: int = 65536
@@ -113,6 +118,12 @@ class FfnServerConfig:
                 raise ConfigError(f"FfnServerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.placement is not None:
             self.placement.index(self.node_id)  # raises ConfigError naming the node
+        parse_device(self.device)  # raises ConfigError naming the devices found
+
+    @property
+    def compute_device(self) -> torch.device:
+        """`device` parsed (a bare accelerator type means its index 0)."""
+        return parse_device(self.device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,7 +295,8 @@ class FfnNodeServer:
     def _load_shard(self, placement: ExpertPlacement) -> FfnShard:
         spec = self._spec or ModelSpec.from_pretrained(self.config.model_dir)
         self._spec = spec
-        reader = CheckpointReader(self.config.model_dir, dtype=resolve_dtype(self.config.dtype, spec.dtype))
+        dtype = resolve_dtype(self.config.dtype, spec.dtype)
+        reader = CheckpointReader(self.config.model_dir, dtype=dtype, device=self.config.compute_device)
         return FfnShard.load(self.config.model_dir, placement, self.config.node_id, spec=spec, reader=reader)
 
     def _install(self, shard: FfnShard) -> None:

@@ -36,21 +36,26 @@ class LayerShard:
 class FfnShard:
     """Computes partial sums for the experts and MLP slices that the placement gives node `node_id`."""
 
-    def __init__(self, spec: ModelSpec, placement: ExpertPlacement, node_id: str, layers: list[LayerShard]):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        placement: ExpertPlacement,
+        node_id: str,
+        layers: list[LayerShard],
+        device: torch.device | None = None,
+    ):
+        """`device`: where the weights are and the partial sums are computed; None: the weights' device (the
+        CPU for a shard that holds nothing)."""
         self.spec = spec
         self.placement = placement
         self.node_id = node_id
         self.layers = layers
-        self.dtype = next(
-            (
-                t.dtype
-                for layer in layers
-                for part in (layer.experts, layer.shared, layer.dense)
-                if part
-                for t in (part.gate_up,)
-            ),
-            torch.float32,
-        )
+        weights = [
+            part.gate_up for layer in layers for part in (layer.experts, layer.shared, layer.dense) if part is not None
+        ]
+        self.dtype = weights[0].dtype if weights else torch.float32
+        self.device: torch.device = weights[0].device if weights else (device or torch.device("cpu"))
+        """The compute device: requests are moved here, partial sums are returned here."""
 
     @classmethod
     def load(
@@ -61,11 +66,22 @@ class FfnShard:
         dtype: torch.dtype | None = None,
         spec: ModelSpec | None = None,
         reader: CheckpointReader | None = None,
+        device: torch.device | str | None = None,
     ) -> FfnShard:
+        """Node `node_id`'s share of `placement`, read from `model_dir` (or through `reader`, whose dtype and
+        device then apply) straight onto `device` (None: the reader's, else the CPU; `meta` builds it without
+        storage, for tests and dry runs)."""
         spec = spec or ModelSpec.from_pretrained(model_dir)
         if spec.num_experts != placement.num_experts:
             raise ConfigError(f"placement covers {placement.num_experts} experts, the model has {spec.num_experts}")
-        reader = reader or CheckpointReader(model_dir, dtype=dtype)
+        wanted = torch.device(device) if device is not None else None
+        if reader is None:
+            reader = CheckpointReader(model_dir, dtype=dtype, device=wanted)
+        target = reader.device or torch.device("cpu")
+        if wanted is not None and (
+            target.type != wanted.type or (wanted.index is not None and target.index not in (None, wanted.index))
+        ):
+            raise ConfigError(f"FfnShard.load: device {wanted} differs from the reader's ({target})")
         node = placement.index(node_id)
         names = TensorNames(spec)
         layers = []
@@ -97,7 +113,7 @@ class FfnShard:
                     layer_spec.mlp_swiglu_limit,
                 )
             layers.append(shard)
-        return cls(spec, placement, node_id, layers)
+        return cls(spec, placement, node_id, layers, target)
 
     @property
     def num_local_experts(self) -> int:
@@ -114,28 +130,40 @@ class FfnShard:
         totals = [0] * self.num_local_experts
         for layer in self.layers:
             if layer.experts is not None:
-                for expert, count in enumerate(list(layer.experts.expert_tokens)):  # list(): one copy under the GIL
+                # a copy; on an accelerator, the one read of the device counters (see ExpertLoad)
+                for expert, count in enumerate(layer.experts.expert_tokens):
                     totals[expert] += count
         return totals
 
     def compute(self, request: FfnRequest) -> torch.Tensor:
-        """Partial sum `[num_tokens, hidden_size]` (hidden dtype) of this node's share of `request.layer`."""
+        """Partial sum `[num_tokens, hidden_size]` (hidden dtype, on the shard's device) of this node's share of
+        `request.layer`. Request tensors elsewhere (the wire decodes to the CPU) are moved here first, once."""
         if not 0 <= request.layer < len(self.layers):
             raise ValueError(f"layer {request.layer} out of range [0, {len(self.layers)})")
         shard = self.layers[request.layer]
-        hidden = request.hidden
+        device = self.device
+        hidden = _on(request.hidden, device)
         out = torch.zeros_like(hidden)
         if shard.experts is not None and request.expert_ids is not None:
             assert request.expert_weights is not None, "expert_ids without expert_weights"
-            shard.experts.forward(hidden, request.expert_ids, request.expert_weights, out)
+            ids, weights = _on(request.expert_ids, device), _on(request.expert_weights, device)
+            shard.experts.forward(hidden, ids, weights, out)
         if shard.shared is not None:
             shared = shard.shared.forward(hidden)
             if request.shared_scale is not None:
-                shared = shared * request.shared_scale.to(shared.dtype).unsqueeze(1)
+                shared = shared * _on(request.shared_scale, device).to(shared.dtype).unsqueeze(1)
             out += shared
         if shard.dense is not None:
             out += shard.dense.forward(hidden)
         return out
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`: itself when already there; from pinned host memory without blocking the host (the
+    copy is ordered before the compute on the same stream, and torch's pinned allocator keeps the buffer alive)."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu" and tensor.is_pinned())
 
 
 def _load_experts(
