@@ -83,10 +83,18 @@ class TransferStats:
         self.token_totals[layer] += tokens
         self.bytes_sent_totals[layer] += sent
 
-    def take(self) -> list[tuple[int, int, float, int, int]]:
-        """(layer, round_trips, seconds, bytes_sent, bytes_received) of layers with traffic; then reset."""
+    def take(self) -> list[tuple[int, int, float, int, int, float]]:
+        """(layer, round_trips, seconds, bytes_sent, bytes_received, wait_seconds) of layers with traffic; then
+        reset."""
         rows = [
-            (layer, self.round_trips[layer], self.seconds[layer], self.bytes_sent[layer], self.bytes_received[layer])
+            (
+                layer,
+                self.round_trips[layer],
+                self.seconds[layer],
+                self.bytes_sent[layer],
+                self.bytes_received[layer],
+                self.wait_seconds[layer],
+            )
             for layer in range(self.num_layers)
             if self.round_trips[layer]
         ]

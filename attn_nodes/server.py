@@ -211,9 +211,14 @@ class AttentionNodeServer(StopOnce):
             kv_cache_usage=engine.kv.usage,
             generated_tokens=self.generated,
         )
-        for layer, trips, seconds, sent, received in engine.runner.transfers.take():
+        for layer, trips, seconds, sent, received, wait in engine.runner.transfers.take():
             load.transfers.add(
-                layer=layer, round_trips=trips, seconds=seconds, bytes_sent=sent, bytes_received=received
+                layer=layer,
+                round_trips=trips,
+                seconds=seconds,
+                bytes_sent=sent,
+                bytes_received=received,
+                wait_seconds=wait,
             )
         placement = engine.placement
         return pb.HeartbeatRequest(

@@ -57,6 +57,12 @@ class Row:
     gain_vs_m1: float | None
     mean_ttft_ms: float | None
     mean_tpot_ms: float | None
+    round_trip_ms: float | None = None
+    """Mean attention->FFN->attention exchange of one layer and microbatch, dispatch to combine (router metrics)."""
+    wait_ms: float | None = None
+    """Mean time the attention node was blocked in that exchange's combine: the part the pipeline did not hide."""
+    hidden_share: float | None = None
+    """1 - wait / round trip: the share of the exchanges the microbatch wavefront hid behind attention compute."""
 
 
 def _prompts(config: ClusterBenchConfig, vocab: int) -> list[list[int]]:
@@ -103,12 +109,62 @@ def wire_bytes_per_token_layer(config: ClusterBenchConfig, prompts: list[list[in
     return out
 
 
+EXCHANGE_COUNTERS = {
+    "afd:layer_round_trips": "round_trips",
+    "afd:layer_round_trip_seconds": "seconds",
+    "afd:layer_wait_seconds": "wait_seconds",
+}
+HEARTBEAT_SETTLE_S = 5.0
+"""Longest wait for the attention node's last heartbeat to bring the run's exchanges to the router's counters."""
+
+
+def exchange_totals(base_url: str) -> dict[str, float]:
+    """The router's per-layer exchange counters, summed over layers: round_trips, seconds, wait_seconds."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=10.0).text
+    totals = dict.fromkeys(EXCHANGE_COUNTERS.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        key = EXCHANGE_COUNTERS.get(family.name)
+        if key is not None:
+            totals[key] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return totals
+
+
+def settled_exchange_totals(base_url: str, previous: dict[str, float] | None = None) -> dict[str, float]:
+    """exchange_totals once two readings a heartbeat apart agree (bounded by HEARTBEAT_SETTLE_S)."""
+    deadline = time.monotonic() + HEARTBEAT_SETTLE_S
+    last = exchange_totals(base_url)
+    while time.monotonic() < deadline:
+        time.sleep(1.1)
+        current = exchange_totals(base_url)
+        if current == last and (previous is None or current != previous):
+            return current
+        last = current
+    return last
+
+
+def _exchange_row_fields(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    trips = after["round_trips"] - before["round_trips"]
+    if trips <= 0:
+        return {"round_trip_ms": None, "wait_ms": None, "hidden_share": None}
+    seconds = after["seconds"] - before["seconds"]
+    wait = after["wait_seconds"] - before["wait_seconds"]
+    return {
+        "round_trip_ms": round(seconds * 1e3 / trips, 3),
+        "wait_ms": round(wait * 1e3 / trips, 3),
+        "hidden_share": round(1 - wait / seconds, 3) if seconds > 0 else None,
+    }
+
+
 def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -> tuple[list[Row], dict[str, Any]]:
     prompts = _prompts(config, vocab)
     engine_rate = engine_tokens_per_s(config, prompts)
     wire_bytes = wire_bytes_per_token_layer(config, prompts)
     rows = [Row("single-process engine", None, round(engine_rate, 2), 1.0, None, None, None)]
     results: dict[int, dict[str, Any]] = {}
+    exchanges: dict[int, dict[str, float | None]] = {}
     for m in config.microbatches:
         with start_cluster(m) as base_url:
             serve = ServeBenchmarkConfig(
@@ -122,7 +178,9 @@ def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -
                 temperature=0.0,
             )
             run_serve_benchmark(ServeBenchmarkConfig(**{**asdict(serve), "num_prompts": config.concurrency}))
+            before = settled_exchange_totals(base_url)
             results[m] = run_serve_benchmark(serve)
+            exchanges[m] = _exchange_row_fields(before, settled_exchange_totals(base_url, before))
         if results[m]["failed"]:
             raise RuntimeError(f"{results[m]['failed']} requests failed with m={m}: {results[m]['errors'][:3]}")
     base = results.get(1, {}).get("output_throughput")
@@ -137,6 +195,7 @@ def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -
                 round(rate / base, 3) if base else None,
                 round(result["mean_ttft_ms"], 2),
                 round(result["mean_tpot_ms"], 2),
+                **exchanges[m],  # type: ignore[arg-type]
             )
         )
     context = {"model": str(config.model), **{k: v for k, v in asdict(config).items() if k != "model"}}
@@ -153,7 +212,7 @@ def report(rows: list[Row], context: dict[str, Any], json_only: bool) -> None:
         title=f"Cluster vs single-process engine ({context['num_prompts']} requests, "
         f"{context['input_len']} in / {context['output_len']} out, concurrency {context['concurrency']})"
     )
-    for column in ("setup", "m", "output tok/s", "vs engine", "vs m=1", "TTFT ms", "TPOT ms"):
+    for column in ("setup", "m", "output tok/s", "vs engine", "vs m=1", "TTFT ms", "TPOT ms", "A-F-A ms", "wait ms"):
         table.add_column(column)
     for r in rows:
         table.add_row(
@@ -164,6 +223,8 @@ def report(rows: list[Row], context: dict[str, Any], json_only: bool) -> None:
             f"{r.gain_vs_m1:.2f}x" if r.gain_vs_m1 else "-",
             str(r.mean_ttft_ms or "-"),
             str(r.mean_tpot_ms or "-"),
+            str(r.round_trip_ms or "-"),
+            "-" if r.wait_ms is None or r.hidden_share is None else f"{r.wait_ms} ({r.hidden_share:.0%} hidden)",
         )
     Console().print(table)
     wire = context.get("wire_bytes_per_token_layer")

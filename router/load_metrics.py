@@ -119,6 +119,7 @@ class LoadMetrics:
             layer = str(transfer.layer)
             metrics.layer_round_trips.labels(layer).inc(transfer.round_trips)
             metrics.layer_round_trip_seconds.labels(layer).inc(transfer.seconds)
+            metrics.layer_wait_seconds.labels(layer).inc(transfer.wait_seconds)
             metrics.activation_bytes.labels("attention_to_ffn").inc(transfer.bytes_sent)
             metrics.activation_bytes.labels("ffn_to_attention").inc(transfer.bytes_received)
             metrics.layer_activation_bytes.labels(layer, "attention_to_ffn").inc(transfer.bytes_sent)

@@ -63,6 +63,13 @@ class RouterMetrics:
             ["layer"],
             registry=r,
         )
+        self.layer_wait_seconds = Counter(
+            "afd:layer_wait_seconds",
+            "Time attention nodes were blocked waiting for FFN partial sums per layer: the part of "
+            "afd:layer_round_trip_seconds the microbatch pipeline did not hide.",
+            ["layer"],
+            registry=r,
+        )
         self.layer_activation_bytes = Counter(
             "afd:layer_activation_bytes",
             "Activation bytes between attention and FFN nodes per layer (afd:activation_bytes split by layer).",

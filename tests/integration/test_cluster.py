@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from afd.builtin_model import builtin_model_dir
+from benchmarks.cluster import exchange_totals
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig
 from tests.engines import greedy_reference_texts
 
@@ -146,10 +147,15 @@ def test_openai_clients_get_the_reference_tokens(cluster, expected):
         "vllm:generation_tokens_total",
         'afd:activation_bytes_total{direction="attention_to_ffn"}',
         'afd:layer_round_trip_seconds_total{layer="3"}',
+        'afd:layer_wait_seconds_total{layer="3"}',
         "afd:ffn_busy_fraction",
         "afd:expert_tokens_total",
     ):
         assert name in metrics, name
+    # the blocked part of each exchange reaches the router, and is a part of it (what `afd bench cluster` reports)
+    totals = exchange_totals(c.base_url)
+    assert totals["round_trips"] > 0
+    assert 0 < totals["wait_seconds"] <= totals["seconds"]
 
 
 @pytest.mark.parametrize("transport", ["shm", "gloo"])

@@ -77,8 +77,8 @@ def test_the_peer_answers_each_generate_on_its_own_stream(fake_vllm: Path, tmp_p
 
 
 def test_the_benchmark_reports_vllm_beside_the_engine(fake_vllm: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda: 10.0)
-    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda **_: 10.0)
+    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda **_: 10.0)
     model = build_checkpoint("qwen3_moe", tmp_path / "model")
     peer = VllmPeer(fake_vllm, model, "bfloat16", 2, 64, preload=False)
     try:
@@ -109,8 +109,8 @@ def test_bench_engine_skips_the_peer_with_one_line(tmp_path: Path, monkeypatch) 
     from orchestration.cli import app
 
     monkeypatch.delenv("AFD_VLLM_PYTHON", raising=False)
-    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda: 10.0)
-    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda **_: 10.0)
+    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda **_: 10.0)
     model = build_checkpoint("qwen3_moe", tmp_path / "model")
     args = ["bench", "engine", "--checkpoint", str(model), "--batch", "1", "--new-tokens", "2", "--prompt-len", "4"]
     result = CliRunner().invoke(app, [*args, "--repeats", "1", "--peer", "vllm"])

@@ -210,8 +210,8 @@ def test_bench_engine_accepts_minimax(tiny_checkpoint, monkeypatch):
     counts a state per request on the lightning layers, not a KV cache growing with the context."""
     from benchmarks import engine
 
-    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda: 10.0)
-    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda **_: 10.0)
+    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda **_: 10.0)
     directory = tiny_checkpoint("minimax")
     results, context = engine.run([1, 2], 8, 2, 3, directory, repeats=1)
     assert [r.batch for r in results] == [1, 2] and context["ffn_shards"] == 3

@@ -161,8 +161,8 @@ def _run_bench_engine(directory, monkeypatch, capsys):
     the command so that the printed JSON lines and table are exercised too; the JSON lines."""
     from benchmarks import engine
 
-    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda: 10.0)
-    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(engine, "read_bandwidth_gbs", lambda **_: 10.0)
+    monkeypatch.setattr(engine, "copy_bandwidth_gbs", lambda **_: 10.0)
     engine.command(
         batch=[1, 2], prompt_len=8, new_tokens=2, ffn_shards=3, checkpoint=directory, repeats=1, json_output=False
     )

@@ -153,18 +153,20 @@ class TokenLogprobs(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LayerTransfer(_message.Message):
-    __slots__ = ("layer", "round_trips", "seconds", "bytes_sent", "bytes_received")
+    __slots__ = ("layer", "round_trips", "seconds", "bytes_sent", "bytes_received", "wait_seconds")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ROUND_TRIPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     round_trips: int
     seconds: float
     bytes_sent: int
     bytes_received: int
-    def __init__(self, layer: _Optional[int] = ..., round_trips: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    wait_seconds: float
+    def __init__(self, layer: _Optional[int] = ..., round_trips: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
     __slots__ = ("num_running", "num_waiting", "kv_cache_usage", "busy_fraction", "expert_token_counts", "generated_tokens", "transfers")
