@@ -132,8 +132,8 @@ def pool_devices(text: str, option: str = "--device") -> list[str]:
     names = device_names(text, option)
     try:
         devices = parse_device_list(",".join(names))
-    except ConfigError as exc:
-        raise ConfigError(f"{option}: {exc}") from None
+    except ConfigError as exc:  # parse_device names the option --device; here it is the pool's option
+        raise ConfigError(str(exc).replace("--device", option, 1)) from None
     if len(names) == 1 and ":" not in names[0] and devices[0].type not in ("cpu", "meta"):
         count = getattr(getattr(torch, devices[0].type), "device_count", lambda: 1)()
         return [f"{devices[0].type}:{index}" for index in range(int(count))]

@@ -240,24 +240,28 @@ def up(
     if _launcher_alive(name):
         console.print(f"[red]error:[/red] a cluster named {name!r} is already running; `afd down` it first")
         raise typer.Exit(2)
-    config = LocalClusterConfig(
-        model=model,
-        attn=attn,
-        ffn=ffn,
-        transport=transport,
-        microbatches=microbatches,
-        host=host,
-        http_port=port,
-        api_key_file=api_key_file,
-        max_request_body_bytes=max_request_body_bytes,
-        protect_metrics=protect_metrics,
-        chat_template=chat_template,
-        threads_per_node=threads,
-        expert_replication=expert_replication == "on",
-        wire_dtype=wire_dtype,
-        attn_device=",".join(devices["attn"]),
-        ffn_device=",".join(devices["ffn"]),
-    )
+    try:
+        config = LocalClusterConfig(
+            model=model,
+            attn=attn,
+            ffn=ffn,
+            transport=transport,
+            microbatches=microbatches,
+            host=host,
+            http_port=port,
+            api_key_file=api_key_file,
+            max_request_body_bytes=max_request_body_bytes,
+            protect_metrics=protect_metrics,
+            chat_template=chat_template,
+            threads_per_node=threads,
+            expert_replication=expert_replication == "on",
+            wire_dtype=wire_dtype,
+            attn_device=",".join(devices["attn"]),
+            ffn_device=",".join(devices["ffn"]),
+        )
+    except AfdError as exc:  # e.g. --transport nccl with a pool on the CPU, --attn 0
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
     launcher: Any
     if ray:
         from orchestration.ray_cluster import RayCluster

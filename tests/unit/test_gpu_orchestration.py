@@ -54,13 +54,17 @@ def test_a_bare_cuda_spreads_a_pool_over_every_gpu_and_a_list_is_kept_in_its_ord
     assert pool_devices("cuda") == ["cuda:0", "cuda:1"]
     assert pool_devices("cuda:1") == ["cuda:1"]
     assert pool_devices("cuda:1, cuda:0") == ["cuda:1", "cuda:0"]
-    with pytest.raises(ConfigError, match=r"--ffn-device: .*'cuda:2'.*indices 0\.\.1; found: .*2 x NVIDIA H200"):
+    with pytest.raises(
+        ConfigError, match=r"--ffn-device 'cuda:2': cuda has 2 device\(s\), indices 0\.\.1; found: .*2 x NVIDIA H200"
+    ):
         pool_devices("cuda:2", "--ffn-device")
 
 
 def test_an_absent_device_is_refused_naming_what_was_found() -> None:
     _no_gpu()
-    with pytest.raises(ConfigError, match=r"--attn-device: .*no cuda device is present; found: cpu \(\d+ threads\)"):
+    with pytest.raises(
+        ConfigError, match=r"--attn-device 'cuda': no cuda device is present; found: cpu \(\d+ threads\)"
+    ):
         pool_devices("cuda", "--attn-device")
     with pytest.raises(ConfigError, match="'gpu0' is not a torch device"):
         pool_devices("gpu0", "--attn-device")
@@ -153,7 +157,7 @@ def test_mixed_pools_cuda_attention_cpu_ffn(two_gpus: None, tmp_path: Path) -> N
 def test_start_refuses_an_absent_device_before_any_process(tmp_path: Path) -> None:
     _no_gpu()
     cluster = _RecordingCluster(LocalClusterConfig(model=tmp_path, ffn_device="cuda"), workdir=tmp_path)
-    with pytest.raises(ConfigError, match=r"--ffn-device: .*no cuda device is present; found: cpu"):
+    with pytest.raises(ConfigError, match=r"--ffn-device 'cuda': no cuda device is present; found: cpu"):
         cluster.start()
     assert cluster.spawned == []
 
@@ -170,6 +174,9 @@ def test_afd_up_refuses_an_absent_device_at_parse_time(tmp_path: Path, monkeypat
     result = runner.invoke(app, ["up", "--ray", "--ffn-device", "cuda:1", "--port", "0"])
     assert result.exit_code == 2, result.output
     assert "Ray assigns each actor its GPU" in " ".join(result.output.split())
+    result = runner.invoke(app, ["up", "--transport", "nccl", "--port", "0"])
+    assert result.exit_code == 2, result.output  # a clear error, not the ConfigError's traceback (exit 1)
+    assert "--transport nccl moves activations GPU to GPU" in " ".join(result.output.split())
 
 
 # ---- Ray actors --------------------------------------------------------------------------------------------
