@@ -1,10 +1,12 @@
 """The C++ CPU kernels in csrc/cpu_kernels.cpp, built once per machine with its own compiler.
 
 `make setup` builds them (`afd.kernels.native.main`); otherwise the first process that needs them
-does. The build goes through torch.utils.cpp_extension into the cache (`~/.cache/afd/native-kernels/`),
-in a folder named by the source, torch and Python, so a changed source or a new torch rebuilds and
-processes on one machine share a build. The instruction set is picked at run time inside the library, so
-a cached build also runs on another x86-64 CPU.
+does. The build goes through torch.utils.cpp_extension into the cache (`~/.cache/afd/native-kernels/`, or
+`$AFD_NATIVE_KERNELS_DIR`), in a folder named by the source, torch and Python, so a changed source or a new
+torch rebuilds and processes on one machine share a build. A folder that already holds the built library is
+imported directly, without a compiler or ninja: that is how an image built with a compiler (the CPU
+Dockerfile) ships the kernels to a runtime without one. The instruction set is picked at run time inside the
+library, so a cached build also runs on another x86-64 CPU.
 
 When the build or the import fails (no compiler, no ninja, a CPU without AVX2) or `AFD_NATIVE_KERNELS=0`,
 `load()` returns None and logs the reason once: every caller then keeps torch's own kernels.
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 DISABLE_ENV = "AFD_NATIVE_KERNELS"
 """Set to 0 to run on torch's kernels only (the pure-torch fallback)."""
+DIR_ENV = "AFD_NATIVE_KERNELS_DIR"
+"""Root of the builds instead of ~/.cache/afd/native-kernels (an image's prebuilt kernels)."""
+MODULE_NAME = "afd_cpu_kernels"
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -37,8 +42,32 @@ _tried = False
 
 def _build_dir() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    root = os.environ.get(DIR_ENV)
+    if root:
+        return Path(root) / key
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "afd" / "native-kernels" / key
+
+
+def _prebuilt(directory: Path) -> ModuleType | None:
+    """The library already built in `directory`, imported as is; None where there is none or it does not import
+    (e.g. half written by a build under way), and the build below then runs."""
+    import importlib.machinery
+    import importlib.util
+
+    library = directory / f"{MODULE_NAME}.so"
+    if not library.is_file():
+        return None
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(library))
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, library, loader=loader)
+        if spec is None:
+            return None
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    except ImportError:
+        return None
 
 
 def disabled() -> bool:
@@ -49,13 +78,16 @@ def _build(verbose: bool) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     directory = _build_dir()
+    prebuilt = _prebuilt(directory)
+    if prebuilt is not None:
+        return prebuilt
     directory.mkdir(parents=True, exist_ok=True)
     # cpp_extension runs `ninja` from PATH; the venv's own ninja (a dependency) is beside this interpreter.
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     return load(
-        name="afd_cpu_kernels",
+        name=MODULE_NAME,
         sources=[str(SOURCE)],
         # -fopenmp makes at::parallel_for split work across torch's threads; the library then resolves
         # libgomp.so.1 to the copy torch already loaded, so there is one thread pool.

@@ -267,3 +267,29 @@ def test_rms_norm_interface_declines_what_it_does_not_serve(kernels) -> None:
     assert rms_norm(x.float(), _bf16(16).float(), 1e-6) is None  # fp32: torch's path
     assert rms_norm(x.T, _bf16(2), 1e-6) is None  # last dim not contiguous
     assert torch.equal(rms_norm(x, _bf16(16), 1e-6), _bf16(16) * F.rms_norm(x, (16,), None, 1e-6))
+
+
+def test_a_prebuilt_library_loads_without_a_compiler_or_ninja(kernels, tmp_path):
+    """What the CPU image does: the library built at image build time (AFD_NATIVE_KERNELS_DIR) is imported by a
+    runtime with no compiler and no ninja on PATH. Only the .so is copied, so a build could not even start."""
+    import shutil
+
+    built = native._build_dir() / f"{native.MODULE_NAME}.so"
+    assert built.is_file(), f"the session's build is not at {built}"
+    target = tmp_path / native._build_dir().name
+    target.mkdir()
+    shutil.copy2(built, target / built.name)
+    code = (
+        "import shutil, sys\n"
+        "assert shutil.which('g++') is None and shutil.which('c++') is None\n"
+        "from afd.kernels import native\n"
+        "module = native.load()\n"
+        "print(native.failure() if module is None else module.available_isa())\n"
+        "print(module.__file__ if module is not None else '')\n"
+    )
+    env = {"PATH": "/nonexistent", "HOME": str(tmp_path), native.DIR_ENV: str(tmp_path), "PYTHONPATH": os.getcwd()}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    isa, path = result.stdout.split("\n")[:2]
+    assert isa == kernels.available_isa()
+    assert path == str(target / built.name)
