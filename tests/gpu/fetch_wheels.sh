@@ -11,7 +11,9 @@
 # pydantic, starlette, grpcio-health-checking and the openai client. Versions are those of this checkout's
 # .venv where it has them (the combination the CPU suite passes with), else the newest. grpcio and protobuf come
 # too: afd/wire/generated checks their minimums at import, which the image's copies may not meet; anyio and
-# typing-extensions because starlette/openai/pydantic need newer ones than an image may hold.
+# typing-extensions because starlette/openai/pydantic need newer ones than an image may hold; transformers so
+# that tests/gpu compares with the same reference version as the CPU suite (constraints/cpu.txt), not the
+# image's (its needs, huggingface-hub, tokenizers, safetensors, regex, are in the image).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DEST=tests/gpu/wheels
@@ -23,8 +25,9 @@ PACKAGES=(
   uvicorn anyio sniffio idna h11
   openai httpx2 httpcore2 truststore jiter distro
   grpcio grpcio-health-checking protobuf
+  transformers
 )
-# AFD_GPU_EXTRA_WHEELS="transformers==5.23.0 regex" brings more (e.g. the CPU suite's reference transformers).
+# AFD_GPU_EXTRA_WHEELS="flashinfer-python==X" brings more.
 read -r -a EXTRA <<< "${AFD_GPU_EXTRA_WHEELS:-}"
 
 pinned() {  # NAME==VERSION from the local venv, or NAME alone where it lacks the package
