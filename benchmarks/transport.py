@@ -17,7 +17,7 @@ The figures are what the router's planner uses as link bandwidth.
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -213,12 +213,38 @@ def run_inproc(plan: Plan, senders: int, receivers: int) -> Measured:
     return _collect(records)
 
 
+def nccl_unavailable(device: str) -> str | None:
+    """Why `--transport nccl` cannot run here with payloads on `device` (one line), or None if it can."""
+    if not device.startswith("cuda"):
+        return f"nccl moves device memory: pass --device cuda (or cuda:N), not --device {device}"
+    from afd.transport.nccl import unavailable_reason  # importing needs neither CUDA nor libnccl
+
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    from afd.transport.nccl.selftest import pair_supported
+
+    return pair_supported()  # two processes on one GPU need NCCL 2.30+
+
+
 def run_nccl(plan: Plan, senders: int, receivers: int) -> Measured:
+    """Sender and receiver processes, each end of every pair an NcclChannel on `plan.device` (both share
+    that GPU: two ranks on one GPU need NCCL 2.30+, which `nccl_unavailable` checks)."""
+    reason = nccl_unavailable(plan.device)
+    if reason is not None:
+        raise BenchError(f"the nccl transport is not available: {reason}")
+    return run_processes("nccl", plan, senders, receivers)
+
+
+def _present_device(device: str) -> str:
+    """`device` checked to be present here (BenchError naming what was found otherwise)."""
+    from afd.devices import parse_device
+    from afd.errors import ConfigError
+
     try:
-        importlib.import_module("afd.transport.nccl")  # raises without a GPU / libnccl
-    except ImportError as exc:
-        raise BenchError(f"the nccl transport is not available: {exc}") from None
-    raise BenchError("the nccl transport has no benchmark link yet (afd.transport.nccl exposes no Channel)")
+        return str(parse_device(device))
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def measure_memcpy(sizes: list[int]) -> dict[int, float]:
@@ -237,6 +263,8 @@ def measure_memcpy(sizes: list[int]) -> dict[int, float]:
 
 
 def run_transport(transport: str, plan: Plan, senders: int, receivers: int) -> Measured:
+    if transport == "inproc" and plan.device != "cpu":
+        raise BenchError("--transport inproc hands tensors over in memory; --device does not apply to it")
     if transport == "inproc":
         return run_inproc(plan, senders, receivers)
     if transport == "nccl":
@@ -341,6 +369,11 @@ def command(
     streams: int = typer.Option(1, help="grpc: Exchange streams (connections) per link."),
     latency_iters: int = typer.Option(200, help="Round trips of the 64 KiB latency probe."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
+    device: str = typer.Option(
+        "cpu",
+        help="Where payloads live on both ends: cpu, cuda or cuda:N. nccl needs a CUDA device (two processes "
+        "on one GPU need NCCL 2.30+); host transports stage device payloads through pinned host memory.",
+    ),
 ) -> None:
     """Bandwidth sweep and 64 KiB latency of a transport, with blocking-TCP and memcpy baselines."""
     if transport not in TRANSPORTS:
@@ -352,13 +385,22 @@ def command(
     chosen: Literal["sendrecv", "m2n"] = "m2n" if pattern == "m2n" else "sendrecv"
     senders, receivers = (senders, receivers) if chosen == "m2n" else (1, 1)
     plan = make_plan(min_bytes, max_bytes, step_factor, latency_iters, streams)
+    if transport == "nccl" and device == "cpu":
+        device = "cuda"  # nccl always moves device memory; `--transport nccl` alone means the first GPU
+    plan = dataclasses.replace(plan, device=device)
     # A table narrower than its columns gets truncated; piped output (CI logs, README) gets room too.
     console = Console(stderr=as_json, width=max(Console().width, 150))
     try:
+        if transport == "nccl":  # say what is missing at once, before any process is started
+            reason = nccl_unavailable(device)
+            if reason is not None:
+                raise BenchError(f"the nccl transport is not available: {reason}")
+        elif device != "cpu":
+            plan = dataclasses.replace(plan, device=_present_device(device))
         measured = run_transport(transport, plan, senders, receivers)
-        tcp = run_processes("tcp", plan, senders, receivers)
+        tcp = run_processes("tcp", dataclasses.replace(plan, device="cpu"), senders, receivers)  # host baseline
     except BenchError as exc:
-        console.print(f"[red]afd bench transport: {exc}[/red]")
+        console.print(f"[red]afd bench transport: {exc}[/red]", soft_wrap=True)  # one line, however long
         raise typer.Exit(1) from None
     memcpy = measure_memcpy(plan.sizes)
     rows = build_rows(transport, chosen, plan, senders, receivers, measured, tcp, memcpy)

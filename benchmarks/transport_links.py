@@ -33,10 +33,12 @@ import msgpack
 import numpy as np
 import torch
 
+from afd.devices import synchronize
 from afd.errors import PeerError
 from afd.transport.channel import Channel, TensorSpec
 from afd.transport.gloo_channel import GlooStoreServer, connect_gloo
 from afd.transport.shm_channel import ShmListener, connect_shm
+from afd.transport.staging import stage_once, to_device
 from afd.wire import grpc_data
 from afd.wire.event_loop import EventLoopThread
 
@@ -63,10 +65,13 @@ class Plan:
     """Timed round trips of the probe (after a tenth as many untimed)."""
     streams: int = 1
     """gRPC only: Exchange streams (each on its own connection) per link, frames round-robin over them."""
+    device: str = "cpu"
+    """Where payloads live on both ends ("cuda:0"...): host transports stage them through pinned memory
+    (afd.transport.staging) and the receiver moves them onto the device; NCCL moves them device to device."""
 
 
-def payload(nbytes: int) -> torch.Tensor:
-    return torch.ones(nbytes // PAYLOAD_DTYPE.itemsize, dtype=PAYLOAD_DTYPE)
+def payload(nbytes: int, device: str = "cpu") -> torch.Tensor:
+    return torch.ones(nbytes // PAYLOAD_DTYPE.itemsize, dtype=PAYLOAD_DTYPE, device=device)
 
 
 ACK = payload(2)
@@ -158,8 +163,9 @@ def _specs(header: bytes) -> list[TensorSpec]:
 
 
 class ChannelLink(BenchLink):
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, device: str = "cpu") -> None:
         self.channel = channel
+        self.device = torch.device(device)
 
     def send(self, data: torch.Tensor) -> None:
         self.channel.send(msgpack.packb([data.numel()]), [data])
@@ -168,6 +174,11 @@ class ChannelLink(BenchLink):
         # No timeout: the fast path (ChannelTransport receives this way); a dead peer still fails it at once,
         # and the controller bounds the whole run.
         _, (data,) = self.channel.recv(_specs, math.inf)
+        if self.device.type != "cpu" and data.device != self.device:
+            # A host channel's frame, moved onto the device as a node would; waited for, so that the time
+            # measured up to the ack includes the upload.
+            data = to_device(data, self.device)
+            synchronize(self.device)
         return data
 
     def close(self) -> None:
@@ -180,14 +191,22 @@ class GlooOffers:
     def __init__(self) -> None:
         self.store = GlooStoreServer("127.0.0.1")
 
-    def offer(self, peer: str) -> tuple[bytes, Callable[[], BenchLink]]:
+    def offer(self, peer: str, device: str = "cpu") -> tuple[bytes, Callable[[], BenchLink]]:
         listener = self.store.listener(peer)
-        return listener.rendezvous, lambda: ChannelLink(listener.accept(LINK_TIMEOUT_S))
+        return listener.rendezvous, lambda: ChannelLink(listener.accept(LINK_TIMEOUT_S), device)
 
 
-def shm_offer(peer: str) -> tuple[bytes, Callable[[], BenchLink]]:
+def shm_offer(peer: str, device: str = "cpu") -> tuple[bytes, Callable[[], BenchLink]]:
     listener = ShmListener(peer)
-    return listener.rendezvous, lambda: ChannelLink(listener.accept(LINK_TIMEOUT_S))
+    return listener.rendezvous, lambda: ChannelLink(listener.accept(LINK_TIMEOUT_S), device)
+
+
+def nccl_offer(peer: str, device: str) -> tuple[bytes, Callable[[], BenchLink]]:
+    """The receiver is rank 0 of the pair: it makes the pair id (the offer) and joins with it."""
+    from afd.transport.nccl.channel import NcclListener, NcclOptions
+
+    listener = NcclListener(peer, torch.device(device), NcclOptions(connect_timeout=LINK_TIMEOUT_S))
+    return listener.rendezvous, lambda: ChannelLink(listener.accept(LINK_TIMEOUT_S), device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,7 +219,8 @@ _GRPC_WINDOW = 8
 
 
 def _to_message(data: torch.Tensor) -> bytes:
-    raw = data.view(torch.uint8).numpy()
+    (host,) = stage_once([data])  # a device payload through pinned staging, as GrpcTransport frames it
+    raw = host.view(torch.uint8).numpy()
     return grpc_data.envelope([raw.data], raw.nbytes)
 
 
@@ -389,7 +409,7 @@ def inproc_pair() -> tuple[BenchLink, BenchLink]:
 def run_sender(links: list[BenchLink], plan: Plan, probe_latency: bool, emit: Callable[[dict], None]) -> None:
     """Send every size's frames to every link, timing each phase up to the receivers' acks."""
     for size, iters, warmup in zip(plan.sizes, plan.iters, plan.warmup, strict=True):
-        data = payload(size)
+        data = payload(size, plan.device)
         seconds = 0.0
         for count in (warmup, iters):
             start = time.perf_counter()
@@ -401,7 +421,7 @@ def run_sender(links: list[BenchLink], plan: Plan, probe_latency: bool, emit: Ca
             seconds = time.perf_counter() - start
         emit({"size": size, "iters": iters, "seconds": seconds})
     if probe_latency and plan.latency_bytes:
-        data = payload(plan.latency_bytes)
+        data = payload(plan.latency_bytes, plan.device)
         link = links[0]
         round_trips = []
         for index in range(plan.latency_iters + max(plan.latency_iters // 10, 1)):
@@ -449,16 +469,18 @@ def run_receiver(links: list[BenchLink], plan: Plan, receiver_index: int) -> Non
 # ---------------------------------------------------------------------------------------------------
 
 
-def _offers(transport: str, senders: int, receiver: int) -> list[tuple[bytes, Callable[[], BenchLink]]]:
+def _offers(transport: str, senders: int, receiver: int, device: str) -> list[tuple[bytes, Callable[[], BenchLink]]]:
     peers = [f"s{i}-r{receiver}" for i in range(senders)]
     if transport == "tcp":
         tcp = [TcpOffer() for _ in peers]
         return [(offer.offer, offer.accept) for offer in tcp]
     if transport == "gloo":
         gloo = GlooOffers()
-        return [gloo.offer(peer) for peer in peers]
+        return [gloo.offer(peer, device) for peer in peers]
     if transport == "shm":
-        return [shm_offer(peer) for peer in peers]
+        return [shm_offer(peer, device) for peer in peers]
+    if transport == "nccl":
+        return [nccl_offer(peer, device) for peer in peers]
     if transport == "grpc":
         server = GrpcOffers()
         return [server.offer(peer) for peer in peers]
@@ -469,9 +491,14 @@ def _join(transport: str, offer: bytes, plan: Plan, peer: str) -> BenchLink:
     if transport == "tcp":
         return join_tcp(offer)
     if transport == "gloo":
-        return ChannelLink(connect_gloo(offer, peer))
+        return ChannelLink(connect_gloo(offer, peer), plan.device)
     if transport == "shm":
-        return ChannelLink(connect_shm(offer, peer))
+        return ChannelLink(connect_shm(offer, peer), plan.device)
+    if transport == "nccl":
+        from afd.transport.nccl.channel import NcclOptions, connect_nccl
+
+        options = NcclOptions(connect_timeout=LINK_TIMEOUT_S)
+        return ChannelLink(connect_nccl(offer, peer, torch.device(plan.device), options), plan.device)
     if transport == "grpc":
         return GrpcClientLink(offer, plan.streams)
     raise SystemExit(f"transport {transport!r} has no worker links")
@@ -494,7 +521,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     plan = Plan(**json.loads(args.plan))
     torch.set_num_threads(1)
     if args.role == "receiver":
-        offers = _offers(args.transport, args.senders, args.index)
+        offers = _offers(args.transport, args.senders, args.index, plan.device)
         _emit({"offers": [offer.hex() for offer, _ in offers]})
         accepted: dict[int, BenchLink] = {}
         errors: list[BaseException] = []

@@ -32,6 +32,9 @@ class ChannelRequest:
     rendezvous: bytes
     """Backend-specific: TCPStore address, NCCL unique id, shm segment names..."""
     ffn_node_id: str
+    device: str | None = None
+    """The FFN node's compute device ("cuda:1"): where an NCCL channel's buffers live (None: the current CUDA
+    device). Host backends ignore it (they stage through host memory, afd.transport.staging)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +134,8 @@ def _accept_nccl(request: ChannelRequest) -> ChannelOffer:
     from afd.transport.nccl.channel import check_nccl_rendezvous, connect_nccl
 
     check_nccl_rendezvous(request.rendezvous)
-    return ChannelOffer(b"", lambda: connect_nccl(request.rendezvous, request.attention_node_id, None, None))
+    device = request.device
+    return ChannelOffer(b"", lambda: connect_nccl(request.rendezvous, request.attention_node_id, device, None))
 
 
 def _check_nccl() -> None:

@@ -77,6 +77,10 @@ class ChannelTransportConfig:
     """Longest wait, in combine, for a peer's partial sum (and in dispatch for a free in-flight slot)."""
     max_in_flight: int = 16
     """Frames per FFN node awaiting a reply; dispatch waits for a slot beyond it."""
+    device: torch.device | None = None
+    """Where `combine` returns the partial sums: this node's compute device (None: where the channel put
+    them, the CPU for gloo / shm, the channel's GPU for NCCL). Host channels stage an accelerator's
+    requests through pinned host memory themselves (afd.transport.staging)."""
 
     def __post_init__(self) -> None:
         if not self.sender:
@@ -186,6 +190,7 @@ class ChannelTransport(ReplyFutureTransport):
         limits: what replies must look like (FrameLimits.for_model); opener: how `set_peers` opens new ones."""
         super().__init__()
         self.config = config or ChannelTransportConfig()
+        self.reply_device = self.config.device
         self.limits = limits
         self.opener = opener
         self._seq = itertools.count(1)

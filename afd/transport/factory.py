@@ -8,6 +8,8 @@ starts, rather than at its first placement.
 
 from __future__ import annotations
 
+import torch
+
 from afd.errors import ConfigError
 from afd.model_spec import ModelSpec
 from afd.transport.backends import CHANNEL_BACKENDS, ChannelListeners
@@ -19,17 +21,25 @@ TRANSPORTS = ("grpc", *CHANNEL_BACKENDS)
 
 
 def make_transport(
-    kind: str, spec: ModelSpec, sender: str, auth: ClusterAuth, timeout_s: float, listen_host: str = "127.0.0.1"
+    kind: str,
+    spec: ModelSpec,
+    sender: str,
+    auth: ClusterAuth,
+    timeout_s: float,
+    listen_host: str = "127.0.0.1",
+    device: torch.device | None = None,
 ) -> FfnTransport:
     """The transport `kind` for attention node `sender`, with no peers yet (the first placement brings them).
 
     timeout_s: longest wait for a partial sum (and for an FFN node to join a channel); listen_host: the
-    address FFN nodes reach this node at, for backends where they connect back to it (gloo).
+    address FFN nodes reach this node at, for backends where they connect back to it (gloo); device: the
+    node's compute device, where `combine` returns the partial sums (None: where they arrive).
     """
     if kind == "grpc":
         from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
 
-        return GrpcTransport.for_model(spec, {}, GrpcTransportConfig(sender=sender, timeout_s=timeout_s, auth=auth))
+        grpc_config = GrpcTransportConfig(sender=sender, timeout_s=timeout_s, auth=auth, device=device)
+        return GrpcTransport.for_model(spec, {}, grpc_config)
     backend = CHANNEL_BACKENDS.get(kind)
     if backend is None:
         raise ConfigError(f"transport {kind!r} does not exist; choose one of {', '.join(TRANSPORTS)}")
@@ -37,6 +47,9 @@ def make_transport(
     from afd.transport.channel_transport import ChannelOpener, ChannelTransport, ChannelTransportConfig
     from afd.wire.frames import FrameLimits
 
-    opener = ChannelOpener(kind, sender, ChannelListeners(gloo_host=listen_host), auth, timeout_s)
-    config = ChannelTransportConfig(sender=sender, timeout_s=timeout_s)
+    # NCCL buffers live on the node's GPU; without a CUDA device here the current one is used.
+    nccl_device = device.index if device is not None and device.type == "cuda" else None
+    listeners = ChannelListeners(gloo_host=listen_host, nccl_device=nccl_device)
+    opener = ChannelOpener(kind, sender, listeners, auth, timeout_s)
+    config = ChannelTransportConfig(sender=sender, timeout_s=timeout_s, device=device)
     return ChannelTransport({}, FrameLimits.for_model(spec), config, opener)

@@ -68,6 +68,7 @@ from afd.transport.gloo_waits import (
     wait_loop,
 )
 from afd.transport.rendezvous import ChannelListener, local_address_towards, pack_rendezvous
+from afd.transport.staging import HostStaging, stage_once
 from afd.wire.frames import PayloadMismatch
 
 __all__ = [
@@ -178,8 +179,8 @@ def connect_gloo(rendezvous: bytes, peer: str, options: GlooOptions | None = Non
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view (copy only if not contiguous/CPU) of `tensor`'s raw bytes."""
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    """A flat uint8 view (copy only if not contiguous) of a CPU tensor's raw bytes (device ones are staged first)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 class GlooChannel(Channel):
@@ -197,6 +198,8 @@ class GlooChannel(Channel):
         ]
         """Where frames' first messages land, in rotation: ENVELOPES_AHEAD posted, one being read."""
         self._next_buffer = 0
+        self._staging = HostStaging()
+        """Pinned host buffer the tensors of small (inline) frames of an accelerator node are staged in."""
         self._sends = Sends(peer, options.io_timeout, options.max_pending_frames)
         weakref.finalize(self, self._sends.queue.put, None)  # a channel dropped unclosed still ends its thread
         self._posted_envelopes: collections.deque[PendingWait] = collections.deque()
@@ -212,11 +215,19 @@ class GlooChannel(Channel):
 
     def send(self, header: bytes, tensors: Sequence[torch.Tensor]) -> None:
         check_frame(header, len(tensors), "gloo")
-        payload = [_as_bytes(t) for t in tensors]
-        sizes = [p.numel() for p in payload]
+        sizes = [t.numel() * t.element_size() for t in tensors]
         inline = FIELDS.size + len(header) + sum(sizes) <= INLINE_FRAME_BYTES
-        envelope = self._envelope(header, sizes, payload if inline else [])
-        messages = [envelope] if inline else [envelope, *(p for p in payload if p.numel())]
+        if inline:
+            # Device tensors go through the reused pinned staging buffer: copied into the envelope right here.
+            with self._staging.host_tensors(tensors) as host:
+                envelope = self._envelope(header, sizes, [_as_bytes(t) for t in host])
+            messages = [envelope]
+        else:
+            # Posted sends read the payload after `send` returns, so it is staged in buffers of its own
+            # (torch's caching pinned allocator), kept alive by the posted sends until the peer takes them.
+            payload = [_as_bytes(t) for t in stage_once(tensors)]
+            envelope = self._envelope(header, sizes, [])
+            messages = [envelope, *(p for p in payload if p.numel())]
         if not self._sends.reserve():
             raise self._fail(f"peer took no frame for {self.options.io_timeout:.1f}s")
         try:

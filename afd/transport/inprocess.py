@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
 from afd.transport.base import FfnComputer, FfnTransport, PendingCombine
+from afd.transport.staging import to_device
 
 
 class _Computed(PendingCombine):
@@ -18,10 +20,18 @@ class _Computed(PendingCombine):
 
 
 class InProcessTransport(FfnTransport):
-    """Calls the shards directly; the work happens at dispatch, so combine only hands results back."""
+    """Calls the shards directly; the work happens at dispatch, so combine only hands results back.
 
-    def __init__(self, shards: Mapping[str, FfnComputer]) -> None:
+    Nothing is serialised. Tensors stay where they are when the attention side and a shard share a device;
+    otherwise a request is moved to the shard's device (its `device` attribute, if it has one) and the
+    partial sum back to `device` (afd.transport.staging.to_device: non-blocking copies).
+    """
+
+    def __init__(self, shards: Mapping[str, FfnComputer], device: torch.device | str | None = None) -> None:
+        """device: the attention side's compute device, where combine returns the partial sums (None: where
+        the shards computed them)."""
         self.shards = dict(shards)
+        self.device = None if device is None else torch.device(device)
 
     def set_peers(self, peers: Mapping[str, str]) -> None:
         """The shards are fixed at construction; a placement may only name them (addresses are ignored)."""
@@ -35,12 +45,34 @@ class InProcessTransport(FfnTransport):
             shard = self.shards.get(node)
             if shard is None:
                 raise PeerError(node, "no such FFN shard in this process")
-            partials[node] = shard.compute(_in_shard_dtype(request, shard))
+            shard_device = getattr(shard, "device", None)  # a computer without one takes requests as they are
+            request = request_to_device(request, shard_device)
+            partials[node] = to_device(shard.compute(_in_shard_dtype(request, shard)), self.device)
         return _Computed(partials)
 
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         assert isinstance(pending, _Computed)
         return pending.partials
+
+
+def request_to_device(request: FfnRequest, device: torch.device | str | None) -> FfnRequest:
+    """`request` with every tensor on `device` (itself when None or they are all there already)."""
+    if device is None:
+        return request
+
+    def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else to_device(tensor, device)
+
+    moved = dataclasses.replace(
+        request,
+        hidden=to_device(request.hidden, device),
+        hidden_scale=move(request.hidden_scale),
+        expert_ids=move(request.expert_ids),
+        expert_weights=move(request.expert_weights),
+        shared_scale=move(request.shared_scale),
+    )
+    fields = ("hidden", "hidden_scale", "expert_ids", "expert_weights", "shared_scale")
+    return request if all(getattr(moved, f) is getattr(request, f) for f in fields) else moved
 
 
 def _in_shard_dtype(request: FfnRequest, shard: FfnComputer) -> FfnRequest:

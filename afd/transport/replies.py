@@ -22,6 +22,7 @@ from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
 from afd.transport.base import FfnTransport, PendingCombine
 from afd.transport.deadlines import ExchangeWatch, Withdrawn
+from afd.transport.staging import to_device
 from afd.wire.frames import FrameError, FrameHeader, FrameKind, partial_from_frame
 
 
@@ -92,6 +93,8 @@ def request_bytes(request: FfnRequest) -> int:
 class ReplyFutureTransport(FfnTransport):
     """dispatch / combine over one future per FFN node; subclasses send a request and forget abandoned ones.
 
+    `combine` returns the partial sums on `reply_device` when one is set (afd.transport.staging.to_device).
+
     `combine` waits with a deadline: the first failed node's PeerError is raised, or PeerError naming a node
     whose partial sum did not come within `reply_timeout_s`; the other requests of that dispatch are forgotten
     so their slots are freed and late replies are dropped. Within that wait, `watch` (afd/transport/deadlines.py)
@@ -99,6 +102,9 @@ class ReplyFutureTransport(FfnTransport):
     """
 
     _closed: bool = False
+    reply_device: torch.device | None = None
+    """Where `combine` returns the partial sums (the attention node's compute device); None: where the
+    backend received them (the CPU for host transports, the channel's GPU for NCCL)."""
 
     def __init__(self) -> None:
         self.watch = ExchangeWatch()
@@ -218,4 +224,6 @@ class ReplyFutureTransport(FfnTransport):
             reason += self._late_detail(late)
             self._abandon(pending.futures, reason)
             raise PeerError(late, reason)
-        return {node: future.result() for node, future in futures.items()}
+        # Moved here, on the caller's thread and current stream, not on a receiver thread: the copy is then
+        # ordered before whatever the caller queues next (the residual add), with no host wait.
+        return {node: to_device(future.result(), self.reply_device) for node, future in futures.items()}

@@ -43,6 +43,7 @@ from afd.transport.channel import Channel, ChannelTimeout, SpecsFromHeader
 from afd.transport.envelope import FIELDS, EnvelopeKind, MalformedEnvelope, check_frame, pack_envelope, parse_envelope
 from afd.transport.rendezvous import ChannelListener, RendezvousError, pack_rendezvous, unpack_rendezvous
 from afd.transport.shm_ring import BufferPool, Doorbell, RingReader, RingWriter, WaitTimeout
+from afd.transport.staging import HostStaging
 from afd.wire.frames import PayloadMismatch
 
 _ALIGN = 8
@@ -106,7 +107,8 @@ def _map(name: str, size: int) -> mmap.mmap:
 
 
 def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    """The bytes of a CPU tensor (copied only when strided); device tensors are staged before this."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _padded(nbytes: int) -> int:
@@ -137,13 +139,19 @@ class ShmChannel(Channel):
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._buffers = BufferPool(options.pooled_bytes)
+        self._staging = HostStaging()
+        """Pinned host buffer device tensors are copied into before they are written to the ring."""
         self._broken: str | None = None
         self._closed = False
 
     def send(self, header: bytes, tensors: Sequence[torch.Tensor]) -> None:
         """Copies the frame into the ring: the caller may change the tensors as soon as this returns."""
         check_frame(header, len(tensors), "shm")
-        payload = [_as_bytes(t) for t in tensors]
+        # Device tensors come through the pinned staging buffer; they are in the ring before the block ends.
+        with self._staging.host_tensors(tensors) as host:
+            self._write_frame(header, [_as_bytes(t) for t in host])
+
+    def _write_frame(self, header: bytes, payload: list[np.ndarray]) -> None:
         head = pack_envelope(EnvelopeKind.FRAME, len(header), [p.nbytes for p in payload]) + header
         head += bytes(_padded(len(head)) - len(head))
         with self._send_lock:

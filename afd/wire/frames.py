@@ -43,6 +43,7 @@ from afd.dtypes import COMPUTE_DTYPES
 from afd.errors import AfdError
 from afd.ffn_messages import FP8_WIRE_DTYPE, FfnRequest
 from afd.model_spec import ModelSpec
+from afd.transport.staging import stage_once
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,7 +536,8 @@ def _aligned(offset: int) -> int:
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    """The bytes of a CPU tensor (copied only when strided); device tensors are staged before this."""
+    flat = tensor.detach().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().data
 
 
@@ -543,11 +545,14 @@ def pack_parts(header: bytes, tensors: Sequence[torch.Tensor]) -> tuple[list[byt
     """The pieces of a packed frame, in order, and their total length; joining them gives `pack`'s buffer.
 
     For senders that put their own envelope in front (the gRPC DataFrame) without an extra copy. The
-    memoryviews alias CPU copies of the tensors (or the tensors themselves when already contiguous on
-    the CPU), so join them before changing the tensors.
+    memoryviews alias the tensors themselves when contiguous on the CPU, else CPU copies of them, so join
+    them before changing the tensors. Tensors on an accelerator are first staged in pinned host memory
+    (afd.transport.staging: non-blocking copies, one synchronize per frame); a sender that keeps a
+    `HostStaging` passes the tensors of its `host_tensors` block instead, and nothing is staged here.
     """
     if len(header) > MAX_HEADER_BYTES:
         raise FrameTooLarge(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    tensors = stage_once(tensors)  # CPU tensors come back as they are
     parts: list[bytes | memoryview] = [PREFIX.pack(MAGIC, len(header)), header]
     offset = PREFIX.size + len(header)
     for tensor in tensors:
@@ -563,7 +568,7 @@ def pack_parts(header: bytes, tensors: Sequence[torch.Tensor]) -> tuple[list[byt
 def pack(header: bytes, tensors: Sequence[torch.Tensor]) -> bytes:
     """One buffer: magic, header length, header, then each tensor's raw bytes at an 8-byte aligned offset.
 
-    Copies each tensor exactly once (GPU tensors are first brought to the CPU).
+    Copies each tensor exactly once (device tensors are first staged in pinned host memory).
     """
     parts, _ = pack_parts(header, tensors)
     return b"".join(parts)
