@@ -222,3 +222,82 @@ def test_a_peer_that_never_joins_is_given_up_on():
     with pytest.raises(PeerError, match=r"peer ghost: did not join the NCCL pair within 2\.0s"):
         listener.accept(2.0)
     assert time.monotonic() - started < 10.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streams: the transfer runs on the channel's own streams, ordered by events, and never through the host
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cycles_for(seconds: float) -> int:
+    """GPU clock cycles `torch.cuda._sleep` spins for about `seconds` on this device (measured)."""
+    probe = 20_000_000
+    with torch.cuda.device(DEVICE):
+        torch.cuda._sleep(probe)  # warm-up
+        torch.cuda.synchronize(DEVICE)
+        started = time.monotonic()
+        torch.cuda._sleep(probe)
+        torch.cuda.synchronize(DEVICE)
+        elapsed = max(time.monotonic() - started, 1e-4)
+    return int(probe * seconds / elapsed)
+
+
+def test_send_waits_for_the_producer_on_the_device_not_on_the_host(loopback):
+    busy = _cycles_for(1.0)
+    with torch.cuda.device(DEVICE):
+        torch.cuda._sleep(busy)  # the compute stream is busy for about a second...
+        produced = torch.full((1 << 20,), 3.0, dtype=torch.bfloat16, device=DEVICE)  # ...and then writes this
+        started = time.monotonic()
+        loopback.send(make_header("sink", [produced]), [produced])
+        assert time.monotonic() - started < 0.5  # send queued the transfer behind the producer, did not wait
+        _, (received,) = loopback.recv(header_specs, TIMEOUT_S)
+    assert torch.equal(received, produced)  # the send stream did wait (on the device) for the values
+
+
+def test_the_compute_stream_does_not_wait_for_the_send_stream(loopback):
+    busy = _cycles_for(1.0)
+    with torch.cuda.device(DEVICE):
+        compute = torch.cuda.current_stream(DEVICE)
+        send_stream = loopback._send.stream  # the channel's dedicated stream (private: observed, not used)
+        with torch.cuda.stream(send_stream):
+            torch.cuda._sleep(busy)  # the transfer of the next frame cannot start for about a second
+        tensor = torch.randn(1 << 20, dtype=torch.bfloat16, device=DEVICE)
+        loopback.send(make_header("sink", [tensor]), [tensor])
+        after = torch.cuda.Event()
+        after.record(compute)  # compute work queued after the send
+        deadline = time.monotonic() + 0.5
+        while not after.query():
+            assert time.monotonic() < deadline, "the compute stream waited for the channel's send stream"
+            time.sleep(0.001)
+        assert not send_stream.query()  # the frame's transfer was still pending while compute went on
+        _, (received,) = loopback.recv(header_specs, TIMEOUT_S)
+    assert torch.equal(received, tensor)
+
+
+class _HostTensors(torch.overrides.TorchFunctionMode):
+    """Records every torch call that makes or returns a host tensor of at least `nbytes` bytes."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes = nbytes
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        outputs = result if isinstance(result, (tuple, list)) else (result,)
+        for output in outputs:
+            on_host = isinstance(output, torch.Tensor) and output.device.type == "cpu"
+            if on_host and output.numel() * output.element_size() >= self.nbytes:
+                self.seen.append(getattr(func, "__name__", str(func)))
+        return result
+
+
+def test_a_frame_moves_device_to_device_without_a_host_copy(loopback):
+    payload = torch.randn(4 << 20, dtype=torch.bfloat16, device=DEVICE)  # 8 MiB
+    nbytes = payload.numel() * payload.element_size()
+    with _HostTensors(nbytes) as host:
+        loopback.send(make_header("sink", [payload]), [payload])
+        _, (received,) = loopback.recv(header_specs, TIMEOUT_S)
+    assert host.seen == []  # only the 4 KiB envelope (and a long header) pass through host memory
+    assert received.device == torch.device("cuda", DEVICE)
+    assert torch.equal(received, payload)

@@ -10,7 +10,9 @@ FFN->attention. With a single communicator, the sending thread and the receiving
 it, and an NCCL communicator is not thread-safe; worse, NCCL runs the kernels of one communicator in
 issue order, so a receive posted while waiting for a reply would hold back the next request's send
 behind it, and the pair would deadlock. One communicator per direction makes each one single-threaded
-and its operations strictly ordered.
+and its operations strictly ordered. So "one communicator per attention/FFN pair" (DESIGN.md) is, exactly,
+one pair of two-rank communicators per attention/FFN pair, formed when a placement first names the FFN
+node (FfnNode.OpenChannel) and aborted when the channel closes; no communicator spans more than the pair.
 """
 
 from __future__ import annotations

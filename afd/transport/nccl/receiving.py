@@ -5,6 +5,23 @@ receives straight into the result tensors, in the groups the sender (sending.py)
 `timeout` for the next frame (a timeout there leaves the channel intact, its receive still posted),
 then `io_timeout` for the rest of the frame. On a loopback `recv` posts each message's ncclSend and
 ncclRecv in one group (NCCL's self send/recv).
+
+Streams and the host (checked for issue 9). Receives run on the channel's own receive stream, into
+tensors allocated on that stream, so they never wait for the compute stream. The host waits twice per
+frame, and both waits are the protocol's, on the thread that calls `recv` (the transport's receiver
+thread, not the compute thread):
+- for the envelope, which must be read on the host before anything is allocated (sizes, the header to
+  validate): one 4 KiB copy to pinned memory;
+- for the payload's event, which is what bounds a dead or stuck peer with `io_timeout` (on one host NCCL
+  cannot tell that the peer process died) and keeps a reply from being handed to `combine` before it has
+  landed. Returning before the payload landed, with an event for the consumer to wait on, would save
+  one poll but turn a peer that dies mid-frame into a consumer stream blocked on the device forever,
+  which no timeout could end.
+A received tensor is used on the consumer's stream once `recv` returned, so no device-side wait is
+needed for ordering. For the allocator, the tensor is marked as used by the receiving thread's current
+stream here, and by the consumer's current stream when the transport's `combine` hands it over
+(afd.transport.staging.to_device, with the transport's `device` set): the memory is not given to a
+later receive before the consumer's queued work is done with it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,22 @@ fit, then the tensors' bytes as one group of ncclSend/ncclRecv. Sender and recei
 the same groups in the same order. `send` posts and returns; up to `max_pending_frames` frames may be in
 flight, each of which must be taken by the peer within `io_timeout`, or a later `send`/`flush` raises
 PeerError. On a loopback `send` queues the frame for `recv` to post.
+
+Streams and the host (checked for issue 9; what tests/gpu/test_nccl_channel.py asserts on a GPU):
+- Every transfer runs on the channel's own send stream (`_Direction.stream`), never on the caller's.
+  `_post_frame` makes that stream wait for the caller's current stream (`wait_stream`: an event recorded
+  on the compute stream, waited for on the device), so the tensors are sent once the kernels that write
+  them are done, and the host does not wait for those kernels. Nothing makes the compute stream wait
+  for the send stream: compute goes on while the frame is in flight.
+- The host waits only for NCCL to *enqueue* each group (`comm.ready`, ncclInProgress of a non-blocking
+  communicator), not for the transfer; a frame's completion is an event (`_InFlight.done`) polled when a
+  slot is needed (`max_pending_frames`) or in `flush`. There is no host synchronisation per frame.
+- Tensor payloads go device to device: a flat uint8 view of each tensor (a copy only when it is strided
+  or on another device). Only the envelope (ENVELOPE_BYTES, and a header too long for it) is written on
+  the host, into a pinned buffer copied to the device with a non-blocking copy on the send stream.
+- The payload tensors are kept referenced (`keep`) until their frame's event is done, so the caching
+  allocator cannot reuse their memory while the send stream still reads it. The caller must not write
+  them in place before that (the engine sends fresh tensors per microbatch and layer).
 """
 
 from __future__ import annotations
