@@ -8,7 +8,7 @@
 #
 # The image (/work/.library/device/KINDS.md) has torch, transformers, grpcio, protobuf, msgpack, safetensors,
 # tokenizers, typer, rich, prometheus-client, httpx, jinja2, pyyaml, pytest; it lacks fastapi, uvicorn,
-# pydantic, starlette, grpcio-health-checking and the openai client. Versions are those of this checkout's
+# pydantic, starlette, grpcio-health-checking, pytest-timeout (run.sh bounds each test) and the openai client. Versions are those of this checkout's
 # .venv where it has them (the combination the CPU suite passes with), else the newest. grpcio and protobuf come
 # too: afd/wire/generated checks their minimums at import, which the image's copies may not meet; anyio and
 # typing-extensions because starlette/openai/pydantic need newer ones than an image may hold; transformers so
@@ -26,6 +26,7 @@ PACKAGES=(
   openai httpx2 httpcore2 truststore jiter distro
   grpcio grpcio-health-checking protobuf
   transformers
+  pytest-timeout
 )
 # AFD_GPU_EXTRA_WHEELS="flashinfer-python==X" brings more.
 read -r -a EXTRA <<< "${AFD_GPU_EXTRA_WHEELS:-}"

@@ -5,15 +5,17 @@
 #   OUT=/tmp/gpu-out bash tests/gpu/run.sh  # on the GPU machine, from the repository root
 #
 # With the device tool: run(command="bash tests/gpu/run.sh", carry=["tests/gpu/wheels"], timeout_s=540).
-# Steps (each bounded by its own timeout, 465 s together; a failing step is recorded and the next one still runs):
+# Steps (each bounded by its own timeout, 575 s together, normally far less; a failing step is recorded and the
+# next one still runs):
 #   1. install the carried wheels into $SITE (PYTHONPATH, the image's own packages untouched) and the project
 #      itself with `pip install --no-deps --no-build-isolation -e .` (nothing fetched, nothing compiled);
 #   2. pytest -m gpu tests/gpu (junit XML + log);
-#   3. afd bench engine --device cuda --json on the mid-size Qwen3-MoE checkpoint (benchmarks/midsize_checkpoints.py),
-#      bf16, batch 1 and 32, against transformers on the same GPU;
+#   3. afd bench engine --device cuda --json (bf16, batch 1 and 32, against transformers on the same GPU, roofline
+#      from the GPU's measured copy bandwidth) on the mid-size Qwen3-MoE (benchmarks/midsize_checkpoints.py) and on
+#      --model-size large (hidden 2048, 24 layers, 64 experts top-8, about 5 GB);
 #   4. afd bench transport --transport nccl --json (two processes, one GPU).
-# Everything lands in $OUT (at most 8 files, which is what the device tool brings back): run.log, env.txt,
-# pytest.log, pytest.xml, bench_engine.json, bench_transport.json, summary.txt.
+# Everything lands in $OUT (8 files, which is what the device tool brings back): run.log, env.txt,
+# pytest.log, pytest.xml, bench_engine.json, bench_engine_large.json, bench_transport.json, summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -106,6 +108,10 @@ if step midsize_checkpoint 50 midsize; then
     --batch 1 --batch 32 --repeats 2 > "$OUT/bench_engine.json"
   cat "$OUT/bench_engine.json"
 fi
+# the issue's larger model (hidden 2048, 24 layers, 64 experts top-8, about 5 GB of bf16), written by bench engine
+step bench_engine_large 110 "${AFD[@]}" bench engine --device cuda --json --model-size large \
+  --batch 1 --batch 32 --repeats 2 > "$OUT/bench_engine_large.json"
+cat "$OUT/bench_engine_large.json"
 
 # ---- 4. NCCL between two processes on one GPU --------------------------------------------------------------------
 if "${AFD[@]}" bench transport --help 2>/dev/null | grep -q nccl; then
