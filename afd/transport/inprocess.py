@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
 from afd.transport.base import FfnComputer, FfnTransport, PendingCombine
-from afd.transport.staging import to_device
+from afd.transport.staging import request_to_device, to_device
 
 
 class _Computed(PendingCombine):
@@ -53,26 +52,6 @@ class InProcessTransport(FfnTransport):
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         assert isinstance(pending, _Computed)
         return pending.partials
-
-
-def request_to_device(request: FfnRequest, device: torch.device | str | None) -> FfnRequest:
-    """`request` with every tensor on `device` (itself when None or they are all there already)."""
-    if device is None:
-        return request
-
-    def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else to_device(tensor, device)
-
-    moved = dataclasses.replace(
-        request,
-        hidden=to_device(request.hidden, device),
-        hidden_scale=move(request.hidden_scale),
-        expert_ids=move(request.expert_ids),
-        expert_weights=move(request.expert_weights),
-        shared_scale=move(request.shared_scale),
-    )
-    fields = ("hidden", "hidden_scale", "expert_ids", "expert_weights", "shared_scale")
-    return request if all(getattr(moved, f) is getattr(request, f) for f in fields) else moved
 
 
 def _in_shard_dtype(request: FfnRequest, shard: FfnComputer) -> FfnRequest:

@@ -32,20 +32,31 @@ the consumer's device with a non-blocking copy (queued on the caller's current s
 queues afterwards sees the data), and leaves it where it is when it is already there. The attention side
 gets its partial sums on its device by giving its transport a `device` (ChannelTransportConfig.device,
 GrpcTransportConfig.device, InProcessTransport(device=...), make_transport(device=...)): `combine` then
-returns them there.
+returns them there. An FFN node moves a decoded request with `request_to_device(request, device)`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from afd.errors import AfdError
+from afd.ffn_messages import FfnRequest
 
-__all__ = ["ALIGNMENT", "HostStaging", "StagingError", "needs_staging", "same_device", "stage_once", "to_device"]
+__all__ = [
+    "ALIGNMENT",
+    "HostStaging",
+    "StagingError",
+    "needs_staging",
+    "request_to_device",
+    "same_device",
+    "stage_once",
+    "to_device",
+]
 
 ALIGNMENT = 64
 """Each staged tensor starts at a multiple of this in the staging buffer (every dtype's view is aligned)."""
@@ -106,6 +117,27 @@ def to_device(tensor: torch.Tensor, device: torch.device | str | None) -> torch.
             tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return tensor
     return tensor.to(target, non_blocking=True)
+
+
+def request_to_device(request: FfnRequest, device: torch.device | str | None) -> FfnRequest:
+    """`request` with every tensor on `device` (itself when None or they are all there already): what an
+    FFN node on an accelerator does with a request decoded from a host frame (non-blocking copies)."""
+    if device is None:
+        return request
+
+    def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else to_device(tensor, device)
+
+    moved = dataclasses.replace(
+        request,
+        hidden=to_device(request.hidden, device),
+        hidden_scale=move(request.hidden_scale),
+        expert_ids=move(request.expert_ids),
+        expert_weights=move(request.expert_weights),
+        shared_scale=move(request.shared_scale),
+    )
+    fields = ("hidden", "hidden_scale", "expert_ids", "expert_weights", "shared_scale")
+    return request if all(getattr(moved, f) is getattr(request, f) for f in fields) else moved
 
 
 def _allocate_host(nbytes: int) -> tuple[torch.Tensor, bool]:

@@ -445,3 +445,25 @@ def test_grpc_transport_frames_device_requests_from_its_staging_buffer(pinned, m
     assert messages[0] == messages[1] == messages[2]
     assert_only_non_blocking_reads()
     assert transport._staging.allocations == 1 and pinned.waits == [FAKE_DEVICE, FAKE_DEVICE]
+
+
+def test_a_decoded_request_moves_to_the_ffn_device_whole():
+    from afd.transport.staging import request_to_device
+
+    request = FfnRequest(
+        layer=0,
+        hidden=torch.randn(2, 8).to(torch.bfloat16),
+        expert_ids=torch.tensor([[0, -1]] * 2, dtype=torch.int32),
+        expert_weights=torch.tensor([[1.0, 0.0]] * 2),
+        shared_scale=torch.ones(2),
+        microbatch=3,
+        placement_version=5,
+    )
+    assert request_to_device(request, "cpu") is request and request_to_device(request, None) is request
+    moved = request_to_device(request, "meta")
+    tensors = [moved.hidden, moved.expert_ids, moved.expert_weights, moved.shared_scale]
+    assert all(t.device.type == "meta" for t in tensors) and moved.hidden_scale is None
+    assert [(t.shape, t.dtype) for t in tensors] == [
+        (t.shape, t.dtype) for t in (request.hidden, request.expert_ids, request.expert_weights, request.shared_scale)
+    ]
+    assert (moved.layer, moved.microbatch, moved.placement_version) == (0, 3, 5)
