@@ -97,7 +97,8 @@ def _current_index(kind: str) -> int | None:
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    """`tensor` on `device`: itself when `device` is None or it is already there, else a non-blocking copy.
+    """`tensor` on `device`: itself when `device` is None or it is already there, else a copy (non-blocking
+    unless to the CPU).
 
     The copy is queued on the caller's current stream, so work the caller queues after this call reads the
     data in order, and the host does not wait. From pinned memory the copy is a direct DMA; from pageable
@@ -116,7 +117,9 @@ def to_device(tensor: torch.Tensor, device: torch.device | str | None) -> torch.
             # the consumer's, which is the one that matters when the consumer computes on a side stream.
             tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return tensor
-    return tensor.to(target, non_blocking=True)
+    # To the host (a CPU consumer of an NCCL partial): blocking, since the host reads the data next and a
+    # non-blocking device-to-host copy returns a pinned tensor before its bytes have arrived.
+    return tensor.to(target, non_blocking=target.type != "cpu")
 
 
 def request_to_device(request: FfnRequest, device: torch.device | str | None) -> FfnRequest:
