@@ -97,11 +97,8 @@ class AttentionMetadata:
         last = torch.tensor(query_lens).cumsum(0) - 1
         has_states = any(c.state_slot >= 0 for c in chunks)
         state_slots = torch.tensor([c.state_slot for c in chunks], dtype=torch.int64) if has_states else None
-        host = {
-            "seq_starts": tuple(c.start for c in chunks),
-            "query_lens": tuple(query_lens),
-            "state_slot_list": tuple(c.state_slot for c in chunks) if has_states else (),
-        }
+        seq_starts = tuple(c.start for c in chunks)
+        state_slot_list = tuple(c.state_slot for c in chunks) if has_states else ()
         if max_q == 1:
             padding = None if min(context_lens) == max_ctx else (key_pos[None, :] < ctx[:, None])[:, None, None, :]
             return cls(
@@ -116,7 +113,9 @@ class AttentionMetadata:
                 last,
                 query_positions=positions.view(num_seqs, 1),
                 state_slots=state_slots,
-                **host,
+                seq_starts=seq_starts,
+                query_lens=tuple(query_lens),
+                state_slot_list=state_slot_list,
             )
         offsets = torch.cat([torch.arange(n) for n in query_lens])
         query_index = seq_of_token * max_q + offsets
@@ -136,7 +135,9 @@ class AttentionMetadata:
             last,
             query_positions=padded_pos.view(num_seqs, max_q),
             state_slots=state_slots,
-            **host,
+            seq_starts=seq_starts,
+            query_lens=tuple(query_lens),
+            state_slot_list=state_slot_list,
         )
 
     def to_device(

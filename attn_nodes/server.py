@@ -20,6 +20,7 @@ import grpc.aio
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from afd.devices import parse_device
 from afd.errors import ConfigError, PeerError, RequestError
 from afd.model_spec import ModelSpec, model_fingerprint
 from afd.node_lifecycle import StopOnce, run_until_signal
@@ -131,6 +132,7 @@ class AttentionNodeServer(StopOnce):
             auth=config.auth,
             timeout_s=config.ffn_timeout_s,
             listen_host=config.advertise_host or config.host,
+            device=parse_device(config.engine.device),  # partial sums come back where the attention half computes
         )
         if isinstance(self.transport, ReplyFutureTransport):
             self.transport.watch = ExchangeWatch(config.deadlines, self._report_degraded)

@@ -280,7 +280,9 @@ def run(
         device=device,
         kv_cache_gib=4.0 if accelerator else 1.0,
     )
-    placement, transport = local_ffn_pool(model_dir, ffn_shards, "bfloat16", device=ffn_device or device)
+    placement, transport = local_ffn_pool(
+        model_dir, ffn_shards, "bfloat16", device=ffn_device or device, attention_device=device
+    )
     engine = AttentionEngine.load(model_dir, transport, placement, config)
     reference: Any = None
     try:

@@ -421,7 +421,12 @@ class _FfnNodeServicer(pb_grpc.FfnNodeServicer):
     async def OpenChannel(
         self, request: pb.OpenChannelRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenChannelResponse:
-        wanted = ChannelRequest(request.attention_node_id, request.rendezvous, self.node.config.node_id)
+        wanted = ChannelRequest(
+            request.attention_node_id,
+            request.rendezvous,
+            self.node.config.node_id,
+            device=str(self.node.config.compute_device),  # an NCCL channel's buffers live beside the experts
+        )
         try:
             reply = await self.node.open_channel(wanted, request.transport)
         except ConfigError as exc:

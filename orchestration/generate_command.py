@@ -55,7 +55,9 @@ def generate(
         texts = prompt or (DEMO_PROMPTS if tokenizer else ["1 2 3 4"])
         prompts = [_encode(text, tokenizer) for text in texts]
         config = EngineConfig(dtype=dtype, microbatches=microbatches, device=device)  # type: ignore[arg-type]
-        placement, transport = local_ffn_pool(model_dir, ffn_shards, dtype, device=ffn_device or device)
+        placement, transport = local_ffn_pool(
+            model_dir, ffn_shards, dtype, device=ffn_device or device, attention_device=device
+        )
         engine = AttentionEngine.load(model_dir, transport, placement, config)
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos

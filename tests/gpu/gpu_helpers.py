@@ -36,7 +36,9 @@ def engine_on(
     directory: Path, attn_device: str, ffn_device: str, dtype: str = "float32", shards: int = 2
 ) -> AttentionEngine:
     """One attention half on `attn_device` and `shards` uneven FFN shards on `ffn_device`, in this process."""
-    placement, transport = local_ffn_pool(directory, shards, dtype, uneven_weights(shards), device=ffn_device)
+    placement, transport = local_ffn_pool(
+        directory, shards, dtype, uneven_weights(shards), device=ffn_device, attention_device=attn_device
+    )
     config = EngineConfig(block_size=4, num_kv_blocks=64, dtype=dtype, device=attn_device)  # type: ignore[arg-type]
     return AttentionEngine.load(directory, transport, placement, config)
 

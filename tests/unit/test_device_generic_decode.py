@@ -112,3 +112,25 @@ def test_an_absent_device_is_refused_naming_what_was_found(tiny_checkpoint):
     placement = ExpertPlacement.balanced(ModelSpec.from_pretrained(tiny_checkpoint("qwen3_moe")).num_experts, ["f"])
     with pytest.raises(ConfigError, match=r"no cuda device is present; found: cpu \(\d+ threads\)"):
         AttentionEngine.load(tiny_checkpoint("qwen3_moe"), ZeroFfnTransport(), placement, EngineConfig(device="cuda"))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_the_whole_step_with_its_ffn_shards_on_the_device_reads_nothing_back(tiny_checkpoint, name, monkeypatch):
+    """Attention half and in-process FFN shards both on the device (what `afd generate --device cuda` runs):
+    gate, dispatch, the experts' sync-free path and the accumulation of partial sums, under the same guard."""
+    from ffn_nodes.local_pool import local_ffn_pool
+
+    model_dir = tiny_checkpoint(name)
+    placement, transport = local_ffn_pool(model_dir, 2, device="meta", attention_device="meta")
+    config = EngineConfig(device="meta", num_kv_blocks=64, max_num_seqs=8)
+    engine = AttentionEngine.load(model_dir, transport, placement, config)
+    monkeypatch.setattr(sampler_module, "read_token_ids", lambda tokens: [3] * tokens.shape[0])
+    with HostReadGuard():
+        outputs = engine.generate([[1, 2, 3, 4, 5], [6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert outputs == [[3] * 3] * 2
+    shards = transport.shards.values()
+    assert all(p.device.type == "meta" for shard in shards for layer in shard.layers for p in _weights(layer))
+
+
+def _weights(layer) -> list[torch.Tensor]:
+    return [part.gate_up for part in (layer.experts, layer.shared, layer.dense) if part is not None]
