@@ -281,7 +281,7 @@ def test_open_channel_serves_frames_through_an_acceptor(qwen3):
         reply = control.OpenChannel(
             pb.OpenChannelRequest(attention_node_id="attn-0", transport="fake", rendezvous=b"abc"), timeout=10
         )
-        assert reply.rendezvous == b"reply:abc" and seen == [ChannelRequest("attn-0", b"abc", "ffn-1")]
+        assert reply.rendezvous == b"reply:abc" and seen == [ChannelRequest("attn-0", b"abc", "ffn-1", device="cpu")]
 
         request = make_request(spec, local, tokens=4, seed=3)
         attention_end.send(*encode_request(request, 11, "attn-0"))
