@@ -63,7 +63,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m128 reduce4(__m
 // acc[i * kRowsPerTile + j] = dot(x row i, w row j) over k in [0, K), for i < Inputs, j < rows. Inputs is a
 // template argument so that the accumulators stay in registers (a runtime bound made the compiler keep
 // them on the stack, which halved the rate for more than one input row).
-template <int Inputs>
+// Prefetch: fetch the next tile's rows (the following kRowsPerTile rows, at the same column) while this one
+// computes. A weight row is only a few KB, too short for the hardware prefetchers to ramp up on, so without it
+// the loads of each tile wait on memory between bursts of dot products: with 4-8 input rows (decode batches,
+// a busy expert's tokens) that cost a third to a half of the streaming rate (`python -m benchmarks.kernels`).
+// Only the first pass over a tile prefetches; later passes find it in L1.
+template <int Inputs, bool Prefetch>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_avx512bf16(
     const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int64_t K, float* acc) {
   __m512 sums[Inputs][kRowsPerTile];
@@ -71,10 +76,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_avx512bf16(
     for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm512_setzero_ps();
   const uint16_t* wr[kRowsPerTile];
   for (int j = 0; j < kRowsPerTile; ++j) wr[j] = w + (j < rows ? j : 0) * ldw;
+  const int64_t ahead = static_cast<int64_t>(kRowsPerTile) * ldw;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[kRowsPerTile];
-    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+    for (int j = 0; j < kRowsPerTile; ++j) {
+      if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + ahead + k), _MM_HINT_T0);
+      wv[j] = (__m512bh)_mm512_loadu_si512(wr[j] + k);
+    }
     for (int i = 0; i < Inputs; ++i) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * ldx + k);
       for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], wv[j], xv);
@@ -116,7 +125,7 @@ __attribute__((target("avx2,fma"))) float hsum256(__m256 v) {
 }
 
 // Same contract as tile_avx512bf16 (16 ymm registers: at most two input rows per pass).
-template <int Inputs>
+template <int Inputs, bool Prefetch>
 __attribute__((target("avx2,fma"))) void tile_avx2(
     const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int64_t K, float* acc) {
   static_assert(Inputs <= 2, "AVX2 has registers for two input rows per pass");
@@ -125,10 +134,15 @@ __attribute__((target("avx2,fma"))) void tile_avx2(
     for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm256_setzero_ps();
   const uint16_t* wr[kRowsPerTile];
   for (int j = 0; j < kRowsPerTile; ++j) wr[j] = w + (j < rows ? j : 0) * ldw;
+  const int64_t ahead = static_cast<int64_t>(kRowsPerTile) * ldw;
   for (int64_t k = 0; k < K; k += 8) {
     const int64_t left = K - k;
     __m256 wv[kRowsPerTile];
-    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = widen_bf16(wr[j] + k, left);
+    for (int j = 0; j < kRowsPerTile; ++j) {
+      // one 64-byte line holds 32 bf16: prefetch once per line, not once per 8-element step
+      if (Prefetch && k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + ahead + k), _MM_HINT_T0);
+      wv[j] = widen_bf16(wr[j] + k, left);
+    }
     for (int i = 0; i < Inputs; ++i) {
       const __m256 xv = widen_bf16(x + i * ldx + k, left);
       for (int j = 0; j < kRowsPerTile; ++j) sums[i][j] = _mm256_fmadd_ps(wv[j], xv, sums[i][j]);
@@ -138,23 +152,34 @@ __attribute__((target("avx2,fma"))) void tile_avx2(
     for (int j = 0; j < rows; ++j) acc[i * kRowsPerTile + j] = hsum256(sums[i][j]);
 }
 
-// One pass of up to kInputsPerTile input rows over a tile of weight rows, on this CPU's instruction set.
-inline void tile(const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K,
-                 float* acc) {
+template <bool Prefetch>
+inline void tile_on_isa(const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs,
+                        int64_t K, float* acc) {
   if (kIsa == Isa::kAvx512Bf16) {
     switch (inputs) {
-      case 1: return tile_avx512bf16<1>(w, ldw, rows, x, ldx, K, acc);
-      case 2: return tile_avx512bf16<2>(w, ldw, rows, x, ldx, K, acc);
-      case 3: return tile_avx512bf16<3>(w, ldw, rows, x, ldx, K, acc);
-      default: return tile_avx512bf16<4>(w, ldw, rows, x, ldx, K, acc);
+      case 1: return tile_avx512bf16<1, Prefetch>(w, ldw, rows, x, ldx, K, acc);
+      case 2: return tile_avx512bf16<2, Prefetch>(w, ldw, rows, x, ldx, K, acc);
+      case 3: return tile_avx512bf16<3, Prefetch>(w, ldw, rows, x, ldx, K, acc);
+      default: return tile_avx512bf16<4, Prefetch>(w, ldw, rows, x, ldx, K, acc);
     }
   }
   for (int i0 = 0; i0 < inputs; i0 += 2) {
+    const bool fetch = Prefetch && i0 == 0;
     if (inputs - i0 >= 2)
-      tile_avx2<2>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile);
+      fetch ? tile_avx2<2, true>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile)
+            : tile_avx2<2, false>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile);
     else
-      tile_avx2<1>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile);
+      fetch ? tile_avx2<1, true>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile)
+            : tile_avx2<1, false>(w, ldw, rows, x + i0 * ldx, ldx, K, acc + i0 * kRowsPerTile);
   }
+}
+
+// One pass of up to kInputsPerTile input rows over a tile of weight rows, on this CPU's instruction set;
+// `first_pass`: the tile's first pass, which prefetches the next tile.
+inline void tile(const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, int64_t ldx, int inputs, int64_t K,
+                 float* acc, bool first_pass) {
+  if (first_pass) return tile_on_isa<true>(w, ldw, rows, x, ldx, inputs, K, acc);
+  tile_on_isa<false>(w, ldw, rows, x, ldx, inputs, K, acc);
 }
 
 // y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m.
@@ -166,7 +191,7 @@ void linear_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int
     // The weight tile stays in L1 while every input row passes over it: weights are read once.
     for (int64_t m0 = 0; m0 < M; m0 += kInputsPerTile) {
       const int inputs = static_cast<int>(std::min<int64_t>(kInputsPerTile, M - m0));
-      tile(w + n0 * K, K, rows, x + m0 * K, K, inputs, K, acc);
+      tile(w + n0 * K, K, rows, x + m0 * K, K, inputs, K, acc, m0 == 0);
       for (int i = 0; i < inputs; ++i)
         for (int j = 0; j < rows; ++j) y[(m0 + i) * ldy + n0 + j] = bf16(acc[i * kRowsPerTile + j]);
     }
