@@ -205,7 +205,7 @@ def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -
 
 def report(rows: list[Row], context: dict[str, Any], json_only: bool) -> None:
     for row in rows:
-        print(json.dumps(asdict(row) | context))
+        print(json.dumps(context | asdict(row)))  # the row's own microbatch count wins over the configured list
     if json_only:
         return
     table = Table(
