@@ -241,6 +241,22 @@ def test_decode_attention_matches_torch_flash_attention(kernels) -> None:
         kernels.decode_attention_bf16(q, cache, torch.full((seqs, ctx), 400), lens, 0, 256, kv_heads, 0.125)
 
 
+def test_decode_attention_of_grouped_heads_equals_one_head_at_a_time(kernels) -> None:
+    """The GQA path (the query heads of one kv head together, each K/V row read once) gives exactly what the
+    per-head path gives: the same cache with every kv head repeated once per query head takes the latter."""
+    seqs, heads, kv_heads, dim, ctx = 5, 16, 4, 64, 40
+    group = heads // kv_heads
+    cache = _bf16(300, 2 * kv_heads * dim, seed=21)
+    lens = torch.tensor([40, 1, 17, 33, 8])
+    slots = torch.randint(0, 300, (seqs, ctx), generator=torch.Generator().manual_seed(22))
+    q = _bf16(seqs, heads, dim, seed=23)
+    grouped = kernels.decode_attention_bf16(q, cache, slots, lens, 0, kv_heads * dim, kv_heads, 0.125)
+    k, v = cache[:, : kv_heads * dim].view(300, kv_heads, dim), cache[:, kv_heads * dim :].view(300, kv_heads, dim)
+    repeated = torch.cat([k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)], 1).reshape(300, -1)
+    per_head = kernels.decode_attention_bf16(q, repeated.contiguous(), slots, lens, 0, heads * dim, heads, 0.125)
+    assert torch.equal(grouped, per_head)
+
+
 @pytest.mark.parametrize(
     ("shape", "weight_shape"), [((1, 1024), (1024,)), ((7, 1000), (1000,)), ((3, 20, 64), (20, 64)), ((5, 4, 8), (8,))]
 )
