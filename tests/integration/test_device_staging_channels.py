@@ -4,21 +4,12 @@ into (simulated) pinned staging memory, one wait per frame; CPU frames take no s
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from tests.integration.channel_peer import header_for, specs
 from tests.integration.test_channels import BACKENDS, listener_for, pair, sample_tensors  # noqa: F401 - fixtures
-from tests.unit.test_device_staging import (  # noqa: F401 - the `pinned` fixture
-    FAKE_DEVICE,
-    OnAccelerator,
-    assert_only_non_blocking_reads,
-    on_accelerator,
-    pinned,
-    raw,
-)
+from tests.unit.test_device_staging import pinned, send_and_check  # noqa: F401 - the `pinned` fixture
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -29,24 +20,4 @@ def test_device_frames_travel_bit_exact_through_host_staging(pair, pinned, backe
     cpu = sample_tensors()
     if size == "large":  # gloo: not inline (own messages, staged per frame); shm: streams through the ring
         cpu.append(torch.randn(400_000).to(torch.bfloat16))
-    sent = [on_accelerator(t) for t in cpu] if on_device else cpu
-    failures: list[BaseException] = []
-
-    def send() -> None:
-        try:
-            attention.send(header_for(cpu), sent)
-        except BaseException as exc:
-            failures.append(exc)
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    _, received = ffn.recv(specs, 30.0)
-    sender.join(30)
-    assert not sender.is_alive() and not failures
-    assert [raw(t) for t in received] == [raw(t) for t in cpu]
-    assert [(t.dtype, t.shape) for t in received] == [(t.dtype, t.shape) for t in cpu]
-    if on_device:
-        assert_only_non_blocking_reads()
-        assert pinned.waits == [FAKE_DEVICE]
-    else:
-        assert OnAccelerator.log == [] and pinned.allocated == []
+    send_and_check(attention, ffn, cpu, header_for(cpu), pinned, on_device, specs)

@@ -10,7 +10,6 @@ tensors are refused with a clear error, and received tensors are moved to the co
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
 from afd.transport import staging
 from afd.transport.channel_transport import ChannelTransport, ChannelTransportConfig
@@ -28,7 +26,7 @@ from afd.transport.rendezvous import establish
 from afd.transport.shm_channel import ShmChannel, ShmListener, ShmOptions, connect_shm
 from afd.transport.staging import HostStaging, StagingError, stage_once, to_device
 from afd.wire import frames
-from afd.wire.frames import FrameLimits, decode_header, encode_request, encode_response, request_from_frame
+from afd.wire.frames import FrameLimits, encode_request, encode_response, request_from_frame
 from tests.memory_channel import memory_pair
 
 FAKE_DEVICE = torch.device("cuda", 0)
@@ -95,15 +93,11 @@ def pinned(monkeypatch) -> Iterator[FakePinned]:
 
 
 def sample_tensors() -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return [
-        torch.randn(3, 5, generator=generator).to(torch.bfloat16),
-        torch.arange(-7, 6, dtype=torch.int32),
-        torch.empty(0, 4),  # zero-sized tensors travel too
-        torch.randn(7, generator=generator),  # 28 bytes: the next tensor starts unaligned unless padded
-        torch.tensor([float("nan"), -0.0, float("inf")], dtype=torch.bfloat16),
-        torch.randn(4, 6, generator=generator).t(),  # strided: the staging copy gathers it
-    ]
+    """The channel tests' tensors (odd dtypes, empty, unaligned, NaN/inf) and a strided one, which the staging
+    copy must gather."""
+    from tests.integration.test_channels import sample_tensors as channel_tensors
+
+    return [*channel_tensors(), torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).t()]
 
 
 def raw(tensor: torch.Tensor) -> bytes:
@@ -263,22 +257,24 @@ def shm_pair() -> Iterator[tuple[ShmChannel, ShmChannel]]:
     joined["ffn"].close()
 
 
-@pytest.mark.parametrize("on_device", [False, True], ids=["cpu", "device"])
-def test_shm_frames_keep_their_bytes(shm_pair, pinned, on_device):
-    attention, ffn = shm_pair
-    cpu = [*sample_tensors(), torch.randn(300_000)]  # 1.2 MB: streams through the 1 MiB ring
+def send_and_check(
+    attention: Any, ffn: Any, cpu: list[torch.Tensor], header: bytes, pinned: Any, on_device: bool, read_specs: Any
+) -> None:
+    """Send `cpu` (as "device" tensors when `on_device`) from `attention` while `ffn` receives (a frame larger
+    than a ring needs the reader draining meanwhile); the bytes arrive unchanged, device tensors are read only
+    through non-blocking copies with one wait per frame, and CPU tensors take no staging at all."""
     sent = [on_accelerator(t) for t in cpu] if on_device else cpu
     failures: list[BaseException] = []
 
-    def send() -> None:  # the frame is larger than the ring: the reader must drain it meanwhile
+    def send() -> None:
         try:
-            attention.send(spec_header(cpu), sent)
+            attention.send(header, sent)
         except BaseException as exc:
             failures.append(exc)
 
     sender = threading.Thread(target=send)
     sender.start()
-    _, received = ffn.recv(specs, 30.0)
+    _, received = ffn.recv(read_specs, 30.0)
     sender.join(30)
     assert not sender.is_alive() and not failures
     assert [raw(t) for t in received] == [raw(t) for t in cpu]
@@ -288,6 +284,13 @@ def test_shm_frames_keep_their_bytes(shm_pair, pinned, on_device):
         assert pinned.waits == [FAKE_DEVICE]
     else:
         assert OnAccelerator.log == [] and pinned.allocated == []
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["cpu", "device"])
+def test_shm_frames_keep_their_bytes(shm_pair, pinned, on_device):
+    attention, ffn = shm_pair
+    cpu = [*sample_tensors(), torch.randn(300_000)]  # 1.2 MB: streams through the 1 MiB ring
+    send_and_check(attention, ffn, cpu, spec_header(cpu), pinned, on_device, specs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,16 +309,20 @@ def test_decoded_tensors_move_to_the_requested_device():
     assert to_device(meta, torch.device("meta")) is meta
 
 
+class _DoublingShard:
+    """An FFN shard whose partial sum is hidden * 2 (served by tests.unit.test_channel_transport.serve)."""
+
+    node_id = "ffn-0"
+
+    @staticmethod
+    def compute(request: FfnRequest) -> torch.Tensor:
+        return request.hidden * 2
+
+
 def _echo_ffn(channel, limits: FrameLimits) -> None:
-    """An FFN end that answers each request with hidden * 2."""
-    while True:
-        try:
-            raw_header, tensors = channel.recv(lambda h: decode_header(h, limits).tensor_specs(), math.inf)
-        except PeerError:
-            return
-        header = decode_header(raw_header, limits)
-        request = request_from_frame(header, tensors)
-        channel.send(*encode_response(request.hidden * 2, header.layer, header.microbatch, header.seq, "ffn-0"))
+    from tests.unit.test_channel_transport import serve
+
+    serve(channel, _DoublingShard(), limits)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("device", [None, "cpu", "meta"])
