@@ -132,10 +132,14 @@ def test_hot_experts_are_replicated_live_without_changing_tokens(skewed: Path):
         ffn = {n["node_id"]: n for n in replicated["nodes"] if n["role"] == "ffn"}
         held_by = {e: [n for n, node in ffn.items() if e in node["experts"]] for e in (0, 1)}
         assert any(len(nodes) == 2 for nodes in held_by.values()), held_by
-        # Replicas go from the hot node to the cold one. Which of the hot node's experts beyond 0 and 1 the
-        # greedy plan also copies depends on the window's counts at that moment (a loaded machine made it 2).
+        # Replicas of the hot node's experts go to the cold one, 0 or 1 among them. What else the greedy plan adds
+        # depends on the window's counts and on the speeds the nodes measured at start: under load one run also
+        # copied expert 2 to the cold node, another (the cold node measured slower) one of the cold node's own
+        # experts to the hot one, both balancing moves. So only the first direction is fixed here; the spread
+        # of the pairs below is what shows the plan balanced the load.
         hot_experts = {e for n in first["nodes"] if n["node_id"] == hot for e in n["experts"]}
-        assert ffn[hot]["replicas"] == [] and set(ffn[cold]["replicas"]) <= hot_experts, (ffn, hot_experts)
+        cold_replicas = set(ffn[cold]["replicas"])
+        assert cold_replicas <= hot_experts and cold_replicas & {0, 1}, (ffn, hot_experts)
         # every attention node switched to it before it is used for new requests
         attention = [n for n in replicated["nodes"] if n["role"] == "attention"]
         wait = time.monotonic() + 30
