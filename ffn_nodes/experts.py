@@ -43,18 +43,6 @@ FEW_ASSIGNMENTS = 8
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _supports_grouped_mm(dtype: torch.dtype, device: torch.device) -> bool:
-    if _grouped_mm is None:
-        return False
-    try:
-        x = torch.zeros(2, 8, dtype=dtype, device=device)
-        w = torch.zeros(2, 8, 8, dtype=dtype, device=device)
-        _grouped_mm(x, w, offs=torch.tensor([1, 2], dtype=torch.int32, device=device))
-        return True
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-
-
 def _grouped_mm_serves(gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Whether `grouped_mm` runs both projections of these weights on their device (dtype, and the strides of
     these shapes: CUDA's kernel wants 16-byte aligned rows). Tried once at load with one row, never per call."""
@@ -145,6 +133,23 @@ def _sorted_slots(
     return sorted_key, order, order // top_k, per_expert[:num_local]
 
 
+def _add_weighted_slots(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    expert_weights: torch.Tensor,
+    order: torch.Tensor,
+    tokens: torch.Tensor,
+    held: torch.Tensor,
+) -> None:
+    """The sync-free paths' last step: `out[tokens] += y * weight` for the slots held here (`held: [slots] bool`),
+    exact zeros for the others (torch.where: their rows of `y` may hold anything, NaN included). `y: [slots,
+    hidden]` in sorted-slot order, `order` / `tokens` as _sorted_slots gives them; the routing weights are rounded
+    to y's dtype first, as the host paths do."""
+    weights = expert_weights.reshape(-1).index_select(0, order).to(y.dtype)
+    zero = torch.zeros((), dtype=y.dtype, device=y.device)
+    out.index_add_(0, tokens, torch.where(held.unsqueeze(1), y * weights.unsqueeze(1), zero))
+
+
 class StackedExperts(ExpertLoad):
     """The routed experts one FFN node holds for one layer, stacked for grouped compute."""
 
@@ -161,7 +166,6 @@ class StackedExperts(ExpertLoad):
         self.intermediate = int(down.shape[2])
         self.strategy = strategy
         self.sync_free = sync_free_by_device(gate_up.device, sync_free)
-        self._grouped = gate_up.device.type != "cpu" and _supports_grouped_mm(gate_up.dtype, gate_up.device)
         self._sync_free_kernel = strategy if strategy in ("grouped", "padded") else "auto"
         if self.sync_free and self._sync_free_kernel == "auto":
             self._sync_free_kernel = "grouped" if _grouped_mm_serves(gate_up, down) else "padded"
@@ -181,12 +185,12 @@ class StackedExperts(ExpertLoad):
         if self.sync_free:
             self._forward_sync_free(hidden, expert_ids, expert_weights, out)
             return
-        if self.strategy in ("auto", "fused") and not self._grouped:
+        if self.strategy in ("auto", "fused"):
             fused = routed_experts_swiglu(hidden, expert_ids, expert_weights, self.gate_up, self.down, out)
             if fused is not None:
                 self._count(fused)
                 return
-        if expert_ids.numel() <= FEW_ASSIGNMENTS and self.strategy in ("auto", "looped") and not self._grouped:
+        if expert_ids.numel() <= FEW_ASSIGNMENTS and self.strategy in ("auto", "looped"):
             self._few_assignments(hidden, expert_ids, expert_weights, out)
             return
         top_k = expert_ids.shape[1]
@@ -204,9 +208,7 @@ class StackedExperts(ExpertLoad):
         weights = expert_weights.reshape(-1)[order]
         x = hidden.index_select(0, tokens)
         strategy = self.strategy
-        if strategy == "auto" and self._grouped:
-            strategy = "grouped"
-        elif strategy == "auto":
+        if strategy == "auto":
             # Padded reads every local expert's weights in one bmm; looped reads only the busy ones, one
             # matrix-vector product at a time, which streams slower (`python -m benchmarks.kernels` measured about
             # 23 GB/s against 14-19 GB/s). Break-even is near 70 % of the experts busy.
@@ -237,10 +239,7 @@ class StackedExperts(ExpertLoad):
             y = self._grouped_swiglu(x, per_expert)
         else:
             y = self._padded_all_slots(x, sorted_key, per_expert, slots)
-        weights = expert_weights.reshape(-1).index_select(0, order).to(y.dtype)
-        held = (sorted_key < self.num_local).unsqueeze(1)
-        zero = torch.zeros((), dtype=y.dtype, device=y.device)
-        out.index_add_(0, tokens, torch.where(held, y * weights.unsqueeze(1), zero))
+        _add_weighted_slots(out, y, expert_weights, order, tokens, sorted_key < self.num_local)
 
     def _padded_all_slots(
         self, x: torch.Tensor, sorted_key: torch.Tensor, per_expert: torch.Tensor, capacity: int
@@ -293,7 +292,7 @@ class StackedExperts(ExpertLoad):
         out.index_add_(0, index, rows[0] if len(rows) == 1 else torch.cat(rows))
 
     def _grouped_swiglu(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        assert _grouped_mm is not None  # "grouped" is only chosen where _supports_grouped_mm
+        assert _grouped_mm is not None  # "grouped" is only taken where it was asked for or _grouped_mm_serves
         offsets = counts.cumsum(0).to(torch.int32)
         gate_up = _grouped_mm(x, self.gate_up.transpose(-2, -1), offs=offsets)
         act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
@@ -419,14 +418,11 @@ class LoopedExperts(ExpertLoad):
         sorted_key, order, tokens, per_expert = _sorted_slots(expert_ids, self.num_local)
         self._count_on_device(per_expert)
         x = hidden.index_select(0, tokens)
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
         y = x.new_zeros(x.shape)
         for expert in range(self.num_local):
             # where, not a product with a mask: another expert's rows may overflow to inf or NaN
             y = torch.where((sorted_key == expert).unsqueeze(1), self.expert_output(expert, x), y)
-        weights = expert_weights.reshape(-1).index_select(0, order).to(y.dtype)
-        held = (sorted_key < self.num_local).unsqueeze(1)
-        out.index_add_(0, tokens, torch.where(held, y * weights.unsqueeze(1), zero))
+        _add_weighted_slots(out, y, expert_weights, order, tokens, sorted_key < self.num_local)
 
 
 class ClampedSwigluExperts(LoopedExperts):
