@@ -45,8 +45,9 @@ class HostReadGuard(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Partials:
+class _Partials(PendingCombine):
     def __init__(self, partials: dict[str, torch.Tensor]) -> None:
+        super().__init__(tuple(partials))
         self.partials = partials
 
 
@@ -61,7 +62,7 @@ class ZeroFfnTransport(FfnTransport):
 
     def dispatch(self, requests: Mapping[str, FfnRequest]) -> PendingCombine:
         self.requests.extend(requests.values())
-        return _Partials({node: torch.zeros_like(r.hidden) for node, r in requests.items()})  # type: ignore[return-value]
+        return _Partials({node: torch.zeros_like(r.hidden) for node, r in requests.items()})
 
     def combine(self, pending: PendingCombine) -> dict[str, torch.Tensor]:
         assert isinstance(pending, _Partials)
