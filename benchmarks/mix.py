@@ -507,6 +507,21 @@ def measure_mix(
     )
 
 
+def _calibration_run(
+    spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec, what: str
+) -> tuple[float, float, float, Prediction]:
+    """What a calibration mix's run gives its fit: (TPOT ms, attention and FFN nodes' mean busy cores, the cost
+    model's prediction of the mix with zero per-call costs and latency, i.e. the kernels and the bytes only)."""
+    tpot_ms = measured.serve.get("mean_tpot_ms")
+    busy_a = measured.busy.get("attention", {}).get("mean_cores")
+    busy_f = measured.busy.get("ffn", {}).get("mean_cores")
+    if not tpot_ms or busy_a is None or busy_f is None:
+        raise AfdError(f"the {what} measured no TPOT or no CPU time (is cpuacct mounted?)")
+    zero = HostCalibration(0.0, 0.0, 0.0, "none")
+    base = predict(model, planner_mix(spec, mixes, model, measured.view, zero, measured.link_burst_bytes))
+    return float(tpot_ms), float(busy_a), float(busy_f), base
+
+
 def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec) -> HostCalibration:
     """The per-call costs and the exchange latency of this host, from the calibration mix's run.
 
@@ -515,13 +530,7 @@ def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: M
     layers, with the head) + layers x attention_call_us; the FFN node's likewise; and the rest of the step,
     when neither computes, is the link: bytes / bandwidth + 2 x layers x the one-way latency.
     """
-    tpot_ms = measured.serve.get("mean_tpot_ms")
-    busy_a = measured.busy.get("attention", {}).get("mean_cores")
-    busy_f = measured.busy.get("ffn", {}).get("mean_cores")
-    if not tpot_ms or busy_a is None or busy_f is None:
-        raise AfdError("the calibration mix measured no TPOT or no CPU time (is cpuacct mounted?)")
-    zero = HostCalibration(0.0, 0.0, 0.0, "none")
-    base = predict(model, planner_mix(spec, mixes, model, measured.view, zero, measured.link_burst_bytes))
+    tpot_ms, busy_a, busy_f, base = _calibration_run(spec, measured, mixes, model, "calibration mix")
     step_us = tpot_ms * 1000.0
     layers = model.num_layers
     cpu_a, cpu_f = busy_a * step_us, busy_f * step_us
@@ -543,13 +552,7 @@ def fit_fanout(
     nodes): the attention node's per-layer call cost is a + b x FFN nodes (one frame each), so b is the rise
     from one FFN node to two and a what remains; the FFN node's per-frame cost is the mean of both mixes'.
     """
-    tpot_ms = measured.serve.get("mean_tpot_ms")
-    busy_a = measured.busy.get("attention", {}).get("mean_cores")
-    busy_f = measured.busy.get("ffn", {}).get("mean_cores")
-    if not tpot_ms or busy_a is None or busy_f is None:
-        raise AfdError("the fanout calibration mix measured no TPOT or no CPU time (is cpuacct mounted?)")
-    zero = HostCalibration(0.0, 0.0, 0.0, "none")
-    base = predict(model, planner_mix(spec, mixes, model, measured.view, zero, measured.link_burst_bytes))
+    tpot_ms, busy_a, busy_f, base = _calibration_run(spec, measured, mixes, model, "fanout calibration mix")
     step_us, layers = tpot_ms * 1000.0, model.num_layers
     call_two = max(0.0, busy_a * step_us - base.attention_us) / layers  # a + 2b
     call_one = host.attention_call_us + host.attention_call_per_ffn_node_us  # a + b
