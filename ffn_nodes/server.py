@@ -320,8 +320,9 @@ class FfnNodeServer:
             max_local_experts=max(held),
             max_tokens=self.config.max_tokens_per_frame,
             max_frame_bytes=self.config.max_frame_bytes,
-            # hidden states in another dtype than the weights are a misconfigured peer: say so up front
-            allowed_dtypes=frozenset({dtype_name(shard.dtype)}),
+            # hidden states in the weights' dtype, or narrowed to bf16 by the attention node's `--wire-dtype bf16`
+            # (fp8 frames carry scales and are checked apart); anything else is a misconfigured peer: say so up front
+            allowed_dtypes=frozenset({dtype_name(shard.dtype), dtype_name(torch.bfloat16)}),
         )
         self.batcher.count_experts_from(shard)
         if self.failure is None:

@@ -1,5 +1,6 @@
-"""The fp8 wire between processes: FFN nodes (their real frame decoder and batcher) take float8 hidden states
-with per-token scales and answer in their model dtype; tokens equal the in-process engine on the same wire."""
+"""Narrow wires between processes: FFN nodes (their real frame decoder and batcher) take float8 hidden states with
+per-token scales, or bfloat16 ones from a float32 model, and answer in their model dtype; tokens equal the in-process
+engine on the same wire."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ PROMPTS = [[7], [3, 14, 15, 92, 65], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize(("arch", "dtype"), [("qwen2_moe", "bfloat16"), ("deepseek_v3", "float32")])
-def test_fp8_wire_over_grpc_matches_inprocess(arch: str, dtype: str, tiny_checkpoint, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("arch", "dtype", "wire"),
+    [("qwen2_moe", "bfloat16", "fp8"), ("deepseek_v3", "float32", "fp8"), ("deepseek_v3", "float32", "bf16")],
+)
+def test_narrow_wire_over_grpc_matches_inprocess(arch: str, dtype: str, wire: str, tiny_checkpoint, tmp_path: Path):
     directory = tiny_checkpoint(arch)
     spec = ModelSpec.from_pretrained(directory)
     placement = uneven_placement(spec, 2)
-    config = EngineConfig(block_size=4, num_kv_blocks=64, dtype=dtype, microbatches=2, wire_dtype="fp8")  # type: ignore[arg-type]
+    config = EngineConfig(block_size=4, num_kv_blocks=64, dtype=dtype, microbatches=2, wire_dtype=wire)  # type: ignore[arg-type]
     expected = inprocess_engine(directory, 2, config).generate(PROMPTS, GREEDY)
 
     servers = start_ffn_servers(directory, placement, tmp_path, extra_args=["--dtype", dtype])
@@ -35,8 +39,10 @@ def test_fp8_wire_over_grpc_matches_inprocess(arch: str, dtype: str, tiny_checkp
             engine = AttentionEngine.load(directory, transport, placement, config)
             assert engine.generate(PROMPTS, GREEDY) == expected
             stats = engine.runner.transfers
-            hidden_bytes = spec.hidden_size + 4  # one fp8 byte per element and a float32 scale per token
+            # fp8: one byte per element and a float32 scale per token; bf16: two bytes per element
+            hidden_bytes = spec.hidden_size + 4 if wire == "fp8" else 2 * spec.hidden_size
+            model_bytes = 2 if dtype == "bfloat16" else 4
             assert sum(stats.bytes_sent_totals) >= hidden_bytes * sum(stats.token_totals)
-            assert sum(stats.bytes_sent_totals) < 2 * spec.hidden_size * sum(stats.token_totals) * len(peers)
+            assert sum(stats.bytes_sent_totals) < model_bytes * spec.hidden_size * sum(stats.token_totals) * len(peers)
     finally:
         stop_all(servers)
