@@ -40,7 +40,10 @@ def _descendants(pid: int) -> list[ProcessRecord]:
 
 
 def _start_up(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], dict[str, str], Path]:
+    # TMPDIR: the cluster's work folder (node logs, records) lands in tmp_path too, so a killed launcher leaves
+    # nothing behind in /tmp
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["TMPDIR"] = str(tmp_path)
     command = [sys.executable, "-m", "orchestration.cli", "up", "--port", "0", "--threads", "1", "--ffn", "1"]
     up = subprocess.Popen(
         [*command, "--name", name], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -20,7 +20,8 @@ def _afd(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.Co
 
 
 def test_up_status_scale_down(tmp_path):
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    # TMPDIR: the cluster's work folder (node logs, records), which `afd up` keeps after `afd down`, stays in tmp_path
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
     up = subprocess.Popen(
         [sys.executable, "-m", "orchestration.cli", "up", "--port", "0", "--threads", "1", "--name", "cli-test"],
         env=env,
