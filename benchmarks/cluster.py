@@ -26,6 +26,7 @@ from afd.sampling_params import SamplingParams
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
 from benchmarks.serve import ServeBenchmarkConfig, run_serve_benchmark
+from benchmarks.serve_cluster import exchange_fields, settled_exchange_totals
 from ffn_nodes.local_pool import local_ffn_pool
 
 #: Starts a cluster with m microbatches and yields its API base URL (http://host:port), stopping it on exit.
@@ -109,55 +110,6 @@ def wire_bytes_per_token_layer(config: ClusterBenchConfig, prompts: list[list[in
     return out
 
 
-EXCHANGE_COUNTERS = {
-    "afd:layer_round_trips": "round_trips",
-    "afd:layer_round_trip_seconds": "seconds",
-    "afd:layer_wait_seconds": "wait_seconds",
-}
-HEARTBEAT_SETTLE_S = 5.0
-"""Longest wait for the attention node's last heartbeat to bring the run's exchanges to the router's counters."""
-
-
-def exchange_totals(base_url: str) -> dict[str, float]:
-    """The router's per-layer exchange counters, summed over layers: round_trips, seconds, wait_seconds."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(base_url + "/metrics", timeout=10.0).text
-    totals = dict.fromkeys(EXCHANGE_COUNTERS.values(), 0.0)
-    for family in text_string_to_metric_families(text):
-        key = EXCHANGE_COUNTERS.get(family.name)
-        if key is not None:
-            totals[key] += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return totals
-
-
-def settled_exchange_totals(base_url: str, previous: dict[str, float] | None = None) -> dict[str, float]:
-    """exchange_totals once two readings a heartbeat apart agree (bounded by HEARTBEAT_SETTLE_S)."""
-    deadline = time.monotonic() + HEARTBEAT_SETTLE_S
-    last = exchange_totals(base_url)
-    while time.monotonic() < deadline:
-        time.sleep(1.1)
-        current = exchange_totals(base_url)
-        if current == last and (previous is None or current != previous):
-            return current
-        last = current
-    return last
-
-
-def _exchange_row_fields(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    trips = after["round_trips"] - before["round_trips"]
-    if trips <= 0:
-        return {"round_trip_ms": None, "wait_ms": None, "hidden_share": None}
-    seconds = after["seconds"] - before["seconds"]
-    wait = after["wait_seconds"] - before["wait_seconds"]
-    return {
-        "round_trip_ms": round(seconds * 1e3 / trips, 3),
-        "wait_ms": round(wait * 1e3 / trips, 3),
-        "hidden_share": round(1 - wait / seconds, 3) if seconds > 0 else None,
-    }
-
-
 def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -> tuple[list[Row], dict[str, Any]]:
     prompts = _prompts(config, vocab)
     engine_rate = engine_tokens_per_s(config, prompts)
@@ -180,7 +132,7 @@ def run(config: ClusterBenchConfig, start_cluster: ClusterStarter, vocab: int) -
             run_serve_benchmark(ServeBenchmarkConfig(**{**asdict(serve), "num_prompts": config.concurrency}))
             before = settled_exchange_totals(base_url)
             results[m] = run_serve_benchmark(serve)
-            exchanges[m] = _exchange_row_fields(before, settled_exchange_totals(base_url, before))
+            exchanges[m] = exchange_fields(before, settled_exchange_totals(base_url, before))
         if results[m]["failed"]:
             raise RuntimeError(f"{results[m]['failed']} requests failed with m={m}: {results[m]['errors'][:3]}")
     base = results.get(1, {}).get("output_throughput")

@@ -48,7 +48,7 @@ from afd.model_spec import ModelSpec
 from afd.planning import CpuQuota, Link, Mix, Prediction, predict
 from afd.planning.calibration import AttentionMeasurement, FfnMeasurement
 from benchmarks.serve import ServeBenchmarkConfig, run_serve_benchmark
-from benchmarks.serve_cluster import client_cpu_model
+from benchmarks.serve_cluster import client_cpu_model, exchange_fields
 
 RESULT_VERSION = 1
 SHARED_CORES = 1.0
@@ -88,6 +88,9 @@ class MixSpec(_Model):
     """Cap of each node's link, each direction, 1e6 bit/s (tc tbf); null: the veth uncapped."""
     batch_per_attention_node: int = Field(default=4, ge=1, le=256)
     """Requests in one attention node's decode batch: the benchmark's concurrency is this x attention nodes."""
+    wire_dtype: Literal["auto", "bf16", "fp8"] = "auto"
+    """Hidden states from attention to FFN (`--wire-dtype`): auto (the model dtype), bf16, or fp8 (e4m3 with a
+    float32 scale per token); the partial sums come back in the model dtype."""
 
     @property
     def concurrency(self) -> int:
@@ -234,6 +237,9 @@ class RunningMix:
     """Node id -> the kernel's CFS throttling counters."""
     link_burst_bytes: int = 0
     """Bytes of a message the capped link passes at once (its token bucket); 0: uncapped."""
+    exchange_totals: Callable[[Mapping[str, float] | None], dict[str, float]] | None = None
+    """The router's per-layer exchange counters once settled (serve_cluster.settled_exchange_totals; the argument:
+    the previous reading, which a settled one must differ from); None where the launcher cannot read them."""
 
 
 #: Brings a mix up (model directory, mix) and tears it down on exit; raises AfdError where it cannot.
@@ -316,6 +322,8 @@ def planner_mix(
     # do: measured m = 2 steps there take the sum of both nodes' CPU times, not the larger.
     overlap = None not in quotas and limited + SHARED_CORES <= (os.cpu_count() or 1)
     element_bytes = 4.0 if model.dtype in ("float32", "fp32") else 2.0
+    # fp8: one byte per element plus the token's float32 scale (afd.ffn_messages.quantize_fp8)
+    dispatch_bytes = {"auto": element_bytes, "bf16": 2.0, "fp8": 1.0 + 4.0 / model.hidden_size}[spec.wire_dtype]
     return Mix(
         attention_kind=spec.attention.kind,
         attention_count=spec.attention.count,
@@ -328,6 +336,7 @@ def planner_mix(
         attention_measured=attention,
         ffn_measured=ffn,
         activation_bytes=element_bytes,
+        dispatch_activation_bytes=dispatch_bytes,
         overlap=overlap,
         attention_quota=CpuQuota(spec.attention.cpu, spec.attention.threads) if spec.attention.cpu else None,
         ffn_quota=CpuQuota(spec.ffn.cpu, spec.ffn.threads) if spec.ffn.cpu else None,
@@ -412,6 +421,7 @@ def mix_row(
         "microbatches": spec.microbatches,
         "batch_per_attention_node": spec.batch_per_attention_node,
         "link_mbit": spec.link_mbit,
+        "wire_dtype": spec.wire_dtype,
         "accelerators": accelerators,
         "predicted": predicted,
         "measured": measured,
@@ -454,6 +464,9 @@ class MixMeasurement:
     """The capped link's token bucket, bytes (RunningMix.link_burst_bytes)."""
     runs_tpot_ms: tuple[float, ...] = ()
     """Mean TPOT of every timed run; the result is the run with the lowest (the least disturbed)."""
+    exchange: dict[str, float | None] | None = None
+    """The kept run's attention-FFN exchanges (serve_cluster.exchange_fields: round trip, time blocked in
+    combine, share hidden); None where the launcher does not read the router's counters."""
 
 
 def measure_mix(
@@ -474,17 +487,23 @@ def measure_mix(
         runs = []
         for run in range(workload.repeats):
             phase(f"serving {run + 1}/{workload.repeats}")
+            exchanges_before = running.exchange_totals(None) if running.exchange_totals else None
             usage_before, throttle_before = running.cpu_usage_ns(), running.throttling()
             started = time.monotonic()
             serve = run_serve_benchmark(config)
             elapsed = time.monotonic() - started
             usage_after, throttle_after = running.cpu_usage_ns(), running.throttling()
             after = running.cluster_view()  # FFN busy fractions from the last heartbeats of the run
-            runs.append((serve, elapsed, usage_before, usage_after, throttle_before, throttle_after, after))
+            exchange = None
+            if running.exchange_totals and exchanges_before is not None:
+                exchange = exchange_fields(exchanges_before, running.exchange_totals(exchanges_before))
+            runs.append((serve, elapsed, usage_before, usage_after, throttle_before, throttle_after, after, exchange))
         phase("stopping")
     tpots = tuple(float(r[0].get("mean_tpot_ms") or math.inf) for r in runs)
     # Other tenants of the host only ever slow a run down: the fastest run is the least disturbed one.
-    serve, elapsed, usage_before, usage_after, throttle_before, throttle_after, after = runs[tpots.index(min(tpots))]
+    serve, elapsed, usage_before, usage_after, throttle_before, throttle_after, after, exchange = runs[
+        tpots.index(min(tpots))
+    ]
     if not serve.get("completed"):
         errors = [e for e in serve.get("errors", []) if e]
         raise AfdError(f"mix {spec.name}: every request failed; first error: {errors[0] if errors else '?'}")
@@ -504,6 +523,7 @@ def measure_mix(
         throttled=throttled,
         link_burst_bytes=running.link_burst_bytes,
         runs_tpot_ms=tpots,
+        exchange=exchange,
     )
 
 
@@ -580,6 +600,7 @@ def predict_row(
         spec, measured.serve, prediction, measured.view, measured.busy, measured.ffn_busy_fraction, measured.throttled
     )
     row["measured"]["runs_tpot_ms"] = list(measured.runs_tpot_ms)
+    row["measured"]["exchange"] = measured.exchange
     return row
 
 
@@ -697,6 +718,7 @@ def table_rows(result: Mapping[str, Any]) -> list[list[str]]:
                 _pool_label(r["attention"]),
                 _pool_label(r["ffn"]),
                 str(r["microbatches"]),
+                r.get("wire_dtype", "auto"),
                 f"{r['link_mbit']:g}" if r["link_mbit"] else "-",
                 str(r["batch_per_attention_node"]),
                 _fmt(p["decode_tok_s"]),
@@ -707,15 +729,26 @@ def table_rows(result: Mapping[str, Any]) -> list[list[str]]:
                 _fmt(m["tpot_ms"], 2),
                 _fmt(m["ttft_ms"], 0),
                 " / ".join(_fmt(busy.get(role, {}).get("mean_cores"), 2) for role in ROLES),
+                _exchange_label(m.get("exchange")),
                 p["exposed"],
             ]
         )
     return rows
 
 
+def _exchange_label(exchange: Mapping[str, Any] | None) -> str:
+    """`wait / round trip ms (hidden %)` of the measured exchanges, "-" where none was read."""
+    if not exchange or exchange.get("round_trip_ms") is None:
+        return "-"
+    hidden = exchange.get("hidden_share")
+    share = f" ({hidden:.0%} hidden)" if hidden is not None else ""
+    return f"{_fmt(exchange['wait_ms'], 2)} / {_fmt(exchange['round_trip_ms'], 2)}{share}"
+
+
 HEADERS = [
-    "mix", "attention", "FFN", "m", "link Mbit/s", "batch/attn", "pred tok/s", "meas tok/s", "error",
-    "vLLM output tok/s", "pred TPOT ms", "meas TPOT ms", "TTFT ms", "busy cores A / F", "predicted exposed",
+    "mix", "attention", "FFN", "m", "wire", "link Mbit/s", "batch/attn", "pred tok/s", "meas tok/s", "error",
+    "vLLM output tok/s", "pred TPOT ms", "meas TPOT ms", "TTFT ms", "busy cores A / F",
+    "wait / round trip ms per exchange", "predicted exposed",
 ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,54 @@ async def fetch_cluster(client: httpx.AsyncClient, root: str, headers: Mapping[s
         return ClusterSnapshot.model_validate(body) if body is not None else None
     except ValidationError:
         return None
+
+
+# ---- the router's per-layer exchange counters (afd bench cluster, afd bench mix) ----
+EXCHANGE_COUNTERS = {
+    "afd:layer_round_trips": "round_trips",
+    "afd:layer_round_trip_seconds": "seconds",
+    "afd:layer_wait_seconds": "wait_seconds",
+}
+HEARTBEAT_SETTLE_S = 5.0
+"""Longest wait for the attention node's last heartbeat to bring the run's exchanges to the router's counters."""
+
+
+def exchange_totals(base_url: str) -> dict[str, float]:
+    """The router's per-layer exchange counters, summed over layers: round_trips, seconds, wait_seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=10.0).text
+    totals = dict.fromkeys(EXCHANGE_COUNTERS.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        key = EXCHANGE_COUNTERS.get(family.name)
+        if key is not None:
+            totals[key] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return totals
+
+
+def settled_exchange_totals(base_url: str, previous: Mapping[str, float] | None = None) -> dict[str, float]:
+    """exchange_totals once two readings a heartbeat apart agree (bounded by HEARTBEAT_SETTLE_S)."""
+    deadline = time.monotonic() + HEARTBEAT_SETTLE_S
+    last = exchange_totals(base_url)
+    while time.monotonic() < deadline:
+        time.sleep(1.1)
+        current = exchange_totals(base_url)
+        if current == last and (previous is None or current != previous):
+            return current
+        last = current
+    return last
+
+
+def exchange_fields(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float | None]:
+    """Per exchange between two exchange_totals readings: mean round trip (dispatch to the end of combine) and
+    time blocked in combine, ms, and the share of the round trip the microbatch pipeline hid; None without any."""
+    trips = after["round_trips"] - before["round_trips"]
+    if trips <= 0:
+        return {"round_trip_ms": None, "wait_ms": None, "hidden_share": None}
+    seconds = after["seconds"] - before["seconds"]
+    wait = after["wait_seconds"] - before["wait_seconds"]
+    return {
+        "round_trip_ms": round(seconds * 1e3 / trips, 3),
+        "wait_ms": round(wait * 1e3 / trips, 3),
+        "hidden_share": round(1 - wait / seconds, 3) if seconds > 0 else None,
+    }

@@ -26,7 +26,9 @@ The model, per layer and per microbatch of t = b / m tokens (microseconds):
   node's NIC, or an FFN node's, which hears every attention node);
 - a layer takes max(m * T_a, m * T_f, m * link occupancy, T_a + T_c + T_f): the pools work on different
   microbatches at once (ping-pong), but one microbatch's round trip cannot be shorter than its parts. With
-  `overlap=False`, m * (T_a + T_c + T_f). TPOT = the layers + the LM head.
+  `overlap=False` (both pools compute on the same cores) their compute adds up, m * (T_a + T_f), while the
+  link, which takes no compute, still carries one microbatch while the cores work on another: a layer takes
+  max(m * (T_a + T_f), m * link occupancy, T_a + T_c + T_f). TPOT = the layers + the LM head.
   Measured per-call costs beyond the kernels (`attention_call_us`, `ffn_call_us`: framework, codec, RPC) add
   to T_a and T_f. A CPU node under a CFS quota (`attention_quota` / `ffn_quota`: q cores, t threads) cannot
   take less than its compute per step x t / q: the step is the larger of the two.
@@ -131,8 +133,12 @@ class Mix:
     """Share of device memory for weights and KV (vLLM's gpu_memory_utilization default)."""
     activation_bytes: float = 2.0
     """Bytes per hidden-state element on the link (bf16 both ways)."""
+    dispatch_activation_bytes: float | None = None
+    """Bytes per hidden-state element from attention to FFN where the wire narrows that leg (fp8: 1 plus the
+    per-token float32 scale spread over the hidden size); None: activation_bytes, as on the way back."""
     overlap: bool = True
-    """False when both pools share the hardware they compute on (CPU processes on one host): nothing overlaps."""
+    """False when both pools share the hardware they compute on (CPU processes on one host): their compute does
+    not overlap (the link still overlaps it)."""
     attention_quota: CpuQuota | None = None
     """CPU limit of each attention node (CPU pools under a CFS quota): a step cannot take less wall time than
     the node's CPU time per step over its quota. The measured costs are its unthrottled ones."""
@@ -435,10 +441,15 @@ class CostModel:
             t_f = t_f * 1e6 + mix.ffn_call_us
             # distinct FFN nodes a token goes to: all of them where a dense/shared slice lives on each
             fanout = n_f if c.shared_params else n_f * (1.0 - (1.0 - 1.0 / n_f) ** c.top_k)
-            one_way_attention = t_mb * fanout * costs.hidden_size * mix.activation_bytes
-            one_way_ffn = n_a * one_way_attention / n_f
-            one_way_us = max(one_way_attention, one_way_ffn) / link.bandwidth_bytes_per_s * 1e6
-            t_c = 2 * one_way_us + 2 * link.latency_us
+            # Each leg is paced by the busier end of it: the attention node sends (and receives) its tokens'
+            # states, an FFN node receives (and sends) n_a / n_f times as many; the links are full duplex.
+            dispatch_bytes = mix.dispatch_activation_bytes or mix.activation_bytes
+            legs_us = [
+                max(1.0, n_a / n_f) * t_mb * fanout * costs.hidden_size * element / link.bandwidth_bytes_per_s * 1e6
+                for element in (dispatch_bytes, mix.activation_bytes)
+            ]
+            one_way_us = max(legs_us)
+            t_c = sum(legs_us) + 2 * link.latency_us
             if mix.overlap:
                 terms = {"attention-bound": m * t_a, "ffn-bound": m * t_f, "link-bound": m * one_way_us}
                 cycle = t_a + t_c + t_f
@@ -449,9 +460,15 @@ class CostModel:
                     parts = {"attention-bound": t_a, "ffn-bound": t_f, "link-bound": t_c}
                     side = max(parts, key=lambda k: parts[k])
             else:
-                layer = m * (t_a + t_c + t_f)
-                parts = {"attention-bound": t_a, "ffn-bound": t_f, "link-bound": t_c}
-                side = max(parts, key=lambda k: parts[k])
+                compute, occupancy, cycle = m * (t_a + t_f), m * one_way_us, t_a + t_c + t_f
+                layer = max(compute, occupancy, cycle)
+                if occupancy >= max(compute, cycle):
+                    side = "link-bound"
+                elif compute >= cycle:  # the shared cores are full: the pool that uses them more shows
+                    side = "attention-bound" if t_a >= t_f else "ffn-bound"
+                else:
+                    parts = {"attention-bound": t_a, "ffn-bound": t_f, "link-bound": t_c}
+                    side = max(parts, key=lambda k: parts[k])
             step_us += c.count * layer
             bound_us[side] += c.count * layer
             sum_a += c.count * t_a

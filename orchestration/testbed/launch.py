@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.mix import MixSpec, RunningMix
+from benchmarks.serve_cluster import settled_exchange_totals
 from orchestration.local_cluster import LocalClusterConfig
 from orchestration.testbed.cluster import MixCluster
 from orchestration.testbed.netns import tbf_burst_bytes
@@ -25,6 +26,7 @@ def launch_mix(model_dir: Path, spec: MixSpec) -> Iterator[RunningMix]:
             ffn=spec.ffn.count,
             transport="grpc",  # the data plane that crosses the capped links (shm would go around them)
             microbatches=str(spec.microbatches),
+            wire_dtype=spec.wire_dtype,
             host=testbed.router_host,
             http_port=0,
         )
@@ -36,7 +38,15 @@ def launch_mix(model_dir: Path, spec: MixSpec) -> Iterator[RunningMix]:
         try:
             cluster.start()
             burst = tbf_burst_bytes(spec.link_mbit) if spec.link_mbit is not None else 0
-            yield RunningMix(cluster.base_url, cluster.cluster, testbed.cpu_usage_ns, testbed.throttling, burst)
+            base_url = cluster.base_url
+            yield RunningMix(
+                base_url,
+                cluster.cluster,
+                testbed.cpu_usage_ns,
+                testbed.throttling,
+                burst,
+                exchange_totals=lambda previous: settled_exchange_totals(base_url, previous),
+            )
         finally:
             cluster.stop()
             cluster.remove_workdir()

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from afd.builtin_model import builtin_model_dir
-from benchmarks.cluster import exchange_totals
+from benchmarks.serve_cluster import exchange_totals
 from orchestration.local_cluster import LocalCluster, LocalClusterConfig
 from tests.engines import greedy_reference_texts
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,10 @@ def test_the_shipped_mixes_files_are_valid_and_the_big_one_covers_what_the_issue
     assert len({(m.attention.cpu, m.ffn.cpu) for m in full.mixes}) >= 3
     assert {m.microbatches for m in full.mixes} >= {1, 2}
     assert full.calibration_mix is not None  # the default reference mix
+    # issue 11's link-bound comparisons: m = 1 against 2 and the bf16 against the fp8 wire, on one capped link
+    link = load_mixes(MIXES_DIR / "link-bound.yaml")
+    assert len({m.link_mbit for m in link.mixes}) == 1 and None not in {m.link_mbit for m in link.mixes}
+    assert {(m.microbatches, m.wire_dtype) for m in link.mixes} >= {(1, "bf16"), (2, "bf16"), (1, "fp8"), (2, "fp8")}
 
 
 @pytest.mark.parametrize(
@@ -80,6 +84,7 @@ def test_the_shipped_mixes_files_are_valid_and_the_big_one_covers_what_the_issue
         (lambda d: d["mixes"][0]["ffn"].update(cpu=-0.5), r"mixes\.0\.ffn\.cpu: Input should be greater than 0"),
         (lambda d: d["mixes"][0].update(microbatches=0), r"mixes\.0\.microbatches: Input should be greater"),
         (lambda d: d["mixes"][0].update(link_mbit=0), r"mixes\.0\.link_mbit"),
+        (lambda d: d["mixes"][0].update(wire_dtype="fp4"), r"mixes\.0\.wire_dtype: Input should be 'auto', 'bf16'"),
         (lambda d: d["mixes"][0].update(name="a b"), r"mixes\.0\.name: String should match pattern"),
         (lambda d: d["mixes"][0].pop("ffn"), r"mixes\.0\.ffn: Field required"),
         (lambda d: d["mixes"].append(dict(MIX)), r"mix names must be unique; repeated: a1f2"),
@@ -145,6 +150,10 @@ def test_the_planner_mix_carries_the_nodes_profiles_quotas_link_and_host_costs(t
     assert mix.link.bandwidth_bytes_per_s == pytest.approx(100e6 / 8) and mix.link.latency_us == 50.0
     assert mix.context_len == 16 + 24
     assert mix.activation_bytes == 4.0  # the demo model computes in float32
+    assert mix.dispatch_activation_bytes == 4.0  # wire "auto": the model dtype both ways
+    for wire, out_bytes in (("bf16", 2.0), ("fp8", 1.0 + 4.0 / spec.hidden_size)):  # fp8: + the token's scale
+        narrowed = MixSpec.model_validate({**MIX, "wire_dtype": wire})
+        assert planner_mix(narrowed, mixes, spec, VIEW, host).dispatch_activation_bytes == pytest.approx(out_bytes)
     # 1 + 2 x 0.5 = 2 cores limited, + 1 for the router and the client: overlap only on 3 cores or more
     assert mix.overlap == ((os.cpu_count() or 1) >= 3)
     monkeypatch.setattr(bench_mix.os, "cpu_count", lambda: 3)
@@ -203,8 +212,13 @@ class FakeHost:
         def throttling() -> dict[str, dict[str, int]]:
             return {"attn-0": {"nr_periods": 10 * readings["n"], "nr_throttled": readings["n"], "throttled_time": 0}}
 
+        def exchanges(previous: Mapping[str, float] | None) -> dict[str, float]:
+            # each reading after a run adds 100 exchanges of 2 ms, 0.5 ms of it blocked in combine
+            n = 0 if previous is None else previous["round_trips"] / 100
+            return {"round_trips": 100 * (n + 1), "seconds": 0.2 * (n + 1), "wait_seconds": 0.05 * (n + 1)}
+
         try:
-            yield RunningMix("http://127.0.0.1:1", lambda: VIEW, usage, throttling)
+            yield RunningMix("http://127.0.0.1:1", lambda: VIEW, usage, throttling, exchange_totals=exchanges)
         finally:
             self.open -= 1
 
@@ -242,6 +256,8 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
         assert measured["busy"]["ffn"] == {"mean_cores": 0.45, "max_cores": 0.45, "nodes": 2}
         assert measured["ffn_busy_fraction"] == {"ffn-0": 0.25, "ffn-1": 0.35}
         assert measured["cpu_throttling"]["attn-0"] == {"nr_periods": 10, "nr_throttled": 1, "throttled_time": 0}
+        assert measured["exchange"] == {"round_trip_ms": 2.0, "wait_ms": 0.5, "hidden_share": 0.75}
+        assert row["wire_dtype"] == "auto"
         predicted = row["predicted"]
         assert (
             predicted["attention"] == {"kind": "cpu", "count": 1} and predicted["microbatches"] == row["microbatches"]
@@ -261,7 +277,8 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     assert [p.name for p in plots] == ["measured_vs_predicted.png", "pareto.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     report = markdown_report(result, plots, tmp_path / "report.md")
-    assert "| a1f2 | 1 x 1 cpu/1t | 2 x 0.5 cpu/1t | 1 | 100 | 2 |" in report
+    assert "| a1f2 | 1 x 1 cpu/1t | 2 x 0.5 cpu/1t | 1 | auto | 100 | 2 |" in report
+    assert "| 0.50 / 2.00 (75% hidden) |" in report
     assert "](plots/pareto.png)" in report and "Within 15 %" in report
 
 

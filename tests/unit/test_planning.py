@@ -204,6 +204,18 @@ def test_cost_model_two_microbatches_by_hand():
     assert p.exposed == "link-bound"
 
 
+def test_cost_model_narrow_dispatch_wire_by_hand():
+    # fp8 out (1 + 4 / 1000 bytes per element, the per-token scale), bf16 back: the out leg is 10 * 1.5 * 1000 *
+    # 1.004 B = 15.06 kB = 15.06 us, the way back 30 us as before; T_c = 15.06 + 30 + 2 * 10 = 65.06 us
+    p = _model().predict(_mix(dispatch_activation_bytes=1.004))
+    assert p.link_us == pytest.approx(65.06)
+    assert p.tpot_ms == pytest.approx((23 + 65.06 + 24) / 1e3)
+    # m = 2 on that wire: each leg half as long (7.53 and 15 us); the link-bound term is the longer leg
+    p2 = _model().predict(_mix(dispatch_activation_bytes=1.004, microbatches=2))
+    assert p2.link_us == pytest.approx(7.53 + 15 + 20)
+    assert p2.tpot_ms == pytest.approx((12.5 + 42.53 + 14) / 1e3)
+
+
 def test_cost_model_full_pipeline_is_ffn_bound_by_hand():
     p = _model().predict(_mix(microbatches=2, link="fast"))
     # a free link: layer = max(2 * 12.5, 2 * 14, ~0, 12.5 + ~0 + 14 = 26.5) = 28 us: the FFN pool shows
@@ -211,6 +223,17 @@ def test_cost_model_full_pipeline_is_ffn_bound_by_hand():
     assert p.exposed == "ffn-bound"
     no_overlap = _model().predict(_mix(microbatches=2, link="fast", overlap=False))
     assert no_overlap.tpot_ms == pytest.approx(2 * (12.5 + 14) / 1e3, rel=1e-5)  # shared hardware: m * (T_a + T_f)
+    assert no_overlap.exposed == "ffn-bound"  # 14 > 12.5 of the shared cores
+
+
+def test_shared_cores_still_overlap_the_link_by_hand():
+    # m = 2 on the slow link, pools on the same cores: compute 2 * (12.5 + 14) = 53 us, link occupancy 2 * 15 = 30,
+    # one microbatch's round trip 12.5 + 50 + 14 = 76.5 us: the round trip shows (the link overlaps the compute)
+    p = _model().predict(_mix(microbatches=2, overlap=False))
+    assert p.tpot_ms == pytest.approx(0.0765)
+    assert p.exposed == "link-bound"
+    # m = 1: nothing to overlap, T_a + T_c + T_f as with separate hardware
+    assert _model().predict(_mix(overlap=False)).tpot_ms == pytest.approx(0.127)
 
 
 def test_cost_model_reads_only_the_experts_a_small_batch_touches():
