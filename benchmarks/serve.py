@@ -32,7 +32,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from afd.errors import AfdError, ConfigError, PeerError
-from benchmarks.serve_cluster import ClusterSnapshot, cluster_topology, fetch_cluster, get_json, hardware_summary
+from benchmarks.serve_cluster import (
+    ClusterSnapshot,
+    cluster_topology,
+    fetch_cluster,
+    ffn_busy,
+    get_json,
+    hardware_summary,
+)
 from benchmarks.serve_cluster import per_role_tokens_per_s as role_rates
 from benchmarks.serve_dataset import (
     SampleRequest,
@@ -298,6 +305,7 @@ async def arun_serve_benchmark(config: ServeBenchmarkConfig) -> dict[str, Any]:
     result |= {
         "topology": cluster_topology(cluster) if cluster else None,
         "per_role_tokens_per_s": role_rates(samples),
+        "ffn_busy_fraction": ffn_busy(samples),
         "hardware": hardware_summary(cluster),
     }
     if config.save_result:

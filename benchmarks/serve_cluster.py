@@ -31,6 +31,8 @@ class ClusterNode(BaseModel):
     device_kind: str | None = None
     device_count: NonNegativeInt | None = None
     tokens_per_s: float | None = None
+    busy_fraction: float | None = None
+    """Share of wall time the node computed over its last heartbeat interval (FFN nodes)."""
     experts: list[int] = Field(default_factory=list)
     transport: str | None = None
     microbatches: Any = None
@@ -89,6 +91,21 @@ def per_role_tokens_per_s(samples: list[ClusterSnapshot]) -> dict[str, float] | 
         for role, rate in per_role.items():
             sums.setdefault(role, []).append(rate)
     return {role: sum(rates) / len(rates) for role, rates in sorted(sums.items())} or None
+
+
+def ffn_busy(samples: list[ClusterSnapshot]) -> dict[str, Any] | None:
+    """Mean busy fraction of each FFN node over the samples, and the largest over the mean of them (1.0: an even
+    load; what hot-expert replication evens out); None when no FFN node reports one."""
+    fractions: dict[str, list[float]] = {}
+    for snapshot in samples:
+        for node in snapshot.of_role("ffn"):
+            if node.busy_fraction is not None:
+                fractions.setdefault(node.node_id, []).append(node.busy_fraction)
+    if not fractions:
+        return None
+    per_node = {node: sum(values) / len(values) for node, values in sorted(fractions.items())}
+    mean = sum(per_node.values()) / len(per_node)
+    return {"per_node": per_node, "max_over_mean": max(per_node.values()) / mean if mean > 0 else None}
 
 
 def client_cpu_model() -> str:

@@ -265,6 +265,9 @@ def _cluster_lines(result: Mapping[str, Any]) -> list[str]:
         lines.append(_line("Microbatches:", _listing(topology["microbatches"])))
     for role, rate in (result.get("per_role_tokens_per_s") or {}).items():
         lines.append(_line(f"{_ROLE_NAMES.get(role, role)} tokens/s (server):", float(rate)))
+    busy = result.get("ffn_busy_fraction") or {}
+    if busy.get("max_over_mean") is not None:
+        lines.append(_line("FFN busy max/mean:", float(busy["max_over_mean"])))
     hardware = result.get("hardware") or {}
     for role, kinds in hardware.items():
         if isinstance(kinds, Mapping) and kinds:

@@ -56,8 +56,9 @@ CLUSTER = {
                 "device_count": count,
                 "experts": list(range(4 * i, 4 * i + 4)),
                 "tokens_per_s": rate,
+                "busy_fraction": busy,
             }
-            for i, (kind, count, rate) in enumerate([("cpu", 1, 20.0), ("cuda:H100", 2, 25.0)])
+            for i, (kind, count, rate, busy) in enumerate([("cpu", 1, 20.0, 0.6), ("cuda:H100", 2, 25.0, 0.2)])
         ),
     ],
 }
@@ -69,7 +70,7 @@ VLLM_KEYS = {
     "generated_texts", "errors",
     *(f"{stat}_{metric}_ms" for stat in ("mean", "median", "std", "p99") for metric in ("ttft", "tpot", "itl", "e2el")),
 }  # fmt: skip
-AFD_KEYS = {"topology", "per_role_tokens_per_s", "hardware"}
+AFD_KEYS = {"topology", "per_role_tokens_per_s", "ffn_busy_fraction", "hardware"}
 
 
 @pytest.fixture
@@ -241,12 +242,14 @@ def test_result_json_has_vllm_and_afd_fields(serve, tmp_path):
     assert (topology["attention_nodes"], topology["ffn_nodes"], topology["transport"]) == (1, 2, "grpc")
     assert topology["microbatches"] == {"attn-0": 2} and topology["placement_version"] == 7
     assert on_disk["per_role_tokens_per_s"] == {"attention": 40.0, "ffn": 45.0}
+    busy = on_disk["ffn_busy_fraction"]  # per FFN node over the run's samples; the largest over their mean
+    assert busy["per_node"] == {"ffn-0": 0.6, "ffn-1": 0.2} and busy["max_over_mean"] == pytest.approx(1.5)
     hardware = on_disk["hardware"]
     assert hardware["attention"] == {"cpu": 1} and hardware["ffn"] == {"cpu": 1, "cuda:H100": 2}
     assert isinstance(hardware["client_cpu"], str) and hardware["client_cpu"]
     assert on_disk == json.loads(json.dumps(result))
     block = format_result_block(result, (99.0,))
-    assert "FFN nodes:" in block and "cpu x1, cuda:H100 x2" in block
+    assert "FFN nodes:" in block and "cpu x1, cuda:H100 x2" in block and "FFN busy max/mean:" in block
 
 
 def test_chat_endpoint_and_a_server_without_cluster_view(serve):
@@ -255,7 +258,9 @@ def test_chat_endpoint_and_a_server_without_cluster_view(serve):
     assert result["backend"] == "openai-chat" and result["completed"] == 4
     assert result["mean_ttft_ms"] >= 0.95 * 60  # the role-only first chunk is not a token
     assert all(len(p["messages"][0]["content"].split()) == 10 for p in server.payloads)
-    assert result["topology"] is None and result["per_role_tokens_per_s"] is None
+    assert (
+        result["topology"] is None and result["per_role_tokens_per_s"] is None and result["ffn_busy_fraction"] is None
+    )
     assert result["hardware"]["attention"] is None and result["hardware"]["client_cpu"]
 
 

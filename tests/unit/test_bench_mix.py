@@ -183,7 +183,12 @@ def _serve_result(config: ServeBenchmarkConfig) -> dict[str, Any]:
     duration = 0.5
     result = _result_header(config, "fake-model", "20260101-000000", 1000) | {"duration": duration}
     result |= compute_metrics(outputs, duration, config.metric_percentiles)
-    return result | {"topology": None, "per_role_tokens_per_s": None, "hardware": {"client_cpu": "x"}}
+    return result | {
+        "topology": None,
+        "per_role_tokens_per_s": None,
+        "ffn_busy_fraction": None,
+        "hardware": {"client_cpu": "x"},
+    }
 
 
 class FakeHost:
