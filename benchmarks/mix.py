@@ -1,14 +1,14 @@
 """`afd bench mix --mixes mixes.yaml`: real hardware mixes, one after the other, measured beside the planner.
 
 For each mix of the file (pools of attention and FFN nodes, each pool with its node count, CPU limit and
-threads; microbatches m; a link cap; the batch per attention node) it
+threads; microbatches m; a link cap; the batch per attention node; the wire dtype) it
 1. brings the cluster up on the mix testbed (a launcher the CLI passes in: orchestration/testbed/launch.py puts
    every node in its cgroup with the pool's CFS quota and in its own network namespace on a tbf-capped veth),
 2. reads each node's capacity profile from the router (GET /afd/v1/cluster: attention µs per token at a
    context, FFN µs per token-expert pair, measured by the node itself at start-up inside its cgroup),
 3. runs a short warm-up and then the serving benchmark (benchmarks/serve.py) at a concurrency of
-   batch x attention nodes, recording the kernel's CPU time of every node (cpuacct) and the router's FFN
-   busy fractions over the run,
+   batch x attention nodes, recording the kernel's CPU time of every node (cpuacct), the router's FFN
+   busy fractions and its per-layer exchange counters (round trip, time blocked in combine) over the run,
 4. asks the planner (afd.planning.predict) for the same mix, fitted to those profiles, the mix's CPU quotas
    (`CpuQuota`) and its link (the cap's bandwidth, the file's per-exchange latency),
 and writes one JSON file: per mix, every field `afd bench serve --save-result` writes (vLLM's) plus the
