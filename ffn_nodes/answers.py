@@ -9,6 +9,7 @@ a decoded header here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -22,24 +23,61 @@ log = logging.getLogger("ffn_nodes.server")
 ReplyFrame = tuple[bytes, list[torch.Tensor]]
 """A frame to send back: msgpack header and tensors (what Channel.send and pack_parts take)."""
 Submit = Callable[[FfnRequest], Awaitable[torch.Tensor]]
-"""Computes a request's partial sum (the node's batcher)."""
+"""Computes a request's partial sum (the node's batcher, from the event loop)."""
+SubmitThreadsafe = Callable[[FfnRequest], "concurrent.futures.Future[torch.Tensor]"]
+"""Computes a request's partial sum (the node's batcher, from any thread)."""
 
 
 async def answer(
     submit: Submit, node_id: str, header: FrameHeader, tensors: list[torch.Tensor], peer: str
 ) -> ReplyFrame:
     """The reply to the request frame `header` + `tensors`: its partial sum, or an ERROR frame for it."""
-    try:
-        request = request_from_frame(header, tensors)
-    except FrameError as exc:
-        log.warning("bad frame from %s (seq %d): %s", peer, header.seq, exc)
-        return encode_error(str(exc), header.layer, header.microbatch, header.seq, node_id)
+    request = _request(node_id, header, tensors, peer)
+    if not isinstance(request, FfnRequest):
+        return request
     try:
         partial = await submit(request)
     except Exception as exc:  # this request failed (bad ids for its shard, a stale placement, the node stopping)
-        log.warning("request seq %d from %s failed: %s", header.seq, peer, exc)
-        return encode_error(f"{type(exc).__name__}: {exc}", header.layer, header.microbatch, header.seq, node_id)
-    return encode_response(partial, header.layer, header.microbatch, header.seq, node_id)
+        return _reply(node_id, header, exc, peer)
+    return _reply(node_id, header, partial, peer)
+
+
+def answer_threadsafe(
+    submit: SubmitThreadsafe, node_id: str, header: FrameHeader, tensors: list[torch.Tensor], peer: str
+) -> concurrent.futures.Future[ReplyFrame]:
+    """`answer` for a door on its own threads: the reply frame is encoded on the batch thread as the partial
+    sum lands, so no event loop sits between the frame's arrival and its reply."""
+    reply: concurrent.futures.Future[ReplyFrame] = concurrent.futures.Future()
+    request = _request(node_id, header, tensors, peer)
+    if not isinstance(request, FfnRequest):
+        reply.set_result(request)
+        return reply
+
+    def encode(partial: concurrent.futures.Future[torch.Tensor]) -> None:
+        error = partial.exception()
+        reply.set_result(_reply(node_id, header, error if error is not None else partial.result(), peer))
+
+    submit(request).add_done_callback(encode)
+    return reply
+
+
+def _request(node_id: str, header: FrameHeader, tensors: list[torch.Tensor], peer: str) -> FfnRequest | ReplyFrame:
+    """The request a frame carries, or the ERROR frame saying why it cannot be read."""
+    try:
+        return request_from_frame(header, tensors)
+    except FrameError as exc:
+        log.warning("bad frame from %s (seq %d): %s", peer, header.seq, exc)
+        return encode_error(str(exc), header.layer, header.microbatch, header.seq, node_id)
+
+
+def _reply(node_id: str, header: FrameHeader, outcome: torch.Tensor | BaseException, peer: str) -> ReplyFrame:
+    """The partial sum's frame, or the ERROR frame of a request that failed (bad ids for its shard, a stale
+    placement, the node stopping)."""
+    if isinstance(outcome, BaseException):
+        log.warning("request seq %d from %s failed: %s", header.seq, peer, outcome)
+        reason = f"{type(outcome).__name__}: {outcome}"
+        return encode_error(reason, header.layer, header.microbatch, header.seq, node_id)
+    return encode_response(outcome, header.layer, header.microbatch, header.seq, node_id)
 
 
 def refusal(reason: str, node_id: str, seq: int = UNKNOWN) -> ReplyFrame:

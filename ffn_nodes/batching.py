@@ -1,19 +1,25 @@
 """M2N batching on an FFN node: requests from every attention node, computed together.
 
-Frames from every attention node (and every channel) go into one queue; the batch loop takes whatever has
-arrived, concatenates requests of the same layer into one `FfnShard.compute` on the compute thread, and
-splits the result back. While the thread computes, the event loop keeps receiving, so the next batch is as
-large as the load makes it - no timer, no added latency when idle.
+Requests from every door (gRPC streams on the event loop, pairwise channels on their receive threads) go
+into one inbox; the batch thread takes whatever has arrived, concatenates requests of the same layer into one
+`FfnShard.compute`, and settles each request's future. While it computes, the doors keep receiving, so the
+next batch is as large as the load makes it - no timer, no added latency when idle.
 
-The batcher also keeps the node's load counters: the compute thread adds to them and the heartbeat takes
+Why a thread of its own rather than a task on the event loop that hands each batch to an executor: a frame
+from a channel would cross four threads (receive thread -> loop -> compute thread -> loop -> send thread),
+and on a busy host each handoff waits for a core and the GIL. The channel doors submit from their receive
+thread and the send thread waits on the future the batch thread settles: two handoffs. The event loop
+submits through `submit`, which also keeps what one loop iteration submitted together in one batch.
+
+The batcher also keeps the node's load counters: the batch thread adds to them and the heartbeat takes
 (and resets) them under one lock, so an add lands either in the period taken or in the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -46,7 +52,7 @@ class LoadCounters:
     started: float = field(default_factory=time.monotonic)
     """When this period began (monotonic clock)."""
     busy_s: float = 0.0
-    """Seconds the compute thread spent computing."""
+    """Seconds the batch thread spent computing."""
     requests: int = 0
     """Requests computed."""
     batches: int = 0
@@ -58,7 +64,7 @@ class LoadCounters:
 @dataclass(slots=True)
 class _Work:
     request: FfnRequest
-    reply: asyncio.Future[torch.Tensor]
+    reply: concurrent.futures.Future[torch.Tensor]
 
 
 HeldShards = Callable[[], dict[int, FfnShard]]
@@ -67,8 +73,19 @@ OnFailure = Callable[[BaseException, str], None]
 """Called when the batch loop fails unexpectedly (the node stops: FfnNodeServer.fail)."""
 
 
+def _settle(reply: concurrent.futures.Future[torch.Tensor], outcome: torch.Tensor | BaseException) -> None:
+    """Resolve `reply` unless it already is (refused meanwhile, or cancelled by its waiter)."""
+    try:
+        if isinstance(outcome, BaseException):
+            reply.set_exception(outcome)
+        else:
+            reply.set_result(outcome)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class Batcher:
-    """The queue, the batch loop on the event loop, the compute thread, and the load counters."""
+    """The inbox, the batch thread, and the load counters."""
 
     def __init__(self, node_id: str, max_batch_tokens: int, held_shards: HeldShards, on_failure: OnFailure) -> None:
         self.node_id = node_id
@@ -78,89 +95,128 @@ class Batcher:
         self.counters = LoadCounters()
         self.token_rows_total = 0
         """Token rows computed since start (monotonic; the router derives the FFN tokens/s from it)."""
-        self.task: asyncio.Task[None] | None = None
-        """The batch loop; ends only when stopped or when it failed (then `on_failure` was called)."""
+        self.failure: BaseException | None = None
+        """What ended the batch thread unexpectedly (then `on_failure` was called); None while it serves."""
         self._lock = threading.Lock()
-        """Guards `counters`, `token_rows_total` and `_expert_baselines` (compute thread vs event loop)."""
+        """Guards `counters`, `token_rows_total` and `_expert_baselines` (batch thread vs event loop)."""
         self._expert_baselines: dict[int, list[int]] = {}
         """Placement version -> its shard's FfnShard.expert_token_counts() at the start of the load period."""
-        self._pending: set[asyncio.Future[torch.Tensor]] = set()
-        self._refusal: Exception | None = None
-        self._queue: asyncio.Queue[_Work] | None = None
+        self._inbox: collections.deque[_Work] = collections.deque()
+        self._arrived = threading.Condition(threading.Lock())
+        """Guards `_inbox`, `_pending`, `_refusal` and `_stopping`; notified when work arrives or on stop."""
+        self._pending: set[concurrent.futures.Future[torch.Tensor]] = set()
+        self._refusal: BaseException | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._compute: concurrent.futures.ThreadPoolExecutor | None = None
+        self._this_tick: list[_Work] = []
+        """Work the event loop submitted in its current iteration, handed over together at its end."""
+
+    @property
+    def alive(self) -> bool:
+        """The batch thread runs (started, not stopped, not failed)."""
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
 
     def start(self) -> None:
-        """Start the batch loop on the running event loop and the compute thread."""
+        """Start the batch thread; `submit` then needs the running event loop it is called from."""
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
-        self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ffn-compute-{self.node_id}")
-        self.task = asyncio.ensure_future(self._run())
+        self._thread = threading.Thread(target=self._run, name=f"ffn-compute-{self.node_id}", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # stopping: its outcome no longer matters
-                await self.task
-        if self._compute is not None:
-            self._compute.shutdown(wait=False, cancel_futures=True)
+        """Stop the batch thread after its current batch; whatever still waits fails with PeerError."""
+        with self._arrived:
+            self._stopping = True
+            self._arrived.notify_all()
+        self.refuse_all(PeerError(self.node_id, "the node is stopping"))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
 
     def submit(self, request: FfnRequest) -> asyncio.Future[torch.Tensor]:
-        """Queue `request` for the next batch (event loop thread only); fails at once once refused."""
-        assert self._loop is not None and self._queue is not None, "submit() before start()"
-        reply: asyncio.Future[torch.Tensor] = self._loop.create_future()
-        if self._refusal is not None:
-            reply.set_exception(self._refusal)
-            return reply
-        self._pending.add(reply)
-        reply.add_done_callback(self._pending.discard)
-        self._queue.put_nowait(_Work(request, reply))
+        """Queue `request` for a coming batch (event loop thread only); fails at once once refused.
+
+        Everything the loop submits in one iteration reaches the batch thread at once, so requests that
+        arrived together are computed together."""
+        assert self._loop is not None, "submit() before start()"
+        reply: concurrent.futures.Future[torch.Tensor] = concurrent.futures.Future()
+        if not self._this_tick:
+            self._loop.call_soon(self._hand_over_tick)
+        self._this_tick.append(_Work(request, reply))
+        return asyncio.wrap_future(reply, loop=self._loop)
+
+    def submit_threadsafe(self, request: FfnRequest) -> concurrent.futures.Future[torch.Tensor]:
+        """Queue `request` for the next batch from any thread (the channel doors); fails at once once refused."""
+        reply: concurrent.futures.Future[torch.Tensor] = concurrent.futures.Future()
+        self._hand_over([_Work(request, reply)])
         return reply
 
-    def refuse_all(self, reason: Exception) -> None:
-        """Fail every pending reply with `reason`, and every later submit (the node stops; event loop only)."""
-        self._refusal = reason
-        for reply in list(self._pending):
-            if not reply.done():
-                reply.set_exception(reason)
-        self._pending.clear()
+    def _hand_over_tick(self) -> None:
+        works, self._this_tick = self._this_tick, []
+        self._hand_over(works)
 
-    async def _run(self) -> None:
-        """The node's core: an unexpected exception here is fatal (`on_failure`), never a silently dead task."""
+    def _hand_over(self, works: list[_Work]) -> None:
+        with self._arrived:
+            refusal = self._refusal
+            if refusal is None:
+                self._inbox.extend(works)
+                self._pending.update(work.reply for work in works)
+                self._arrived.notify()
+        if refusal is not None:
+            for work in works:
+                _settle(work.reply, refusal)
+
+    def refuse_all(self, reason: BaseException) -> None:
+        """Fail every pending reply with `reason`, and every later submit (the node stops; any thread)."""
+        with self._arrived:
+            self._refusal = reason
+            pending, self._pending = self._pending, set()
+            self._inbox.clear()
+        for reply in pending:
+            _settle(reply, reason)
+
+    def _run(self) -> None:
+        """The node's core: an unexpected exception here is fatal (`on_failure`), never a silently dead thread."""
         try:
-            await self._batch_forever()
-        except asyncio.CancelledError:
-            raise
+            while (batch := self._next_batch()) is not None:
+                self._compute(batch)
         except Exception as exc:
+            self.failure = exc
             self.on_failure(exc, "the batch loop")
 
-    async def _batch_forever(self) -> None:
-        assert self._queue is not None and self._loop is not None
-        while True:
-            first = await self._queue.get()
-            batch = [first]
-            tokens = first.request.num_tokens
-            while not self._queue.empty() and tokens < self.max_batch_tokens:
-                work = self._queue.get_nowait()
-                batch.append(work)
-                tokens += work.request.num_tokens
-            shards = self.held_shards()
-            if not shards:
-                for work in batch:
-                    if not work.reply.done():
-                        work.reply.set_exception(PeerError(self.node_id, "no experts loaded yet"))
-                continue
-            results = await self._loop.run_in_executor(self._compute, self._timed_compute, shards, batch)
-            for work, result in zip(batch, results, strict=True):
-                if work.reply.done():
-                    continue
-                if isinstance(result, Exception):
-                    work.reply.set_exception(result)
+    def _next_batch(self) -> list[_Work] | None:
+        """Whatever has arrived, up to max_batch_tokens (at least one request); None once stopping."""
+        with self._arrived:
+            while not self._inbox and not self._stopping:
+                self._arrived.wait()
+            if self._stopping:
+                return None
+            batch: list[_Work] = []
+            tokens = 0
+            while self._inbox and (not batch or tokens < self.max_batch_tokens):
+                work = self._inbox.popleft()
+                if work.reply.set_running_or_notify_cancel():  # False: its waiter gave up already
+                    batch.append(work)
+                    tokens += work.request.num_tokens
                 else:
-                    work.reply.set_result(result)
+                    self._pending.discard(work.reply)
+            return batch
+
+    def _compute(self, batch: list[_Work]) -> None:
+        if not batch:
+            return
+        shards = self.held_shards()
+        outcomes: list[torch.Tensor | Exception]
+        if shards:
+            outcomes = self._timed_compute(shards, batch)
+        else:
+            outcomes = [PeerError(self.node_id, "no experts loaded yet")] * len(batch)
+        with self._arrived:
+            self._pending.difference_update(work.reply for work in batch)
+        for work, outcome in zip(batch, outcomes, strict=True):
+            _settle(work.reply, outcome)
 
     def _timed_compute(self, shards: dict[int, FfnShard], batch: list[_Work]) -> list[torch.Tensor | Exception]:
-        """Compute `batch` (compute thread). Per-expert counts are taken by the shards' experts as they compute."""
+        """Compute `batch` (batch thread). Per-expert counts are taken by the shards' experts as they compute."""
         start = time.perf_counter()
         requests = [work.request for work in batch]
         results = compute_batch(shards, requests)

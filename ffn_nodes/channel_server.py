@@ -1,7 +1,8 @@
 """The channel door of an FFN node: frames arriving on one pairwise channel (gloo, shm, NCCL), answered in order.
 
-A receive thread reads frames and hands each to the event loop to be answered (ffn_nodes/answers.py, the
-same path as the gRPC door); a send thread writes the replies back in arrival order. At most
+A receive thread reads frames and submits each to the batch thread (ffn_nodes/answers.py, the same error
+mapping as the gRPC door, without the event loop in between); a send thread writes the replies back in
+arrival order. At most
 `max_in_flight_per_stream` replies wait, so a peer that stops reading holds back only its own channel. An
 unexpected exception in either thread stops the node (FfnNodeServer.fail): a live-looking node whose
 channel threads died would never answer again.
@@ -9,7 +10,6 @@ channel threads died would never answer again.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -22,7 +22,7 @@ from afd.errors import PeerError
 from afd.transport.backends import ChannelOffer
 from afd.transport.channel import Channel, ChannelTimeout
 from afd.wire.frames import FrameError, decode_header
-from ffn_nodes.answers import ReplyFrame, answer, refusal
+from ffn_nodes.answers import ReplyFrame, answer_threadsafe, refusal
 
 if TYPE_CHECKING:
     from ffn_nodes.server import FfnNodeServer
@@ -33,11 +33,10 @@ log = logging.getLogger("ffn_nodes.server")
 class ChannelServer:
     """Serves one attention node's channel until either end closes it."""
 
-    def __init__(self, server: FfnNodeServer, peer: str, offer: ChannelOffer, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, server: FfnNodeServer, peer: str, offer: ChannelOffer) -> None:
         self.server = server
         self.peer = peer
         self.offer = offer
-        self.loop = loop
         self.channel: Channel | None = None
         self._stop = threading.Event()
         self._replies: queue.Queue[concurrent.futures.Future[ReplyFrame] | None] = queue.Queue(
@@ -113,8 +112,7 @@ class ChannelServer:
             except FrameError as exc:  # limits changed (LoadExperts) between recv and now
                 self._put(_settled(refusal(str(exc), node)))
                 continue
-            reply = answer(self.server.submit, node, header, tensors, self.peer)
-            self._put(asyncio.run_coroutine_threadsafe(reply, self.loop))
+            self._put(answer_threadsafe(self.server.submit_threadsafe, node, header, tensors, self.peer))
         self.stop()
 
     def _put(self, reply: concurrent.futures.Future[ReplyFrame]) -> None:
@@ -134,7 +132,7 @@ class ChannelServer:
             if reply is None or self.channel is None:
                 return
             try:
-                self.channel.send(*reply.result())  # answer() never raises; cancelled only when the loop stops
+                self.channel.send(*reply.result())  # never raises: every request settles, on stop as a refusal
             except PeerError as exc:
                 log.info("channel to %s failed: %s", self.peer, exc)
                 self.stop()

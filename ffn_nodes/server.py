@@ -18,6 +18,7 @@ entry point is `afd node ffn` (ffn_nodes/node.py).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -132,7 +133,7 @@ class FfnServerConfig:
 
 
 class FfnNodeServer:
-    """One FFN node: shard, batcher, compute thread, and the gRPC server (data, control, health)."""
+    """One FFN node: shard, batcher (with its batch thread), and the gRPC server (data, control, health)."""
 
     def __init__(self, config: FfnServerConfig, shard: FfnShard | None = None) -> None:
         """`shard` skips loading from config.model_dir (tests, embedding)."""
@@ -306,7 +307,7 @@ class FfnNodeServer:
         the old version: keeping one previous shard computes those correctly instead of with the wrong
         experts. Frames are range-checked against the larger of the two; each group against its own.
 
-        Nothing here touches what the compute thread writes: each shard counts its own expert tokens, and
+        Nothing here touches what the batch thread writes: each shard counts its own expert tokens, and
         the load reports count from this shard's reading now; what the previous shard computed since the
         last report, and computes for frames still addressed under it, is reported under this shard's local
         id of the same global expert (Batcher.take_load).
@@ -360,6 +361,10 @@ class FfnNodeServer:
         """Queue `request` for the next batch (event loop thread only); fails at once on a failed node."""
         return self.batcher.submit(request)
 
+    def submit_threadsafe(self, request: FfnRequest) -> concurrent.futures.Future[torch.Tensor]:
+        """Queue `request` for the next batch from any thread (the channel doors); fails at once on a failed node."""
+        return self.batcher.submit_threadsafe(request)
+
     def take_load(self, reset: bool = False) -> pb.NodeLoad:
         """The load since the counters were last reset (see Batcher.take_load), for the current shard."""
         return self.batcher.take_load(self.shard, reset)
@@ -372,8 +377,7 @@ class FfnNodeServer:
         if acceptor is None:
             raise ConfigError(f"transport {transport!r} has no channel backend here (have: {sorted(acceptors)})")
         offer = await asyncio.to_thread(acceptor, request)
-        assert self._loop is not None
-        server = ChannelServer(self, request.attention_node_id, offer, self._loop)
+        server = ChannelServer(self, request.attention_node_id, offer)
         self._channels.setdefault(request.attention_node_id, []).append(server)
         server.start()
         return offer.reply

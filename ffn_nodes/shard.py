@@ -123,7 +123,7 @@ class FfnShard:
     def expert_token_counts(self) -> list[int]:
         """Token-expert pairs computed per local expert since load, summed over layers.
 
-        The one place they are counted is StackedExperts.forward (the compute thread); this only reads
+        The one place they are counted is StackedExperts.forward (the batch thread); this only reads
         them. Each count only grows, so a reader takes differences between two readings, and a reading
         that races an add merely moves that add into the next difference.
         """

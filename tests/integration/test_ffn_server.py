@@ -15,6 +15,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from afd.errors import PeerError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
@@ -193,6 +194,38 @@ def test_requests_arriving_together_are_computed_as_one_batch(qwen3):
         assert server.batcher.counters.requests == 0
         for request, result in zip(requests, results, strict=True):
             torch.testing.assert_close(result, server.shard.compute(request), atol=1e-5, rtol=1e-5)
+
+
+def test_requests_from_door_threads_are_batched_and_refused_once_the_node_fails(qwen3):
+    """The channel doors submit from their own threads, straight to the batch thread (no event loop on the
+    path): every reply equals the shard's own compute, each computed once, and after refuse_all (what a
+    failing node does) a submit fails at once instead of waiting forever."""
+    directory, spec, placement = qwen3
+    config = FfnServerConfig(directory, "ffn-1", placement)
+    local = len(placement.experts[1])
+    requests = [make_request(spec, local, tokens=2 + i % 3, seed=i, layer=2 * (i % 2)) for i in range(24)]
+    with ffn_server_in_thread(config) as server:
+        assert server.shard is not None
+        results: dict[int, torch.Tensor] = {}
+
+        def door(first: int) -> None:
+            futures = {i: server.submit_threadsafe(requests[i]) for i in range(first, len(requests), 4)}
+            results.update({i: future.result(REPLY_TIMEOUT_S) for i, future in futures.items()})
+
+        threads = [threading.Thread(target=door, args=(first,)) for first in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(REPLY_TIMEOUT_S)
+        assert sorted(results) == list(range(len(requests)))
+        assert server.batcher.counters.requests == len(requests)
+        for index, request in enumerate(requests):
+            torch.testing.assert_close(results[index], server.shard.compute(request), atol=1e-5, rtol=1e-5)
+
+        server.batcher.refuse_all(PeerError("ffn-1", "the node failed and stops"))
+        with pytest.raises(PeerError, match="the node failed and stops"):
+            server.submit_threadsafe(requests[0]).result(REPLY_TIMEOUT_S)
+        assert server.batcher.alive  # refusing is not dying: the batch thread still serves a stop
 
 
 def test_control_service_health_and_reload(qwen3):
