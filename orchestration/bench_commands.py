@@ -35,6 +35,12 @@ def cluster_command(
     microbatches: Annotated[str, typer.Option(help="Comma-separated microbatch counts to compare.")] = "1,2,3",
     transport: Annotated[str, typer.Option(help="Cluster data plane: grpc, gloo or shm.")] = "grpc",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16.")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads per attention/FFN process; cores / nodes if omitted.")
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Rounds of engine + every m, alternating the sides; medians with min-max.")
+    ] = 1,
     json_output: Annotated[bool, typer.Option("--json", help="Only JSON lines.")] = False,
 ) -> None:
     """`afd up` processes under `afd bench serve` vs the single-process engine, for several microbatch counts."""
@@ -48,7 +54,13 @@ def cluster_command(
     def start(m: int) -> Iterator[str]:
         cluster = LocalCluster(
             LocalClusterConfig(
-                model=model_dir, ffn=ffn, microbatches=str(m), http_port=0, transport=transport, dtype=dtype
+                model=model_dir,
+                ffn=ffn,
+                microbatches=str(m),
+                http_port=0,
+                transport=transport,
+                dtype=dtype,
+                threads_per_node=threads,
             )
         )
         try:
@@ -58,7 +70,9 @@ def cluster_command(
             cluster.stop()
             cluster.remove_workdir()
 
-    config = ClusterBenchConfig(model_dir, ffn, num_prompts, input_len, output_len, concurrency, counts, dtype)
+    config = ClusterBenchConfig(
+        model_dir, ffn, num_prompts, input_len, output_len, concurrency, counts, dtype, threads=threads, repeats=repeats
+    )
     rows, context = run(config, start, ModelSpec.from_pretrained(model_dir).vocab_size)
     report(rows, context, json_output)
 
