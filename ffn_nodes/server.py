@@ -33,7 +33,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from afd.checkpoint import CheckpointReader
 from afd.devices import parse_device
-from afd.dtypes import resolve_dtype
+from afd.dtypes import COMPUTE_DTYPES, resolve_dtype
 from afd.errors import AfdError, ConfigError, PeerError
 from afd.ffn_messages import FfnRequest
 from afd.model_spec import ModelSpec
@@ -43,7 +43,6 @@ from afd.wire import grpc_data
 from afd.wire.auth import ClusterAuth
 from afd.wire.frames import (
     FrameLimits,
-    dtype_name,
 )
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
@@ -321,9 +320,10 @@ class FfnNodeServer:
             max_local_experts=max(held),
             max_tokens=self.config.max_tokens_per_frame,
             max_frame_bytes=self.config.max_frame_bytes,
-            # hidden states in the weights' dtype, or narrowed to bf16 by the attention node's `--wire-dtype bf16`
-            # (fp8 frames carry scales and are checked apart); anything else is a misconfigured peer: say so up front
-            allowed_dtypes=frozenset({dtype_name(shard.dtype), dtype_name(torch.bfloat16)}),
+            # hidden states in any compute dtype (an attention node in another dtype than this pool's, or one that
+            # narrows its wire with `--wire-dtype bf16`) are computed in the weights' dtype (FfnRequest.in_dtype),
+            # and fp8 frames carry scales and are checked apart
+            allowed_dtypes=frozenset(COMPUTE_DTYPES),
         )
         self.batcher.count_experts_from(shard)
         if self.failure is None:

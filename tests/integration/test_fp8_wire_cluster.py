@@ -13,8 +13,9 @@ from afd.sampling_params import SamplingParams
 from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
+from ffn_nodes.local_pool import local_ffn_pool
 from tests.cluster_helpers import start_ffn_servers, stop_all
-from tests.engines import inprocess_engine, uneven_placement
+from tests.engines import inprocess_engine, uneven_placement, uneven_weights
 
 PROMPTS = [[7], [3, 14, 15, 92, 65], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -44,5 +45,33 @@ def test_narrow_wire_over_grpc_matches_inprocess(arch: str, dtype: str, wire: st
             model_bytes = 2 if dtype == "bfloat16" else 4
             assert sum(stats.bytes_sent_totals) >= hidden_bytes * sum(stats.token_totals)
             assert sum(stats.bytes_sent_totals) < model_bytes * spec.hidden_size * sum(stats.token_totals) * len(peers)
+    finally:
+        stop_all(servers)
+
+
+def test_a_float32_attention_node_with_a_bfloat16_ffn_pool(tiny_checkpoint, tmp_path: Path):
+    """Pools in different dtypes (a bf16 FFN pool, e.g. on accelerators, behind a float32 attention node): the
+    FFN nodes take the float32 hidden states, compute in bf16 and answer in bf16, exactly as the in-process
+    engine does with bf16 shards. Before, every frame was refused as a float32 frame and the attention node
+    took the live FFN node for a failed one."""
+    directory = tiny_checkpoint("qwen3_moe")
+    spec = ModelSpec.from_pretrained(directory)
+    placement = uneven_placement(spec, 2)
+    config = EngineConfig(block_size=4, num_kv_blocks=64, dtype="float32", microbatches=2)
+    reference_placement, reference_transport = local_ffn_pool(directory, 2, "bfloat16", uneven_weights(2))
+    expected = AttentionEngine.load(directory, reference_transport, reference_placement, config).generate(
+        PROMPTS, GREEDY
+    )
+
+    servers = start_ffn_servers(directory, placement, tmp_path, extra_args=["--dtype", "bfloat16"])
+    try:
+        peers = {server.node_id: server.address for server in servers}
+        with GrpcTransport.for_model(spec, peers, GrpcTransportConfig(timeout_s=30)) as transport:
+            transport.wait_ready()
+            engine = AttentionEngine.load(directory, transport, placement, config)
+            assert engine.generate(PROMPTS, GREEDY) == expected
+            stats = engine.runner.transfers
+            float32_hidden = 4 * spec.hidden_size  # the attention node's own dtype goes on the wire
+            assert sum(stats.bytes_sent_totals) >= float32_hidden * sum(stats.token_totals)
     finally:
         stop_all(servers)
