@@ -21,9 +21,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from afd.model_spec import ModelSpec
 from afd.node_lifecycle import read_ready_file
 from afd.placement import ExpertPlacement
+from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
 from afd.wire.event_loop import EventLoopThread
+from attn_nodes.config import EngineConfig
+from attn_nodes.engine import AttentionEngine
 from ffn_nodes.server import FfnNodeServer, FfnServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -199,3 +203,20 @@ def ffn_server_in_thread(config: FfnServerConfig, timeout: float = READY_TIMEOUT
         with contextlib.suppress(Exception):
             loop.run(server.shutdown(), timeout)
         loop.stop()
+
+
+@contextlib.contextmanager
+def engine_over_grpc_ffn_processes(
+    model_dir: Path, placement: ExpertPlacement, config: EngineConfig, work_dir: Path, ffn_dtype: str | None = None
+) -> Iterator[AttentionEngine]:
+    """An engine of this process whose FFN halves are `afd node ffn` processes of `placement` behind gRPC, in
+    `ffn_dtype` (the engine's dtype when None); every process is stopped on exit."""
+    spec = ModelSpec.from_pretrained(model_dir)
+    servers = start_ffn_servers(model_dir, placement, work_dir, extra_args=["--dtype", ffn_dtype or config.dtype])
+    try:
+        peers = {server.node_id: server.address for server in servers}
+        with GrpcTransport.for_model(spec, peers, GrpcTransportConfig(timeout_s=30)) as transport:
+            transport.wait_ready()
+            yield AttentionEngine.load(model_dir, transport, placement, config)
+    finally:
+        stop_all(servers)

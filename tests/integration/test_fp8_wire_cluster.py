@@ -10,11 +10,10 @@ import pytest
 
 from afd.model_spec import ModelSpec
 from afd.sampling_params import SamplingParams
-from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
 from ffn_nodes.local_pool import local_ffn_pool
-from tests.cluster_helpers import start_ffn_servers, stop_all
+from tests.cluster_helpers import engine_over_grpc_ffn_processes
 from tests.engines import inprocess_engine, uneven_placement, uneven_weights
 
 PROMPTS = [[7], [3, 14, 15, 92, 65], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
@@ -32,21 +31,14 @@ def test_narrow_wire_over_grpc_matches_inprocess(arch: str, dtype: str, wire: st
     config = EngineConfig(block_size=4, num_kv_blocks=64, dtype=dtype, microbatches=2, wire_dtype=wire)  # type: ignore[arg-type]
     expected = inprocess_engine(directory, 2, config).generate(PROMPTS, GREEDY)
 
-    servers = start_ffn_servers(directory, placement, tmp_path, extra_args=["--dtype", dtype])
-    try:
-        peers = {server.node_id: server.address for server in servers}
-        with GrpcTransport.for_model(spec, peers, GrpcTransportConfig(timeout_s=30)) as transport:
-            transport.wait_ready()
-            engine = AttentionEngine.load(directory, transport, placement, config)
-            assert engine.generate(PROMPTS, GREEDY) == expected
-            stats = engine.runner.transfers
-            # fp8: one byte per element and a float32 scale per token; bf16: two bytes per element
-            hidden_bytes = spec.hidden_size + 4 if wire == "fp8" else 2 * spec.hidden_size
-            model_bytes = 2 if dtype == "bfloat16" else 4
-            assert sum(stats.bytes_sent_totals) >= hidden_bytes * sum(stats.token_totals)
-            assert sum(stats.bytes_sent_totals) < model_bytes * spec.hidden_size * sum(stats.token_totals) * len(peers)
-    finally:
-        stop_all(servers)
+    with engine_over_grpc_ffn_processes(directory, placement, config, tmp_path) as engine:
+        assert engine.generate(PROMPTS, GREEDY) == expected
+        stats = engine.runner.transfers
+        # fp8: one byte per element and a float32 scale per token; bf16: two bytes per element
+        hidden_bytes = spec.hidden_size + 4 if wire == "fp8" else 2 * spec.hidden_size
+        model_bytes = 2 if dtype == "bfloat16" else 4
+        sent, tokens = sum(stats.bytes_sent_totals), sum(stats.token_totals)
+        assert hidden_bytes * tokens <= sent < model_bytes * spec.hidden_size * tokens * len(placement.nodes)
 
 
 def test_a_float32_attention_node_with_a_bfloat16_ffn_pool(tiny_checkpoint, tmp_path: Path):
@@ -63,15 +55,8 @@ def test_a_float32_attention_node_with_a_bfloat16_ffn_pool(tiny_checkpoint, tmp_
         PROMPTS, GREEDY
     )
 
-    servers = start_ffn_servers(directory, placement, tmp_path, extra_args=["--dtype", "bfloat16"])
-    try:
-        peers = {server.node_id: server.address for server in servers}
-        with GrpcTransport.for_model(spec, peers, GrpcTransportConfig(timeout_s=30)) as transport:
-            transport.wait_ready()
-            engine = AttentionEngine.load(directory, transport, placement, config)
-            assert engine.generate(PROMPTS, GREEDY) == expected
-            stats = engine.runner.transfers
-            float32_hidden = 4 * spec.hidden_size  # the attention node's own dtype goes on the wire
-            assert sum(stats.bytes_sent_totals) >= float32_hidden * sum(stats.token_totals)
-    finally:
-        stop_all(servers)
+    with engine_over_grpc_ffn_processes(directory, placement, config, tmp_path, ffn_dtype="bfloat16") as engine:
+        assert engine.generate(PROMPTS, GREEDY) == expected
+        stats = engine.runner.transfers
+        float32_hidden = 4 * spec.hidden_size  # the attention node's own dtype goes on the wire
+        assert sum(stats.bytes_sent_totals) >= float32_hidden * sum(stats.token_totals)

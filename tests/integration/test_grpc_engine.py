@@ -15,7 +15,7 @@ from afd.sampling_params import SamplingParams
 from afd.transport.grpc_transport import GrpcTransport, GrpcTransportConfig
 from attn_nodes.config import EngineConfig
 from attn_nodes.engine import AttentionEngine
-from tests.cluster_helpers import start_ffn_servers, stop_all
+from tests.cluster_helpers import engine_over_grpc_ffn_processes, start_ffn_servers, stop_all
 from tests.engines import inprocess_engine, uneven_placement
 
 PROMPTS = [[7], [3, 14, 15, 92, 65], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
@@ -38,16 +38,8 @@ def test_tokens_match_inprocess_engine(arch: str, dtype: str, microbatches: int,
     placement = uneven_placement(spec, 2)
     config = EngineConfig(block_size=4, num_kv_blocks=64, dtype=dtype, microbatches=microbatches)  # type: ignore[arg-type]
     expected = inprocess_engine(directory, 2, config).generate(PROMPTS, GREEDY)
-
-    servers = start_ffn_servers(directory, placement, tmp_path, extra_args=["--dtype", dtype])
-    try:
-        peers = {server.node_id: server.address for server in servers}
-        with GrpcTransport.for_model(spec, peers, GrpcTransportConfig(timeout_s=30)) as transport:
-            transport.wait_ready()
-            engine = AttentionEngine.load(directory, transport, placement, config)
-            assert engine.generate(PROMPTS, GREEDY) == expected
-    finally:
-        stop_all(servers)
+    with engine_over_grpc_ffn_processes(directory, placement, config, tmp_path) as engine:
+        assert engine.generate(PROMPTS, GREEDY) == expected
 
 
 def layer0_requests(spec: ModelSpec, placement, tokens: int = 3) -> dict[str, FfnRequest]:
