@@ -54,8 +54,11 @@ def answer_threadsafe(
         return reply
 
     def encode(partial: concurrent.futures.Future[torch.Tensor]) -> None:
-        error = partial.exception()
-        reply.set_result(_reply(node_id, header, error if error is not None else partial.result(), peer))
+        try:
+            error = partial.exception()
+            reply.set_result(_reply(node_id, header, error if error is not None else partial.result(), peer))
+        except Exception as exc:  # a callback's exception would only be logged: the send thread must see it
+            reply.set_exception(exc)
 
     submit(request).add_done_callback(encode)
     return reply
