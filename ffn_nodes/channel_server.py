@@ -2,10 +2,9 @@
 
 A receive thread reads frames and submits each to the batch thread (ffn_nodes/answers.py, the same error
 mapping as the gRPC door, without the event loop in between); a send thread writes the replies back in
-arrival order. At most
-`max_in_flight_per_stream` replies wait, so a peer that stops reading holds back only its own channel. An
-unexpected exception in either thread stops the node (FfnNodeServer.fail): a live-looking node whose
-channel threads died would never answer again.
+arrival order. At most `max_in_flight_per_stream` replies wait, so a peer that stops reading holds back only
+its own channel. An unexpected exception in either thread stops the node (FfnNodeServer.fail): a
+live-looking node whose channel threads died would never answer again.
 """
 
 from __future__ import annotations
@@ -132,7 +131,7 @@ class ChannelServer:
             if reply is None or self.channel is None:
                 return
             try:
-                self.channel.send(*reply.result())  # never raises: every request settles, on stop as a refusal
+                self.channel.send(*reply.result())  # every request settles (on stop as a refusal)
             except PeerError as exc:
                 log.info("channel to %s failed: %s", self.peer, exc)
                 self.stop()

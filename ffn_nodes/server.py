@@ -41,9 +41,7 @@ from afd.placement import ExpertPlacement
 from afd.transport.backends import ChannelAcceptor, ChannelRequest, channel_acceptors
 from afd.wire import grpc_data
 from afd.wire.auth import ClusterAuth
-from afd.wire.frames import (
-    FrameLimits,
-)
+from afd.wire.frames import FrameLimits
 from afd.wire.generated import afd_cluster_pb2 as pb
 from afd.wire.generated import afd_cluster_pb2_grpc as pb_grpc
 from afd.wire.placement_proto import placement_from_proto
