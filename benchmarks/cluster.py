@@ -257,3 +257,8 @@ def report(rows: list[Row], context: dict[str, Any], json_only: bool) -> None:
     if wire:
         figures = ", ".join(f"{name} {value:g}" for name, value in wire.items())
         Console().print(f"attention->FFN bytes per token per layer: {figures}")
+    hops = context.get("exchange_hops")
+    if hops:
+        from benchmarks.exchange_trace import table as hop_table
+
+        Console().print(hop_table(hops))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,17 +43,29 @@ def cluster_command(
     repeats: Annotated[
         int, typer.Option(min=1, help="Rounds of engine + every m, alternating the sides; medians with min-max.")
     ] = 1,
+    trace_exchanges: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for per-process traces of every exchange (channel transports); prints each hop's time."
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Only JSON lines.")] = False,
 ) -> None:
     """`afd up` processes under `afd bench serve` vs the single-process engine, for several microbatch counts."""
+    from afd.exchange_trace import ENV as TRACE_ENV
     from afd.model_spec import ModelSpec
     from benchmarks.cluster import ClusterBenchConfig, report, run
 
     model_dir = model or builtin_model_dir()
     counts = tuple(int(m) for m in microbatches.split(","))
+    if trace_exchanges is not None and transport == "grpc":
+        raise typer.BadParameter("exchange traces time the channel transports (shm, gloo), not grpc")
+    started = itertools.count()
 
     @contextmanager
     def start(m: int) -> Iterator[str]:
+        if trace_exchanges is not None:  # inherited by every node process the launcher starts
+            os.environ[TRACE_ENV] = str(trace_exchanges / f"m{m}" / f"cluster-{next(started)}")
         cluster = LocalCluster(
             LocalClusterConfig(
                 model=model_dir,
@@ -69,11 +83,16 @@ def cluster_command(
         finally:
             cluster.stop()
             cluster.remove_workdir()
+            os.environ.pop(TRACE_ENV, None)
 
     config = ClusterBenchConfig(
         model_dir, ffn, num_prompts, input_len, output_len, concurrency, counts, dtype, threads=threads, repeats=repeats
     )
     rows, context = run(config, start, ModelSpec.from_pretrained(model_dir).vocab_size)
+    if trace_exchanges is not None:
+        from benchmarks.exchange_trace import analyze_rounds
+
+        context["exchange_hops"] = {m: analyze_rounds(trace_exchanges / f"m{m}") for m in counts}
     report(rows, context, json_output)
 
 

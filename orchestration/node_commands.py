@@ -12,6 +12,7 @@ import typer
 
 from afd.builtin_model import builtin_model_dir
 from afd.errors import AfdError, ConfigError
+from afd.exchange_trace import install_from_env
 from afd.wire.auth import ClusterAuth, read_token_file
 from orchestration.lifeline import watch_launcher
 from router.microbatch_plan import parse_microbatches
@@ -54,6 +55,7 @@ def _setup_process(name: str) -> None:
     """Log lines tagged with `name`; if a launcher started this process, exit when the launcher is gone."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     watch_launcher()  # started by `afd up`: stop when it is gone (a no-op when started by hand)
+    install_from_env()  # `afd bench cluster --trace-exchanges`: time every exchange's hops (else nothing)
 
 
 def _cluster_auth(token_file: Path | None, insecure: bool) -> ClusterAuth:
