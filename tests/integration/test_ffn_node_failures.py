@@ -132,7 +132,8 @@ def test_taking_the_load_while_computing_loses_no_counts(qwen3) -> None:
         async def loads(done: asyncio.Event) -> None:
             while not done.is_set():
                 counted.append(sum(server.take_load(reset=True).expert_token_counts))
-                await asyncio.sleep(0)
+                # not sleep(0): a loop that never idles holds the GIL and starves the batch thread it races
+                await asyncio.sleep(0.001)
 
         async def scenario() -> None:
             done = asyncio.Event()
