@@ -9,7 +9,9 @@ Why a thread of its own rather than a task on the event loop that hands each bat
 from a channel would cross four threads (receive thread -> loop -> compute thread -> loop -> send thread),
 and on a busy host each handoff waits for a core and the GIL. The channel doors submit from their receive
 thread and the send thread waits on the future the batch thread settles: two handoffs. The event loop
-submits through `submit`, which also keeps what one loop iteration submitted together in one batch.
+submits through `submit`, which also keeps what one loop iteration submitted together in one batch. On an idle
+node a channel door computes its frame itself (`compute_here`): no handoff at all, and still one compute at a
+time, with what arrives meanwhile batched by the batch thread as before.
 
 The batcher also keeps the node's load counters: the batch thread adds to them and the heartbeat takes
 (and resets) them under one lock, so an add lands either in the period taken or in the next one.
@@ -107,6 +109,8 @@ class Batcher:
         self._pending: set[concurrent.futures.Future[torch.Tensor]] = set()
         self._refusal: BaseException | None = None
         self._stopping = False
+        self._busy = False
+        """A batch is being computed (on the batch thread, or inline on a door's thread by `compute_here`)."""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._this_tick: list[_Work] = []
@@ -150,6 +154,42 @@ class Batcher:
         self._hand_over([_Work(request, reply)])
         return reply
 
+    def compute_here(self, request: FfnRequest) -> concurrent.futures.Future[torch.Tensor]:
+        """`submit_threadsafe`, except that on an idle node `request` is computed on the calling thread before
+        this returns (the future is then settled).
+
+        Why: with one attention node (and at every layer of every step) a channel's frame then crosses no
+        thread between its arrival and its reply, where handing it to the batch thread and back cost two
+        wake-ups on a busy host. Batching is unchanged: a request is computed alone exactly when nothing else
+        is waiting or computing, and whatever arrives meanwhile queues for the batch thread, which takes it
+        all as one batch once this compute is done."""
+        work = _Work(request, concurrent.futures.Future())
+        with self._arrived:
+            inline = self._refusal is None and not self._stopping and not self._busy and not self._inbox
+            if inline:
+                self._busy = True
+                self._pending.add(work.reply)
+        if not inline:
+            self._hand_over([work])
+            return work.reply
+        work.reply.set_running_or_notify_cancel()
+        try:
+            self._compute([work])
+        except Exception as exc:  # as in the batch loop: fatal for the node, never a reply left pending
+            self.failure = exc
+            _settle(work.reply, PeerError(self.node_id, f"the node failed computing: {type(exc).__name__}: {exc}"))
+            self.on_failure(exc, "an inline compute")
+        finally:
+            self._idle()
+        return work.reply
+
+    def _idle(self) -> None:
+        """The current batch is done: the batch thread may take what queued meanwhile."""
+        with self._arrived:
+            self._busy = False
+            if self._inbox:
+                self._arrived.notify()
+
     def _hand_over_tick(self) -> None:
         works, self._this_tick = self._this_tick, []
         self._hand_over(works)
@@ -178,18 +218,23 @@ class Batcher:
         """The node's core: an unexpected exception here is fatal (`on_failure`), never a silently dead thread."""
         try:
             while (batch := self._next_batch()) is not None:
-                self._compute(batch)
+                try:
+                    self._compute(batch)
+                finally:
+                    self._idle()
         except Exception as exc:
             self.failure = exc
             self.on_failure(exc, "the batch loop")
 
     def _next_batch(self) -> list[_Work] | None:
-        """Whatever has arrived, up to max_batch_tokens (at least one request); None once stopping."""
+        """Whatever has arrived, up to max_batch_tokens (at least one request), once no other batch computes;
+        None once stopping."""
         with self._arrived:
-            while not self._inbox and not self._stopping:
+            while (not self._inbox or self._busy) and not self._stopping:
                 self._arrived.wait()
             if self._stopping:
                 return None
+            self._busy = True
             batch: list[_Work] = []
             tokens = 0
             while self._inbox and (not batch or tokens < self.max_batch_tokens):

@@ -1,10 +1,13 @@
-"""The channel door of an FFN node: frames arriving on one pairwise channel (gloo, shm, NCCL), answered in order.
+"""The channel door of an FFN node: frames arriving on one pairwise channel (gloo, shm, NCCL), answered.
 
-A receive thread reads frames and submits each to the batch thread (ffn_nodes/answers.py, the same error
-mapping as the gRPC door, without the event loop in between); a send thread writes the replies back in
-arrival order. At most `max_in_flight_per_stream` replies wait, so a peer that stops reading holds back only
-its own channel. An unexpected exception in either thread stops the node (FfnNodeServer.fail): a
-live-looking node whose channel threads died would never answer again.
+A receive thread reads frames and answers each (ffn_nodes/answers.py, the same error mapping as the gRPC
+door, without the event loop in between). On an idle node the receive thread computes the frame itself
+(Batcher.compute_here) and, when no earlier reply still waits, sends the reply too: a lone attention node's
+frame then crosses no thread inside the node. Otherwise the frame queues for the batch thread and a send
+thread writes its reply once it is computed, earlier replies first. At most `max_in_flight_per_stream`
+replies wait, so a peer that stops reading holds back only its own channel. An unexpected exception in
+either thread stops the node (FfnNodeServer.fail): a live-looking node whose channel threads died would
+never answer again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from afd.errors import PeerError
 from afd.transport.backends import ChannelOffer
 from afd.transport.channel import Channel, ChannelTimeout
-from afd.wire.frames import FrameError, decode_header
+from afd.wire.frames import FrameError, FrameHeader, decode_header
 from ffn_nodes.answers import ReplyFrame, answer_threadsafe, refusal
 
 if TYPE_CHECKING:
@@ -42,6 +45,8 @@ class ChannelServer:
             server.config.max_in_flight_per_stream
         )
         self._threads: list[threading.Thread] = []
+        self._send_lock = threading.Lock()
+        """One reply on the channel at a time (the receive thread sends too; not every backend allows two)."""
 
     def start(self) -> None:
         thread = threading.Thread(
@@ -88,10 +93,15 @@ class ChannelServer:
         sender.start()
         poll = self.server.config.channel_poll_s
 
+        decoded: list[FrameHeader] = []
+        """The header `specs` decoded for the frame being received (so it is decoded once, not twice)."""
+
         def specs(header: bytes) -> list[Any]:
-            if self.server.limits is None:
+            limits = self.server.limits
+            if limits is None:
                 raise PeerError(node, "no experts loaded yet")
-            return decode_header(header, self.server.limits).tensor_specs()
+            decoded[:] = [decode_header(header, limits)]
+            return decoded[0].tensor_specs()
 
         while not self._stop.is_set():
             try:
@@ -105,13 +115,20 @@ class ChannelServer:
             except PeerError:
                 log.info("channel from %s closed", self.peer)
                 break
-            try:
-                assert self.server.limits is not None
-                header = decode_header(header_bytes, self.server.limits)
-            except FrameError as exc:  # limits changed (LoadExperts) between recv and now
-                self._put(_settled(refusal(str(exc), node)))
-                continue
-            self._put(answer_threadsafe(self.server.submit_threadsafe, node, header, tensors, self.peer))
+            header = decoded[0]
+            if header.limits is not self.server.limits:  # LoadExperts changed them between recv and now
+                try:
+                    assert self.server.limits is not None
+                    header = decode_header(header_bytes, self.server.limits)
+                except FrameError as exc:
+                    self._put(_settled(refusal(str(exc), node)))
+                    continue
+            reply = answer_threadsafe(self.server.compute_here, node, header, tensors, self.peer)
+            if reply.done() and self._replies.empty():
+                if not self._send_reply(reply):
+                    break
+            else:
+                self._put(reply)
         self.stop()
 
     def _put(self, reply: concurrent.futures.Future[ReplyFrame]) -> None:
@@ -128,14 +145,23 @@ class ChannelServer:
                 reply = self._replies.get(timeout=self.server.config.channel_poll_s)
             except queue.Empty:
                 continue
-            if reply is None or self.channel is None:
+            if reply is None or not self._send_reply(reply):
                 return
+
+    def _send_reply(self, reply: concurrent.futures.Future[ReplyFrame]) -> bool:
+        """Send `reply` once settled (every request settles, on stop as a refusal); False once the channel is
+        gone or failed (the door then stops)."""
+        frame = reply.result()
+        with self._send_lock:
+            if self.channel is None:
+                return False
             try:
-                self.channel.send(*reply.result())  # every request settles (on stop as a refusal)
+                self.channel.send(*frame)
             except PeerError as exc:
                 log.info("channel to %s failed: %s", self.peer, exc)
                 self.stop()
-                return
+                return False
+        return True
 
 
 def _settled(frame: ReplyFrame) -> concurrent.futures.Future[ReplyFrame]:

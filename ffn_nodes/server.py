@@ -363,6 +363,10 @@ class FfnNodeServer:
         """Queue `request` for the next batch from any thread (the channel doors); fails at once on a failed node."""
         return self.batcher.submit_threadsafe(request)
 
+    def compute_here(self, request: FfnRequest) -> concurrent.futures.Future[torch.Tensor]:
+        """`submit_threadsafe`, computed on the calling thread when the node is idle (Batcher.compute_here)."""
+        return self.batcher.compute_here(request)
+
     def take_load(self, reset: bool = False) -> pb.NodeLoad:
         """The load since the counters were last reset (see Batcher.take_load), for the current shard."""
         return self.batcher.take_load(self.shard, reset)
