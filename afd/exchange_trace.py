@@ -6,9 +6,9 @@ kernels, and appends one line per event to `DIR/trace-<pid>.txt`: the monotonic 
 same clock in every process of a host), the event, a key (the frame's sequence number or the layer), and
 the thread's CPU clock. Without the variable nothing is wrapped and nothing costs anything.
 
-`python -m benchmarks.exchange_trace` runs a cluster with it and matches the events by sequence number into
-the hops of each exchange (benchmarks/exchange_trace.py says which). Channel transports only (shm, gloo):
-the gRPC door has no per-frame thread of its own to time.
+`afd bench cluster --trace-exchanges DIR` runs its clusters with it, and benchmarks/exchange_trace.py matches
+the events by sequence number into the hops of each exchange (it says which). Channel transports only (shm,
+gloo, NCCL): the gRPC door has no per-frame thread of its own to time.
 
 Why wrapping rather than marks in the hot path: the path stays as it is when nobody traces, and the trace
 can follow the functions as they move between modules (only this file changes).
