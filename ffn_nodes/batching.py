@@ -170,8 +170,7 @@ class Batcher:
                 self._busy = True
                 self._pending.add(work.reply)
         if not inline:
-            self._hand_over([work])
-            return work.reply
+            return self.submit_threadsafe(request)
         work.reply.set_running_or_notify_cancel()
         try:
             self._compute([work])

@@ -359,12 +359,9 @@ class FfnNodeServer:
         """Queue `request` for the next batch (event loop thread only); fails at once on a failed node."""
         return self.batcher.submit(request)
 
-    def submit_threadsafe(self, request: FfnRequest) -> concurrent.futures.Future[torch.Tensor]:
-        """Queue `request` for the next batch from any thread (the channel doors); fails at once on a failed node."""
-        return self.batcher.submit_threadsafe(request)
-
     def compute_here(self, request: FfnRequest) -> concurrent.futures.Future[torch.Tensor]:
-        """`submit_threadsafe`, computed on the calling thread when the node is idle (Batcher.compute_here)."""
+        """A channel door's request, from any thread: computed on the calling thread when the node is idle, else
+        queued for the next batch (Batcher.compute_here); fails at once on a failed node."""
         return self.batcher.compute_here(request)
 
     def take_load(self, reset: bool = False) -> pb.NodeLoad:

@@ -197,9 +197,9 @@ def test_requests_arriving_together_are_computed_as_one_batch(qwen3):
 
 
 def test_requests_from_door_threads_are_batched_and_refused_once_the_node_fails(qwen3):
-    """The channel doors submit from their own threads, straight to the batch thread (no event loop on the
-    path): every reply equals the shard's own compute, each computed once, and after refuse_all (what a
-    failing node does) a submit fails at once instead of waiting forever."""
+    """The channel doors submit from their own threads (computed there when the node is idle, else by the
+    batch thread; no event loop on the path): every reply equals the shard's own compute, each computed once,
+    and after refuse_all (what a failing node does) a submit fails at once instead of waiting forever."""
     directory, spec, placement = qwen3
     config = FfnServerConfig(directory, "ffn-1", placement)
     local = len(placement.experts[1])
@@ -209,7 +209,7 @@ def test_requests_from_door_threads_are_batched_and_refused_once_the_node_fails(
         results: dict[int, torch.Tensor] = {}
 
         def door(first: int) -> None:
-            futures = {i: server.submit_threadsafe(requests[i]) for i in range(first, len(requests), 4)}
+            futures = {i: server.compute_here(requests[i]) for i in range(first, len(requests), 4)}
             results.update({i: future.result(REPLY_TIMEOUT_S) for i, future in futures.items()})
 
         threads = [threading.Thread(target=door, args=(first,)) for first in range(4)]
@@ -224,7 +224,7 @@ def test_requests_from_door_threads_are_batched_and_refused_once_the_node_fails(
 
         server.batcher.refuse_all(PeerError("ffn-1", "the node failed and stops"))
         with pytest.raises(PeerError, match="the node failed and stops"):
-            server.submit_threadsafe(requests[0]).result(REPLY_TIMEOUT_S)
+            server.compute_here(requests[0]).result(REPLY_TIMEOUT_S)
         assert server.batcher.alive  # refusing is not dying: the batch thread still serves a stop
 
 
