@@ -49,6 +49,10 @@ class FfnDispatcher:
         self.local_on = [torch.where(owner == i, local, -1).to(torch.int32) for i in range(len(placement.nodes))]
         self._replicas = _ReplicaTables.of(placement) if placement.has_replicas else None
         self._holds_experts = [bool(held) for held in placement.experts]
+        # A node serving every expert under its global id (one FFN node) takes the gate's choice as it is: no
+        # gather, mask or row search per layer (seven small ops, about 40 us a layer on a 2-core CPU).
+        every = torch.arange(placement.num_experts, dtype=torch.int32)
+        self._serves_all = [bool(torch.equal(table, every)) for table in self.local_on]
         nodes = range(len(placement.nodes))
         self._dense_nodes: dict[int, list[int]] = {}
         self._shared_nodes: dict[int, set[int]] = {}
@@ -81,6 +85,18 @@ class FfnDispatcher:
         if self.local_on[0].device != hidden.device:
             self.local_on = [table.to(hidden.device) for table in self.local_on]
         for i, node in enumerate(nodes):
+            if split is None and self._serves_all[i]:
+                requests[node] = FfnRequest(
+                    layer,
+                    hidden,
+                    expert_ids=routing.expert_ids.to(torch.int32),
+                    expert_weights=routing.weights,
+                    shared_scale=routing.shared_scale,
+                    microbatch=microbatch,
+                    placement_version=version,
+                )
+                rows[node] = None
+                continue
             # [num_tokens, top_k] local ids on node i, -1 where another node computes the pair
             ids = self.local_on[i][routing.expert_ids] if split is None else torch.where(split[0] == i, split[1], -1)
             if not compact:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from afd import kernels
 from afd.model_spec import RopeSpec, yarn_mscale
 
 
@@ -93,6 +94,10 @@ class RotaryEmbedding:
         Interleaved layouts rotate pairs (x0, x1), (x2, x3), ... and return them de-interleaved as
         [evens, odds]; attention scores are unchanged because queries and keys get the same permutation.
         """
+        if not self.interleaved and self.rotary_dim == x.shape[-1]:
+            fused = kernels.rope(x, cos, sin)
+            if fused is not None:
+                return fused
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]

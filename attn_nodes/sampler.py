@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from afd.kernels import greedy_tokens
 from afd.sampling_params import SamplingParams, TokenLogprobs
 
 __all__ = ["SampleResult", "Sampler", "SamplingRow", "TokenLogprobs", "gather_logprobs"]
@@ -68,7 +69,7 @@ class Sampler:
             changed = self._process(logits[index], [rows[i] for i in processed])
             logits = logits.index_copy(0, index, changed)
         params = [r.params for r in rows]
-        tokens = logits.max(dim=-1).indices  # 3x faster than argmax on CPU, same first-max index
+        tokens = greedy_tokens(logits)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             index = torch.tensor(random_rows, device=logits.device)

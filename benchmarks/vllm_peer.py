@@ -6,13 +6,19 @@ and answers one JSON line per generate call. The benchmark alternates it with th
 transformers on the same prompts. vLLM's threads are bound to the cores this process may use
 (`VLLM_CPU_OMP_THREADS_BIND`), and with `preload` it gets tcmalloc and its venv's Intel OpenMP, as its own
 start-up warning asks, for its best figure. Setting up that venv is in benchmarks/README.md.
+
+Between its own runs the peer is stopped (SIGSTOP to its process group, SIGCONT before its next generate): an
+idle vLLM is not idle, its engine-core and worker processes poll and kept about a fifth of a core busy here,
+which slowed the other sides' runs (ours at batch 1 from 116 to 72 tok/s, medians on one machine and hour).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -83,6 +89,7 @@ class VllmPeer:
             text=True,
             env=env,
             cwd=model_dir.parent,
+            start_new_session=True,  # its own process group, so that pausing reaches vLLM's engine-core processes
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         assert self._process.stdout is not None
@@ -93,6 +100,13 @@ class VllmPeer:
             self.close()
             raise
         self.version = str(ready.get("version", ""))
+        self._signal(signal.SIGSTOP)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        """`sig` to the worker and every process vLLM started under it (one process group)."""
+        if self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it exited between the poll and the signal
+                os.killpg(self._process.pid, sig)
 
     def _read(self, stream: IO[str]) -> None:
         for line in stream:
@@ -111,18 +125,31 @@ class VllmPeer:
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, list[int]]:
         """Seconds for one greedy `LLM.generate` of `prompts`, tokens made, and the first prompt's tokens."""
         assert self._process.stdin is not None
-        self._process.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
-        self._process.stdin.flush()
-        reply = self._reply(GENERATE_TIMEOUT_S)
+        self._signal(signal.SIGCONT)
+        try:
+            self._process.stdin.write(json.dumps({"prompts": prompts, "new_tokens": new_tokens}) + "\n")
+            self._process.stdin.flush()
+            reply = self._reply(GENERATE_TIMEOUT_S)
+        finally:
+            self._signal(signal.SIGSTOP)
         return float(reply["seconds"]), int(reply["tokens"]), list(reply["first_output"])
 
     def close(self) -> None:
+        self._signal(signal.SIGCONT)
         if self._process.poll() is None:
             if self._process.stdin is not None:
                 self._process.stdin.close()
             try:
                 self._process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self._process.kill()
+                self._signal(signal.SIGKILL)
                 self._process.wait(timeout=30)
         self._log.close()
+
+    def state(self) -> str:
+        """The worker's scheduler state from /proc ("T" while paused between runs), "" once it has exited."""
+        try:
+            stat = Path(f"/proc/{self._process.pid}/stat").read_text()
+        except OSError:
+            return ""
+        return stat.rsplit(")", 1)[1].split()[0]

@@ -7,6 +7,10 @@
   cache (no gather of the context), or None for the torch path (gather + scaled_dot_product_attention).
 - `rms_norm(x, weight, eps)`: RMSNorm in one native call for bf16 on CPU (torch decomposes it into eight
   small ops there, about 11 us for one 1024-wide row against 1.6 us), or None for the torch path.
+- `rope(x, cos, sin)`: rotary embedding over whole heads (halves not interleaved) in one native call for bf16 on
+  CPU, bit-identical to torch's four ops, or None for the torch path.
+- `greedy_tokens(logits)`: the first maximum of each row of float32 logits (greedy sampling), in one native call
+  on an AVX512 CPU, else torch's `max`.
 
 Decode is bound by reading weights, and which call reads them fastest differs from CPU to CPU: on an
 Intel Xeon with AMX, torch's weight-stationary forms (`torch.mv`, `w @ x.T`, the LM head as two halves
@@ -179,3 +183,34 @@ def paged_decode_attention(
     return module.decode_attention_bf16(
         query, cache, context_slots.contiguous(), context_lens.contiguous(), 0, kv_heads * head_dim, kv_heads, scale
     )
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """`x: [tokens, heads, head_dim]` rotated by `cos, sin: [tokens, 1, head_dim]` (RotaryEmbedding's tables, sin
+    signed), every feature rotated, halves not interleaved; None where the native kernel does not serve (other
+    devices or dtypes, other layouts) and the caller's torch path runs."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.bfloat16
+        or cos.dtype != torch.bfloat16
+        or sin.dtype != torch.bfloat16
+        or x.dim() != 3
+        or x.stride(-1) != 1
+        or cos.shape != (x.shape[0], 1, x.shape[2])
+        or sin.shape != cos.shape
+        or cos.stride(-1) != 1
+        or sin.stride(-1) != 1
+    ):
+        return None
+    module = native.load()
+    return None if module is None else module.rope_bf16(x, cos, sin)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """`logits: [rows, vocab] float32` -> `[rows] int64`: each row's first largest entry, NaN counting as the
+    largest (exactly `logits.max(dim=-1).indices`, which is 3x faster than argmax on CPU)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1:
+        module = native.load()
+        if module is not None and module.available_isa() == "avx512_bf16" and logits.shape[1] > 0:
+            return module.argmax_rows_f32(logits)
+    return logits.max(dim=-1).indices

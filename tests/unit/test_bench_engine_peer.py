@@ -68,11 +68,15 @@ def test_the_peer_answers_each_generate_on_its_own_stream(fake_vllm: Path, tmp_p
     peer = VllmPeer(resolve_python(str(fake_vllm)), model, "bfloat16", 4, 64, preload=False)
     try:
         assert peer.version == "0.0-fake"
+        # stopped between its runs, so that an idle vLLM's polling does not slow the other sides' runs
+        assert peer.state() == "T"
         seconds, tokens, first = peer.generate([[7, 1], [9, 2]], 3)
         assert tokens == 6 and first == [7, 7, 7] and seconds >= 0
+        assert peer.state() == "T"
         assert peer.generate([[5]], 2)[1:] == (2, [5, 5])
     finally:
         peer.close()
+    assert peer.state() == ""
     assert "vLLM logs to stdout" in peer.log_path.read_text()
 
 

@@ -170,6 +170,27 @@ def test_the_split_gives_each_pair_to_exactly_one_replica_in_equal_shares(skewed
         assert torch.equal(request.expert_ids, again.requests[node].expert_ids)
 
 
+def test_a_node_serving_every_expert_gets_the_gate_choice_as_is(skewed: Path):
+    """One FFN node (local id = global id): the request carries the gate's ids and weights themselves, every row;
+    with two nodes each gets its own rows and local ids (the general path)."""
+    spec = ModelSpec.from_pretrained(skewed)
+    n = spec.num_experts
+    layer = next(i for i, layer in enumerate(spec.layers) if layer.moe is not None)
+    ids = torch.tensor([[0, n - 1], [2, 1], [n - 1, 3]], dtype=torch.int64)
+    routing = Routing(ids, torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.625, 0.375]]))
+    hidden = torch.randn(ids.shape[0], spec.hidden_size)
+    whole = FfnDispatcher(spec, ExpertPlacement(n, ("a",), (tuple(range(n)),), (1.0,))).build(layer, hidden, routing)
+    request = whole.requests["a"]
+    assert whole.rows["a"] is None and request.hidden is hidden
+    assert request.expert_ids is not None and request.expert_ids.dtype == torch.int32
+    assert torch.equal(request.expert_ids, ids.to(torch.int32)) and request.expert_weights is routing.weights
+    halves = FfnDispatcher(spec, ExpertPlacement.balanced(n, ["a", "b"])).build(layer, hidden, routing)
+    upper = halves.requests["b"]  # b holds the upper half, as local ids from 0
+    assert upper.expert_ids is not None and halves.rows["b"] is not None
+    held = [[e - n // 2 if e >= n // 2 else -1 for e in row] for row in ids[halves.rows["b"]].tolist()]
+    assert upper.expert_ids.tolist() == held
+
+
 def _engine_run(
     checkpoint: Path, placement: ExpertPlacement, microbatches: int
 ) -> tuple[list, dict[str, int], dict[int, int]]:

@@ -285,6 +285,47 @@ def test_rms_norm_interface_declines_what_it_does_not_serve(kernels) -> None:
     assert torch.equal(rms_norm(x, _bf16(16), 1e-6), _bf16(16) * F.rms_norm(x, (16,), None, 1e-6))
 
 
+@pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(1, 20, 64), (9, 3, 128), (40, 4, 16)])
+def test_rope_is_bit_identical_to_the_torch_path(kernels, tokens: int, heads: int, head_dim: int) -> None:
+    """On a strided view (q and k heads inside the fused qkv output) and on whole tensors, as the model calls it."""
+    from afd.kernels import rope
+    from afd.model_spec import RopeSpec
+    from attn_nodes.rope import RotaryEmbedding
+
+    embedding = RotaryEmbedding(RopeSpec(rotary_dim=head_dim, theta=10000.0), 512, torch.bfloat16)
+    positions = torch.randint(0, 512, (tokens,), generator=torch.Generator().manual_seed(tokens))
+    cos, sin = embedding.tables(positions)
+    x = _bf16(tokens, heads + 5, head_dim, seed=13)[:, 2 : 2 + heads]
+    half = head_dim // 2
+    expected = x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin  # the torch path of apply()
+    assert torch.equal(rope(x, cos, sin), expected)
+    assert torch.equal(embedding.apply(x.contiguous(), cos, sin), expected)
+    assert rope(x.float(), cos, sin) is None  # fp32: torch's path
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        kernels.rope_bf16(x, cos[:, :, :half], sin)
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 32000), (5, 1000), (33, 37), (2, 15)])
+def test_greedy_tokens_equal_torch_max_with_ties_nan_and_inf(kernels, rows: int, vocab: int) -> None:
+    from afd.kernels import greedy_tokens
+
+    if kernels.available_isa() != "avx512_bf16":
+        pytest.skip("the native argmax needs AVX512; torch's max serves elsewhere")
+    g = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[0, vocab // 3] = logits[0, vocab - 1] = 50.0  # a tie: the first index wins
+    if rows > 2:
+        logits[1, 7] = float("nan")  # NaN counts as the largest, as in torch.max
+        logits[1, 3] = float("nan")
+        logits[2] = float("-inf")  # an all -inf row answers 0
+    padded = torch.randn(rows, vocab + 5, generator=g)[:, :vocab]  # rows strided, columns contiguous
+    for case in (logits, padded):
+        assert torch.equal(kernels.argmax_rows_f32(case), case.max(dim=-1).indices)
+        assert torch.equal(greedy_tokens(case), case.max(dim=-1).indices)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.argmax_rows_f32(logits.bfloat16())
+
+
 def test_a_prebuilt_library_loads_without_a_compiler_or_ninja(kernels, tmp_path):
     """What the CPU image does: the library built at image build time (AFD_NATIVE_KERNELS_DIR) is imported by a
     runtime with no compiler and no ninja on PATH. Only the .so is copied, so a build could not even start."""

@@ -557,10 +557,107 @@ torch::Tensor decode_attention_bf16(const torch::Tensor& query, const torch::Ten
   return out;
 }
 
+// Rotary embedding over the whole head of x [T, heads, D] bf16 (last dim contiguous, any outer strides), halves
+// not interleaved: out = bf16(bf16(x * cos) + bf16(swap_halves(x) * sin)) with cos, sin [T, 1, D] bf16 (sin with
+// the rotation's sign folded in, as RotaryEmbedding builds it) -- the three roundings of the torch expression
+// `x * cos + cat(x2, x1) * sin` in bf16, so the result is bit-identical to it, in one call instead of four ops.
+torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(2) == 1,
+              "x must be a bfloat16 [tokens, heads, head_dim] CPU tensor, last dim contiguous");
+  const int64_t T = x.size(0), heads = x.size(1), D = x.size(2);
+  TORCH_CHECK(D % 2 == 0, "head_dim must be even");
+  for (const auto* table : {&cos, &sin})
+    TORCH_CHECK(table->scalar_type() == at::kBFloat16 && table->dim() == 3 && table->size(0) == T &&
+                    table->size(1) == 1 && table->size(2) == D && table->stride(2) == 1,
+                "cos and sin must be bfloat16 [tokens, 1, head_dim] with a contiguous last dim");
+  auto out = torch::empty({T, heads, D}, x.options());
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* cp = cos.data_ptr<bf16>();
+  const bf16* sp = sin.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t half = D / 2;
+  auto rotate = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / heads, h = r % heads;
+      const bf16* in = xp + t * x.stride(0) + h * x.stride(1);
+      const bf16* c = cp + t * cos.stride(0);
+      const bf16* sn = sp + t * sin.stride(0);
+      bf16* o = op + r * D;
+      for (int64_t k = 0; k < D; ++k) {
+        const float swapped = static_cast<float>(in[k < half ? k + half : k - half]);
+        o[k] = bf16(bf16_round(static_cast<float>(in[k]) * static_cast<float>(c[k])) +
+                    bf16_round(swapped * static_cast<float>(sn[k])));
+      }
+    }
+  };
+  const int64_t rows = T * heads;
+  if (rows * D < (int64_t{1} << 15))
+    rotate(0, rows);
+  else
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / D), rotate);
+  return out;
+}
+
+namespace {
+
+// Index of the first largest element of `row` [V] float32; a NaN counts as larger than any number, and the first
+// NaN wins (torch.max's rule). Two vector passes over the row (it stays in L2): its maximum, then where it is.
+__attribute__((target("avx512f"))) int64_t first_max_avx512(const float* row, int64_t V) {
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  int64_t v = 0;
+  for (; v + 16 <= V && !nan; v += 16) {
+    const __m512 x = _mm512_loadu_ps(row + v);
+    nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    best = _mm512_max_ps(best, x);
+  }
+  if (nan) {
+    for (int64_t i = 0; i < V; ++i)
+      if (std::isnan(row[i])) return i;
+  }
+  float top = _mm512_reduce_max_ps(best);
+  for (int64_t i = v; i < V; ++i) {
+    if (std::isnan(row[i])) return i;
+    top = std::max(top, row[i]);
+  }
+  const __m512 target = _mm512_set1_ps(top);
+  for (int64_t i = 0; i + 16 <= V; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), target, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (int64_t i = V / 16 * 16; i < V; ++i)
+    if (row[i] == top) return i;
+  return 0;  // only an all -inf row gets here, where torch also answers 0
+}
+
+}  // namespace
+
+// The greedy token of every row of logits [R, V] float32: torch.max(logits, -1).indices, rows in parallel.
+// torch's CPU reduction took about 19 us per 32000-wide row here (0.6 ms of a batch-32 decode step); this
+// about a tenth of that. AVX512 only: elsewhere the Python side keeps torch's reduction.
+torch::Tensor argmax_rows_f32(const torch::Tensor& logits) {
+  TORCH_CHECK(kIsa == Isa::kAvx512Bf16, "argmax_rows_f32 needs AVX512");
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
+                  logits.stride(1) == 1,
+              "logits must be a float32 [rows, vocab] CPU tensor with contiguous rows");
+  const int64_t R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "logits need at least one column");
+  auto out = torch::empty({R}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t stride = logits.stride(0);
+  at::parallel_for(0, R, std::max<int64_t>(1, (int64_t{1} << 15) / V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) op[r] = first_max_avx512(lp + r * stride, V);
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isa", &available_isa, "The instruction set the kernels use on this CPU ('' when none).");
   m.def("linear_bf16", &linear_bf16, "x [M, K] @ weight [N, K]^T for bf16 on the CPU.");
   m.def("moe_swiglu_bf16", &moe_swiglu_bf16, "Routed-expert SwiGLU over grouped assignments, added into out.");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm over the last dim with the reference's roundings, bf16.");
   m.def("decode_attention_bf16", &decode_attention_bf16, "One-token-per-sequence attention over the paged cache.");
+  m.def("rope_bf16", &rope_bf16, "Rotary embedding over whole heads, halves not interleaved, bf16 (torch's roundings).");
+  m.def("argmax_rows_f32", &argmax_rows_f32, "First index of the maximum of each row (torch.max's), float32.");
 }
