@@ -83,12 +83,15 @@ class AttentionMetadata:
         query_lens = [c.num_tokens for c in chunks]
         context_lens = [c.start + c.num_tokens for c in chunks]
         max_q, max_ctx = max(query_lens), max(context_lens)
-        positions = torch.cat([torch.arange(c.start, c.start + c.num_tokens) for c in chunks])
+        # Built from Python lists in one tensor each: a torch call per sequence (an arange, a row copy) cost
+        # about a millisecond per batch-32 decode step on a 2-core CPU.
+        positions = torch.tensor([p for c in chunks for p in range(c.start, c.start + c.num_tokens)], dtype=torch.int64)
         max_blocks = -(-max_ctx // block_size)
-        table = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)
-        for row, chunk in enumerate(chunks):
+        rows = []
+        for chunk in chunks:
             needed = -(-(chunk.start + chunk.num_tokens) // block_size)
-            table[row, :needed] = torch.tensor(chunk.block_ids[:needed], dtype=torch.int64)
+            rows.append([*chunk.block_ids[:needed], *([0] * (max_blocks - needed))])
+        table = torch.tensor(rows, dtype=torch.int64).view(num_seqs, max_blocks)
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), torch.tensor(query_lens))
         slot_mapping = table[seq_of_token, positions // block_size] * block_size + positions % block_size
         key_pos = torch.arange(max_ctx)

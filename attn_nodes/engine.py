@@ -68,7 +68,7 @@ class AttentionEngine:
             states.layer(layer) if states is not None and layer not in paged else next(tensors)
             for layer in range(self.spec.num_layers)
         ]
-        self.dispatcher = FfnDispatcher(self.spec, placement)
+        self.dispatcher = FfnDispatcher(self.spec, placement, compact_rows=transport.rows_cross_a_wire)
         wire = resolve_wire_dtype(cfg.wire_dtype)
         self.runner = ModelRunner(model, cache, cfg.block_size, transport, self.dispatcher, wire)
         self.scheduler = Scheduler(cfg, self.kv)

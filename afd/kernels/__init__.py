@@ -9,6 +9,8 @@
   small ops there, about 11 us for one 1024-wide row against 1.6 us), or None for the torch path.
 - `rope(x, cos, sin)`: rotary embedding over whole heads (halves not interleaved) in one native call for bf16 on
   CPU, bit-identical to torch's four ops, or None for the torch path.
+- `add_partials(residual, parts)`: several FFN nodes' partial sums into the residual in one native call (bf16 on
+  CPU), bit-identical to the fp32 sum + one rounding of the torch path; False where the caller's path runs.
 - `greedy_tokens(logits)`: the first maximum of each row of float32 logits (greedy sampling), in one native call
   on an AVX512 CPU, else torch's `max`.
 
@@ -204,6 +206,26 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         return None
     module = native.load()
     return None if module is None else module.rope_bf16(x, cos, sin)
+
+
+def add_partials(residual: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """`residual: [tokens, hidden]` += the sum of `parts` (each `([n, hidden], rows: [n] int64 | None)`, None: every
+    row) in float32, in order, rounded once; True when the native kernel did it, False (nothing done) where it
+    does not serve: other devices or dtypes, no native kernels."""
+    if residual.device.type != "cpu" or residual.dtype != torch.bfloat16 or not residual.is_contiguous():
+        return False
+    if any(part.dtype != torch.bfloat16 or part.device.type != "cpu" for part, _ in parts):
+        return False
+    module = native.load()
+    if module is None:
+        return False
+    no_rows = torch.empty(0, dtype=torch.int64)
+    module.add_partials_bf16(
+        residual,
+        [part.contiguous() for part, _ in parts],
+        [no_rows if rows is None else rows.to(torch.int64).contiguous() for _, rows in parts],
+    )
+    return True
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

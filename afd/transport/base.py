@@ -34,6 +34,10 @@ class PendingCombine:
 class FfnTransport(ABC):
     """Moves requests to named FFN nodes and their partial sums back."""
 
+    rows_cross_a_wire: bool = True
+    """Requests are copied to the FFN nodes (a network, shared memory), so on the CPU each node is sent only
+    the rows it computes; False where the shards read the attention side's tensors in place (in-process)."""
+
     @abstractmethod
     def dispatch(self, requests: Mapping[str, FfnRequest]) -> PendingCombine:
         """Start sending `requests` (FFN node id -> request); must not wait for the replies."""

@@ -26,6 +26,8 @@ class InProcessTransport(FfnTransport):
     partial sum back to `device` (afd.transport.staging.to_device: non-blocking copies).
     """
 
+    rows_cross_a_wire = False
+
     def __init__(self, shards: Mapping[str, FfnComputer], device: torch.device | str | None = None) -> None:
         """device: the attention side's compute device, where combine returns the partial sums (None: where
         the shards computed them)."""

@@ -305,6 +305,32 @@ def test_rope_is_bit_identical_to_the_torch_path(kernels, tokens: int, heads: in
         kernels.rope_bf16(x, cos[:, :, :half], sin)
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 300])
+def test_add_partials_is_bit_identical_to_the_fp32_sum_of_the_torch_path(kernels, tokens: int) -> None:
+    """Two or three FFN nodes' partials, some covering every row, some only their own rows (the dispatcher's two
+    layouts), against the dispatcher's torch path: fp32 sum in node order, one rounding, one add."""
+    from afd.kernels import add_partials
+
+    hidden = 96
+    g = torch.Generator().manual_seed(tokens)
+    some = torch.randperm(tokens, generator=g)[: max(1, tokens // 2)].sort().values
+    parts = [(_bf16(tokens, hidden, seed=1), None), (_bf16(some.numel(), hidden, seed=2), some)]
+    if tokens > 1:
+        parts.append((_bf16(tokens, hidden, scale=1e-3, seed=3), None))
+    residual = _bf16(tokens, hidden, scale=4.0, seed=4)
+    total = torch.zeros(tokens, hidden)
+    for part, rows in parts:
+        if rows is None:
+            total += part.float()
+        else:
+            total.index_add_(0, rows, part.float())
+    expected = residual + total.to(torch.bfloat16)
+    assert add_partials(residual, parts) and torch.equal(residual, expected)
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.add_partials_bf16(residual, [parts[1][0]], [some + tokens])
+    assert not add_partials(residual.float(), [(p.float(), r) for p, r in parts])  # fp32: the torch path's
+
+
 @pytest.mark.parametrize(("rows", "vocab"), [(1, 32000), (5, 1000), (33, 37), (2, 15)])
 def test_greedy_tokens_equal_torch_max_with_ties_nan_and_inf(kernels, rows: int, vocab: int) -> None:
     from afd.kernels import greedy_tokens
