@@ -184,11 +184,19 @@ def test_a_node_serving_every_expert_gets_the_gate_choice_as_is(skewed: Path):
     assert whole.rows["a"] is None and request.hidden is hidden
     assert request.expert_ids is not None and request.expert_ids.dtype == torch.int32
     assert torch.equal(request.expert_ids, ids.to(torch.int32)) and request.expert_weights is routing.weights
-    halves = FfnDispatcher(spec, ExpertPlacement.balanced(n, ["a", "b"])).build(layer, hidden, routing)
+    two = ExpertPlacement.balanced(n, ["a", "b"])
+    halves = FfnDispatcher(spec, two).build(layer, hidden, routing)
     upper = halves.requests["b"]  # b holds the upper half, as local ids from 0
     assert upper.expert_ids is not None and halves.rows["b"] is not None
     held = [[e - n // 2 if e >= n // 2 else -1 for e in row] for row in ids[halves.rows["b"]].tolist()]
     assert upper.expert_ids.tolist() == held
+    # in process (nothing copied to the shards) every node reads the whole microbatch, -1 where it computes nothing
+    whole_rows = FfnDispatcher(spec, two, compact_rows=False).build(layer, hidden, routing)
+    assert whole_rows.rows == {"a": None, "b": None} and whole_rows.requests["b"].hidden is hidden
+    in_place = whole_rows.requests["b"]
+    assert in_place.expert_ids is not None and in_place.expert_weights is not None
+    assert in_place.expert_ids.tolist() == [[e - n // 2 if e >= n // 2 else -1 for e in row] for row in ids.tolist()]
+    assert torch.equal(in_place.expert_weights, routing.weights.masked_fill(in_place.expert_ids < 0, 0.0))
 
 
 def _engine_run(
