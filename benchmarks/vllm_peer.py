@@ -9,7 +9,7 @@ start-up warning asks, for its best figure. Setting up that venv is in benchmark
 
 Between its own runs the peer is stopped (SIGSTOP to its process group, SIGCONT before its next generate): an
 idle vLLM is not idle, its engine-core and worker processes poll and kept about a fifth of a core busy here,
-which slowed the other sides' runs (ours at batch 1 from 116 to 72 tok/s, medians on one machine and hour).
+which slowed the other sides' runs (benchmarks/README.md has the figures).
 """
 
 from __future__ import annotations
