@@ -15,11 +15,13 @@ which slowed the other sides' runs (benchmarks/README.md has the figures).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +32,7 @@ TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 START_TIMEOUT_S = 900.0
 """vLLM's start on 2 cores: model load, KV cache set-up and its warm-up took about a minute here."""
 GENERATE_TIMEOUT_S = 1800.0
+PR_SET_PDEATHSIG = 1
 
 
 class PeerUnavailable(RuntimeError):
@@ -63,6 +66,14 @@ def _preload(python: Path) -> str:
     return ":".join(str(p) for p in libraries if p.is_file())
 
 
+def _die_with_parent() -> None:
+    """Run in the worker before it starts: the kernel kills it when the benchmark dies, by any signal and even
+    while the worker is stopped between runs (a stopped process reads no end of its stdin). Its own children,
+    stopped in the group the kernel then finds orphaned, get SIGHUP and SIGCONT from the kernel and end too."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class VllmPeer:
     """One vLLM `LLM` on `model_dir`, kept loaded across the benchmark's batches."""
 
@@ -90,6 +101,7 @@ class VllmPeer:
             env=env,
             cwd=model_dir.parent,
             start_new_session=True,  # its own process group, so that pausing reaches vLLM's engine-core processes
+            preexec_fn=_die_with_parent,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         assert self._process.stdout is not None

@@ -7,7 +7,11 @@ benchmark prints are all exercised without it.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +82,45 @@ def test_the_peer_answers_each_generate_on_its_own_stream(fake_vllm: Path, tmp_p
         peer.close()
     assert peer.state() == ""
     assert "vLLM logs to stdout" in peer.log_path.read_text()
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an orphan's reaper may take its time)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_paused_peer_dies_with_a_killed_benchmark(fake_vllm: Path, tmp_path: Path) -> None:
+    """SIGKILL of the benchmark (no `finally`, no close) must not leave the stopped vLLM worker behind."""
+    model = tmp_path / "model"
+    model.mkdir()
+    script = (
+        "import sys, time; from pathlib import Path; from benchmarks.vllm_peer import VllmPeer; "
+        f"peer = VllmPeer(Path(sys.executable), Path({str(model)!r}), 'bfloat16', 2, 64, preload=False); "
+        "print(peer._process.pid, peer.state(), flush=True); time.sleep(120)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=repo)
+    worker = 0
+    try:
+        assert parent.stdout is not None
+        pid, state = parent.stdout.readline().split()
+        worker = int(pid)
+        assert state == "T"  # stopped: it cannot notice the end of its stdin by itself
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the vLLM worker outlived the benchmark"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=30)
+        if worker and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_the_benchmark_reports_vllm_beside_the_engine(fake_vllm: Path, tmp_path: Path, monkeypatch) -> None:

@@ -598,6 +598,42 @@ torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos, const 
   return out;
 }
 
+namespace {
+
+// c10::BFloat16's rounding of 16 floats, bit for bit: to nearest even, any NaN to 0x7FC0.
+__attribute__((target("avx512f,avx512bw"))) inline __m256i round16_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i bias =
+      _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_bits(__m256i packed) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
+}
+
+// dst[c] += float(src[c]) for c < n (a multiple of 16).
+__attribute__((target("avx512f,avx512bw"))) void add_widened_avx512(const bf16* src, float* dst, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512 x = widen16_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)));
+    _mm512_storeu_ps(dst + c, _mm512_add_ps(_mm512_loadu_ps(dst + c), x));
+  }
+}
+
+// res[c] = bf16(float(res[c]) + float(bf16(total[c]))) for c < n (a multiple of 16): `res += total.to(bf16)`.
+__attribute__((target("avx512f,avx512bw"))) void add_rounded_avx512(const float* total, bf16* res, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) {
+    auto* r = reinterpret_cast<__m256i*>(res + c);
+    const __m512 sum = _mm512_add_ps(widen16_bits(_mm256_loadu_si256(r)),
+                                     widen16_bits(round16_bf16(_mm512_loadu_ps(total + c))));
+    _mm256_storeu_si256(r, round16_bf16(sum));
+  }
+}
+
+}  // namespace
+
 // The FFN nodes' partial sums added into the residual: residual [T, H] bf16 += bf16(sum of the parts in fp32, in
 // the order given), part i [n_i, H] bf16 covering the token rows rows[i] ([n_i] int64), or every row where rows[i]
 // is empty -- what `total = zeros(fp32); total.index_add_(0, rows, part.float()) ...; residual += total.to(bf16)`
@@ -631,17 +667,23 @@ void add_partials_bf16(torch::Tensor& residual, const std::vector<torch::Tensor>
   }
   bf16* res = residual.data_ptr<bf16>();
   std::vector<float> total(static_cast<size_t>(T * H), 0.0f);
+  const bool vector = kIsa == Isa::kAvx512Bf16;
   auto add_columns = [&](int64_t c0, int64_t c1) {
+    // columns [c0, v1) 16 at a time where AVX512 serves (the same sums and roundings), the rest one by one
+    const int64_t v1 = vector ? c0 + (c1 - c0) / 16 * 16 : c0;
     for (size_t i = 0; i < part_data.size(); ++i)
       for (int64_t j = 0; j < part_rows[i]; ++j) {
         const int64_t t = row_data[i] ? row_data[i][j] : j;
         const bf16* src = part_data[i] + j * H;
         float* dst = total.data() + t * H;
-        for (int64_t c = c0; c < c1; ++c) dst[c] += static_cast<float>(src[c]);
+        if (v1 > c0) add_widened_avx512(src + c0, dst + c0, v1 - c0);
+        for (int64_t c = v1; c < c1; ++c) dst[c] += static_cast<float>(src[c]);
       }
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t c = c0; c < c1; ++c)
+    for (int64_t t = 0; t < T; ++t) {
+      if (v1 > c0) add_rounded_avx512(total.data() + t * H + c0, res + t * H + c0, v1 - c0);
+      for (int64_t c = v1; c < c1; ++c)
         res[t * H + c] = bf16(static_cast<float>(res[t * H + c]) + bf16_round(total[t * H + c]));
+    }
   };
   if (T * H < (int64_t{1} << 16))
     add_columns(0, H);
