@@ -220,6 +220,16 @@ void check_bf16_matrix(const torch::Tensor& t, const char* name) {
 
 inline float bf16_round(float v) { return static_cast<float>(bf16(v)); }
 
+// fn(r0, r1) over rows [0, rows) of `width` elements each: inline when they hold under 32K elements (a fork/join
+// of the thread pool costs more than that much work), else in parallel chunks of about 16K elements.
+template <class RowsFn>
+void for_rows(int64_t rows, int64_t width, const RowsFn& fn) {
+  if (rows * width < (int64_t{1} << 15))
+    fn(0, rows);
+  else
+    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / width), fn);
+}
+
 }  // namespace
 
 std::string available_isa() {
@@ -391,11 +401,7 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
         o[k] = bf16(static_cast<float>(w[k]) * bf16_round(static_cast<float>(in[k]) * inv));
     }
   };
-  const int64_t total = rows * groups;
-  if (total * D < (int64_t{1} << 15))
-    norm_rows(0, total);
-  else
-    at::parallel_for(0, total, std::max<int64_t>(1, (int64_t{1} << 14) / D), norm_rows);
+  for_rows(rows * groups, D, norm_rows);
   return out;
 }
 
@@ -590,11 +596,7 @@ torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos, const 
       }
     }
   };
-  const int64_t rows = T * heads;
-  if (rows * D < (int64_t{1} << 15))
-    rotate(0, rows);
-  else
-    at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 14) / D), rotate);
+  for_rows(T * heads, D, rotate);
   return out;
 }
 
