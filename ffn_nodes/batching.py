@@ -103,6 +103,8 @@ class Batcher:
         """Guards `counters`, `token_rows_total` and `_expert_baselines` (batch thread vs event loop)."""
         self._expert_baselines: dict[int, list[int]] = {}
         """Placement version -> its shard's FfnShard.expert_token_counts() at the start of the load period."""
+        self._retired_pairs: collections.Counter[int] = collections.Counter()
+        """Global expert -> pairs computed in this load period by shards no longer held (`retire`)."""
         self._inbox: collections.deque[_Work] = collections.deque()
         self._arrived = threading.Condition(threading.Lock())
         """Guards `_inbox`, `_pending`, `_refusal` and `_stopping`; notified when work arrives or on stop."""
@@ -282,6 +284,18 @@ class Batcher:
         with self._lock:
             self._expert_baselines[shard.placement.version] = shard.expert_token_counts()
 
+    def retire(self, shard: FfnShard) -> None:
+        """`shard` stops being held (a third placement arrived while it was the previous one): what it computed
+        since its last reading is kept and reported with the next load, like the previous shard's pairs. Two
+        placement changes between heartbeats (replication re-plans every few seconds under load) lost them."""
+        with self._lock:
+            now = shard.expert_token_counts()
+            before = self._expert_baselines.pop(shard.placement.version, [0] * len(now))
+            ids = shard.placement.experts[shard.placement.index(shard.node_id)]
+            for expert, count, prior in zip(ids, now, before, strict=True):
+                if count != prior:
+                    self._retired_pairs[expert] += count - prior
+
     def take_load(self, shard: FfnShard | None, reset: bool = False) -> pb.NodeLoad:
         """The load since the counters were last reset: busy fraction, and token-expert pairs per local
         expert of `shard` (the current one). With `reset` a new period starts, atomically with the compute
@@ -313,8 +327,12 @@ class Batcher:
                     for expert, count, prior in zip(ids, now, before, strict=True):
                         if count != prior and expert in local_of:
                             experts[local_of[expert]] += count - prior
+                for expert, count in self._retired_pairs.items():
+                    if expert in local_of:
+                        experts[local_of[expert]] += count
                 if reset:
                     self._expert_baselines = readings
+                    self._retired_pairs.clear()
         elapsed = max(time.monotonic() - counters.started, 1e-9)
         layers = shard.spec.num_layers if shard is not None else 1
         return pb.NodeLoad(

@@ -310,6 +310,8 @@ class FfnNodeServer:
         id of the same global expert (Batcher.take_load).
         """
         if self.shard is not None and self.shard.placement.version != shard.placement.version:
+            if self.previous_shard is not None:
+                self.batcher.retire(self.previous_shard)
             self.previous_shard = self.shard
         self.shard = shard
         held = [s.num_local_experts for s in self.held_shards().values()]

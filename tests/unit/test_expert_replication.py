@@ -386,3 +386,13 @@ def test_ffn_load_reports_the_previous_shards_pairs_under_the_current_layout(tin
     # v2's local ids: 0 1 4 5 6 7 -> pairs: expert 0: 1, 1: 1, 4: 1, 5: 1, 6: 1, 7: 1
     assert list(batcher.take_load(held[2], reset=True).expert_token_counts) == [1, 1, 1, 1, 1, 1]
     assert list(batcher.take_load(held[2], reset=True).expert_token_counts) == [0] * 6  # reported once
+    # Two switches between reports: v1's pairs since the last report outlive its shard (retired when v3 comes).
+    compute(held[1], [[2, -1]])  # expert 6 under v1
+    compute(held[2], [[5, -1]])  # expert 7 under v2
+    third = ExpertPlacement(n, ("ffn-0", "ffn-1"), ((0, 1, 2, 3), (4, 5, 6, 7)), (1.0, 1.0), version=3)
+    batcher.retire(held.pop(1))  # as FfnNodeServer._install drops the previous shard
+    held[3] = FfnShard.load(directory, third, "ffn-1")
+    batcher.count_experts_from(held[3])
+    compute(held[3], [[0, -1]])  # expert 4 under v3
+    assert list(batcher.take_load(held[3], reset=True).expert_token_counts) == [1, 0, 1, 1]  # experts 4 5 6 7
+    assert list(batcher.take_load(held[3], reset=True).expert_token_counts) == [0] * 4

@@ -1,0 +1,154 @@
+"""`python -m benchmarks.engine_ab --base REV`: the engine of git revision REV against this tree's, interleaved.
+
+What an engine change did end to end, on this machine: REV is extracted (`git archive`) into a temporary folder,
+and each repeat runs one process per side and FFN-shard count, alternating base / current, each decoding the
+`afd bench engine` checkpoint (mid-size Qwen3-MoE, bf16, in-process FFN shards, 32-token prompts) at every batch
+size after a warm-up. A side's process imports that side's code (PYTHONPATH, working directory) and builds or
+reuses that side's native kernels; the checkpoint, the venv and the machine are shared. `--cpu-time` runs both
+single-threaded and measures process CPU time instead of wall clock: on a shared VM, where neighbours take
+cores and the wall-clock spread of one side reaches 10-30 %, CPU time moves less (stalls on memory still count).
+Prints one JSON line per (FFN shards, batch) with decode and total tok/s min / median / max per side and the
+ratio of the medians, and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 64
+RUNS_PER_PROCESS = 2
+
+# Runs inside each side's tree; only API both sides have (the benchmark checkpoint, the engine, the local pool).
+WORKER = """
+import json, sys, time
+import torch
+import attn_nodes.engine
+from afd.sampling_params import SamplingParams
+from attn_nodes.config import EngineConfig
+from attn_nodes.engine import AttentionEngine
+from benchmarks.engine import _prompts, ensure_checkpoint
+from ffn_nodes.local_pool import local_ffn_pool
+
+shards, batches, cpu_time, new_tokens, runs = int(sys.argv[1]), [int(b) for b in sys.argv[2].split(",")], \\
+    sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+if cpu_time:
+    torch.set_num_threads(1)
+clock = time.process_time if cpu_time else time.perf_counter
+model_dir = ensure_checkpoint()
+placement, transport = local_ffn_pool(model_dir, shards, "bfloat16")
+config = EngineConfig(dtype="bfloat16", max_num_seqs=max(batches), max_num_batched_tokens=2048, kv_cache_gib=1.0)
+engine = AttentionEngine.load(model_dir, transport, placement, config)
+out = {}
+for batch in batches:
+    def run(tokens):
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        for prompt in _prompts(batch, 32, engine.spec.vocab_size):
+            engine.add_request(prompt, params)
+        start = clock()
+        engine.step()
+        decode_start, steps = clock(), 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        end = clock()
+        return [batch * tokens / (end - start), batch * steps / (end - decode_start)]
+    run(4)
+    run(16)
+    out[batch] = [run(new_tokens) for _ in range(runs)]
+print(json.dumps({"engine_module": attn_nodes.engine.__file__, "runs": out}))
+"""
+
+
+def extract_revision(revision: str, folder: Path) -> Path:
+    """The tree of `revision` (tracked files only) in `folder`."""
+    archive = folder / "base.tar"
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), revision], cwd=REPO, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder / "tree", filter="data")
+    return folder / "tree"
+
+
+def run_side(tree: Path, shards: int, batches: Sequence[int], cpu_time: bool) -> dict[int, list[list[float]]]:
+    """One process of one side: per batch, RUNS_PER_PROCESS pairs (total tok/s, decode tok/s)."""
+    env = os.environ | {"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    args = [str(shards), ",".join(map(str, batches)), "1" if cpu_time else "0", str(NEW_TOKENS), str(RUNS_PER_PROCESS)]
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, *args], cwd=tree, env=env, capture_output=True, text=True, timeout=1800
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{tree}: the engine run failed:\n{done.stderr[-2000:]}")
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(answer["engine_module"]).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"the run for {tree} imported the engine from {answer['engine_module']}")
+    return {int(batch): runs for batch, runs in answer["runs"].items()}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
+
+
+def compare(
+    base: Path, current: Path, shard_counts: Sequence[int], batches: Sequence[int], repeats: int, cpu_time: bool
+) -> list[dict[str, Any]]:
+    runs: dict[tuple[str, int, int], list[list[float]]] = {}
+    for _ in range(repeats):
+        for shards in shard_counts:
+            for side, tree in (("base", base), ("current", current)):
+                for batch, pairs in run_side(tree, shards, batches, cpu_time).items():
+                    runs.setdefault((side, shards, batch), []).extend(pairs)
+    results = []
+    for shards in shard_counts:
+        for batch in batches:
+            row: dict[str, Any] = {"ffn_shards": shards, "batch": batch, "clock": "cpu" if cpu_time else "wall"}
+            for side in ("base", "current"):
+                pairs = runs[(side, shards, batch)]
+                row[f"{side}_decode_tok_s"] = _spread([p[1] for p in pairs])
+                row[f"{side}_total_tok_s"] = _spread([p[0] for p in pairs])
+            for kind in ("decode", "total"):
+                ratio = row[f"current_{kind}_tok_s"]["median"] / row[f"base_{kind}_tok_s"]["median"]
+                row[f"{kind}_ratio"] = round(ratio, 3)
+            results.append(row)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine_ab", description=__doc__)
+    parser.add_argument("--base", required=True, help="git revision to compare this tree against")
+    parser.add_argument("--ffn-shards", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3, help=f"processes per side (each {RUNS_PER_PROCESS} runs)")
+    parser.add_argument("--cpu-time", action="store_true", help="one thread per side, process CPU time")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="afd-engine-ab-") as folder:
+        base = extract_revision(args.base, Path(folder))
+        results = compare(base, REPO, args.ffn_shards, args.batch, args.repeats, args.cpu_time)
+    for row in results:
+        print(json.dumps({"base": args.base, **row}))
+    clock = "process CPU time, 1 thread" if args.cpu_time else "wall clock"
+    table = Table(title=f"engine {args.base} vs this tree, decode tok/s ({clock}), median [min-max]")
+    for column in ("FFN shards", "batch", "base", "this tree", "ratio"):
+        table.add_column(column, justify="right")
+    for row in results:
+        cells = [row[f"{side}_decode_tok_s"] for side in ("base", "current")]
+        spreads = [f"{c['median']:.1f} [{c['min']:.1f}-{c['max']:.1f}]" for c in cells]
+        table.add_row(str(row["ffn_shards"]), str(row["batch"]), *spreads, f"{row['decode_ratio']:.2f}x")
+    Console().print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
