@@ -15,7 +15,6 @@ which slowed the other sides' runs (benchmarks/README.md has the figures).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import queue
@@ -23,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,7 +32,17 @@ TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 START_TIMEOUT_S = 900.0
 """vLLM's start on 2 cores: model load, KV cache set-up and its warm-up took about a minute here."""
 GENERATE_TIMEOUT_S = 1800.0
-PR_SET_PDEATHSIG = 1
+GUARD = """
+import os, signal, sys
+sys.stdin.buffer.read()  # returns at end of file: the benchmark closed the pipe, or died
+try:
+    os.killpg(int(sys.argv[1]), signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+"""Run beside the peer, outside its process group: when the benchmark dies (any signal, SIGKILL included) the pipe
+closes and the guard kills the whole group. Nothing inside the group can: it is stopped between runs, and the
+kernel sends no SIGHUP to a stopped group whose leader dies (the leader's parent is in the same group)."""
 
 
 class PeerUnavailable(RuntimeError):
@@ -66,14 +76,6 @@ def _preload(python: Path) -> str:
     return ":".join(str(p) for p in libraries if p.is_file())
 
 
-def _die_with_parent() -> None:
-    """Run in the worker before it starts: the kernel kills it when the benchmark dies, by any signal and even
-    while the worker is stopped between runs (a stopped process reads no end of its stdin). Its own children,
-    stopped in the group the kernel then finds orphaned, get SIGHUP and SIGCONT from the kernel and end too."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class VllmPeer:
     """One vLLM `LLM` on `model_dir`, kept loaded across the benchmark's batches."""
 
@@ -101,7 +103,9 @@ class VllmPeer:
             env=env,
             cwd=model_dir.parent,
             start_new_session=True,  # its own process group, so that pausing reaches vLLM's engine-core processes
-            preexec_fn=_die_with_parent,
+        )
+        self._guard = subprocess.Popen(
+            [sys.executable, "-c", GUARD, str(self._process.pid)], stdin=subprocess.PIPE, start_new_session=True
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         assert self._process.stdout is not None
@@ -112,7 +116,15 @@ class VllmPeer:
             self.close()
             raise
         self.version = str(ready.get("version", ""))
+        self._pause()
+
+    def _pause(self) -> None:
+        """Stop the peer's group and wait (up to a second) until the worker is stopped: signals are delivered
+        asynchronously, and the next side's timed run must not start beside a still running peer."""
         self._signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 1.0
+        while self.state() not in ("T", "") and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _signal(self, sig: signal.Signals) -> None:
         """`sig` to the worker and every process vLLM started under it (one process group)."""
@@ -143,7 +155,7 @@ class VllmPeer:
             self._process.stdin.flush()
             reply = self._reply(GENERATE_TIMEOUT_S)
         finally:
-            self._signal(signal.SIGSTOP)
+            self._pause()
         return float(reply["seconds"]), int(reply["tokens"]), list(reply["first_output"])
 
     def close(self) -> None:
@@ -156,6 +168,9 @@ class VllmPeer:
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self._process.wait(timeout=30)
+        if self._guard.stdin is not None:
+            self._guard.stdin.close()  # the guard kills what is left of the group (nothing, after a clean exit)
+        self._guard.wait(timeout=30)
         self._log.close()
 
     def state(self) -> str:

@@ -51,6 +51,12 @@ class LLM:
     def __init__(self, model, dtype, skip_tokenizer_init, max_num_seqs, max_model_len, seed):
         assert skip_tokenizer_init and dtype == "bfloat16"
         print("vLLM logs to stdout; the protocol must not see this")
+        # vLLM starts an engine-core process; this child stands for it (the pid is written where a test reads it)
+        import os, subprocess
+        self.engine_core = subprocess.Popen(["sleep", "300"])
+        if os.environ.get("FAKE_VLLM_CHILD_PID"):
+            with open(os.environ["FAKE_VLLM_CHILD_PID"], "w") as out:
+                out.write(str(self.engine_core.pid))
 
     def generate(self, prompts, params, use_tqdm):
         return [_Output([p["prompt_token_ids"][0]] * params.max_tokens) for p in prompts]
@@ -93,7 +99,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_paused_peer_dies_with_a_killed_benchmark(fake_vllm: Path, tmp_path: Path) -> None:
-    """SIGKILL of the benchmark (no `finally`, no close) must not leave the stopped vLLM worker behind."""
+    """SIGKILL of the benchmark (no `finally`, no close) must not leave the stopped vLLM worker, nor the engine-core
+    process vLLM starts, behind."""
     model = tmp_path / "model"
     model.mkdir()
     script = (
@@ -102,25 +109,28 @@ def test_a_paused_peer_dies_with_a_killed_benchmark(fake_vllm: Path, tmp_path: P
         "print(peer._process.pid, peer.state(), flush=True); time.sleep(120)"
     )
     repo = Path(__file__).resolve().parents[2]
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=repo)
-    worker = 0
+    child_file = tmp_path / "engine-core.pid"
+    env = os.environ | {"FAKE_VLLM_CHILD_PID": str(child_file)}
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=repo, env=env)
+    pids: list[int] = []
     try:
         assert parent.stdout is not None
         pid, state = parent.stdout.readline().split()
-        worker = int(pid)
+        pids = [int(pid), int(child_file.read_text())]
         assert state == "T"  # stopped: it cannot notice the end of its stdin by itself
         parent.kill()
         parent.wait(timeout=30)
         deadline = time.monotonic() + 20
-        while _alive(worker) and time.monotonic() < deadline:
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker), "the vLLM worker outlived the benchmark"
+        assert not any(_alive(p) for p in pids), "the vLLM worker or its engine-core child outlived the benchmark"
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(timeout=30)
-        if worker and _alive(worker):
-            os.kill(worker, signal.SIGKILL)
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_the_benchmark_reports_vllm_beside_the_engine(fake_vllm: Path, tmp_path: Path, monkeypatch) -> None:
