@@ -41,8 +41,8 @@ except ProcessLookupError:
     pass
 """
 """Run beside the peer, outside its process group: when the benchmark dies (any signal, SIGKILL included) the pipe
-closes and the guard kills the whole group. Nothing inside the group can: it is stopped between runs, and the
-kernel sends no SIGHUP to a stopped group whose leader dies (the leader's parent is in the same group)."""
+closes and the guard kills the whole group. Nothing inside the group can: it is stopped between runs, and when its
+leader (the worker) was killed here, vLLM's stopped engine-core processes got no SIGHUP / SIGCONT and stayed."""
 
 
 class PeerUnavailable(RuntimeError):
