@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -27,6 +26,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from benchmarks.engine import _spread
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 64
@@ -95,10 +96,6 @@ def run_side(tree: Path, shards: int, batches: Sequence[int], cpu_time: bool) ->
     if not Path(answer["engine_module"]).resolve().is_relative_to(tree.resolve()):
         raise RuntimeError(f"the run for {tree} imported the engine from {answer['engine_module']}")
     return {int(batch): runs for batch, runs in answer["runs"].items()}
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2), "max": round(max(values), 2)}
 
 
 def compare(

@@ -619,18 +619,15 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_bits(__m256i p
 // dst[c] += float(src[c]) for c < n (a multiple of 16).
 __attribute__((target("avx512f,avx512bw"))) void add_widened_avx512(const bf16* src, float* dst, int64_t n) {
   for (int64_t c = 0; c < n; c += 16) {
-    const __m512 x = widen16_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)));
-    _mm512_storeu_ps(dst + c, _mm512_add_ps(_mm512_loadu_ps(dst + c), x));
+    _mm512_storeu_ps(dst + c, _mm512_add_ps(_mm512_loadu_ps(dst + c), widen16(src + c)));
   }
 }
 
 // res[c] = bf16(float(res[c]) + float(bf16(total[c]))) for c < n (a multiple of 16): `res += total.to(bf16)`.
 __attribute__((target("avx512f,avx512bw"))) void add_rounded_avx512(const float* total, bf16* res, int64_t n) {
   for (int64_t c = 0; c < n; c += 16) {
-    auto* r = reinterpret_cast<__m256i*>(res + c);
-    const __m512 sum = _mm512_add_ps(widen16_bits(_mm256_loadu_si256(r)),
-                                     widen16_bits(round16_bf16(_mm512_loadu_ps(total + c))));
-    _mm256_storeu_si256(r, round16_bf16(sum));
+    const __m512 sum = _mm512_add_ps(widen16(res + c), widen16_bits(round16_bf16(_mm512_loadu_ps(total + c))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(res + c), round16_bf16(sum));
   }
 }
 
