@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,9 +51,13 @@ from benchmarks.serve import ServeBenchmarkConfig, run_serve_benchmark
 from benchmarks.serve_cluster import client_cpu_model, exchange_fields
 
 RESULT_VERSION = 1
-SHARED_CORES = 1.0
-"""Cores the router and the benchmark client take beside the nodes (what the pools cannot overlap into)."""
+MIX_RATE_BISECTIONS = 30
+"""Bisection steps of predict_mix's fixed point (the rate to within 1e-9 of the fastest prediction)."""
+MIN_NODE_CORES = 0.25
+"""Floor of the cores the nodes are predicted to share, whatever the router and the client are predicted to take."""
 ROLES = ("attention", "ffn")
+CLIENT = "client"
+"""Role and id of the load generator (this process) in the measured CPU time (MixMeasurement.busy)."""
 
 
 class _Model(BaseModel):
@@ -169,6 +173,11 @@ class MixesFile(_Model):
     )
     """Run second (with a calibration mix): 1 attention + 2 FFN nodes without CPU limits, m = 1; splits the
     attention node's per-call cost into a part per layer and a part per FFN node it sends to (fit_fanout)."""
+    link_calibration: bool = True
+    """With a calibration mix: run it once more on every link cap the mixes use (link_calibration_mixes), and
+    predict the mixes on that cap with the exchange latency fitted there (fit_link) instead of the uncapped
+    one: an exchange over a slow cap takes longer than its bytes / rate by more than the uncapped latency
+    (the stack's headers, gRPC's framing and control frames, each packet's wait in the bucket)."""
     mixes: list[MixSpec] = Field(min_length=1)
     """The mixes, run in this order."""
 
@@ -276,6 +285,12 @@ class HostCalibration:
     attention_call_per_ffn_node_us: float = 0.0
     """Attention node CPU time per layer per FFN node it sends to (a frame to encode, send and combine), µs;
     Mix.attention_call_us = attention_call_us + this x FFN nodes."""
+    shared_cpu_s_per_token: float = 0.0
+    """CPU time the router and the load generator (this process) take per output token, seconds: what they
+    take of the host's cores beside the nodes scales with the mix's token rate (Mix.shared_cores)."""
+    link_latency_us_by_mbit: dict[float, float] = field(default_factory=dict)
+    """Link cap (Mbit/s) -> one-way exchange latency fitted on it (fit_link); mixes on other caps take
+    link_latency_us less what the cap's token bucket passes at once."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -283,6 +298,10 @@ class HostCalibration:
             "attention_call_per_ffn_node_us": round(self.attention_call_per_ffn_node_us, 3),
             "ffn_call_us": round(self.ffn_call_us, 3),
             "link_latency_us": round(self.link_latency_us, 3),
+            "shared_cpu_us_per_token": round(self.shared_cpu_s_per_token * 1e6, 3),
+            "link_latency_us_by_mbit": {
+                f"{cap:g}": round(us, 3) for cap, us in sorted(self.link_latency_us_by_mbit.items())
+            },
             "source": self.source,
         }
 
@@ -299,28 +318,30 @@ def planner_mix(
     view: Mapping[str, Any],
     host: HostCalibration,
     link_burst_bytes: int = 0,
+    tok_s: float = 0.0,
 ) -> Mix:
     """The planner's Mix for `spec`, fitted to the nodes' own profiles in `view` and the host's calibration.
 
     A capped link's token bucket lets the first `link_burst_bytes` of each message through at once, so each
     one-way exchange takes that much less than bytes / rate: it comes off the per-exchange latency.
+    Every node runs on this host: they share its cores less what the router and the load generator take at
+    `tok_s` output tokens per second (predict_mix finds the rate the mix runs at).
     """
     attention, ffn = measurements(view)
     if not attention or not ffn:
         raise AfdError("the router's view has no measured attention or FFN costs: cannot fit the prediction")
-    if spec.link_mbit is not None:
+    if spec.link_mbit is not None and spec.link_mbit in host.link_latency_us_by_mbit:
+        rate = spec.link_mbit * 1e6 / 8
+        latency = host.link_latency_us_by_mbit[spec.link_mbit]
+        link = Link(f"tbf {spec.link_mbit:g} Mbit/s", rate, latency, f"tc tbf cap, latency fitted on it; {host.source}")
+    elif spec.link_mbit is not None:
         rate = spec.link_mbit * 1e6 / 8
         latency = max(0.0, host.link_latency_us - link_burst_bytes / rate * 1e6)
         link = Link(f"tbf {spec.link_mbit:g} Mbit/s", rate, latency, f"tc tbf cap; {host.source}")
     else:
         rate = mixes.uncapped_link_gb_per_s * 1e9
         link = Link("veth (uncapped)", rate, host.link_latency_us, f"mixes file; {host.source}")
-    quotas = [spec.attention.cpu, spec.ffn.cpu]
-    limited = sum(p.cpu * p.count for p in (spec.attention, spec.ffn) if p.cpu is not None)
-    # The pools overlap (ping-pong) only where each node has CPU of its own: every node limited, and the
-    # limits leave a core for the router and the load generator, which share the host. On 2 cores they never
-    # do: measured m = 2 steps there take the sum of both nodes' CPU times, not the larger.
-    overlap = None not in quotas and limited + SHARED_CORES <= (os.cpu_count() or 1)
+    shared_cores = max(MIN_NODE_CORES, (os.cpu_count() or 1) - host.shared_cpu_s_per_token * tok_s)
     element_bytes = 4.0 if model.dtype in ("float32", "fp32") else 2.0
     # fp8: one byte per element plus the token's float32 scale (afd.ffn_messages.quantize_fp8)
     dispatch_bytes = {"auto": element_bytes, "bf16": 2.0, "fp8": 1.0 + 4.0 / model.hidden_size}[spec.wire_dtype]
@@ -337,13 +358,45 @@ def planner_mix(
         ffn_measured=ffn,
         activation_bytes=element_bytes,
         dispatch_activation_bytes=dispatch_bytes,
-        overlap=overlap,
+        overlap=False,
+        shared_cores=shared_cores,
         attention_quota=CpuQuota(spec.attention.cpu, spec.attention.threads) if spec.attention.cpu else None,
         ffn_quota=CpuQuota(spec.ffn.cpu, spec.ffn.threads) if spec.ffn.cpu else None,
         attention_call_us=host.attention_call_us + host.attention_call_per_ffn_node_us * spec.ffn.count,
         # an FFN node decodes and answers one frame per attention node per layer and microbatch
         ffn_call_us=host.ffn_call_us * spec.attention.count,
     )
+
+
+def predict_mix(
+    spec: MixSpec,
+    mixes: MixesFile,
+    model: ModelSpec,
+    view: Mapping[str, Any],
+    host: HostCalibration,
+    link_burst_bytes: int = 0,
+) -> Prediction:
+    """The prediction of `spec` at the token rate it predicts for itself.
+
+    The faster a mix runs, the more of the shared cores the router and the load generator take from its nodes
+    (host.shared_cpu_s_per_token), which slows it: the predicted rate is the fixed point of that loop, found by
+    bisection (the rate predicted at an assumed rate falls as the assumed rate rises).
+    """
+
+    def at(tok_s: float) -> Prediction:
+        return predict(model, planner_mix(spec, mixes, model, view, host, link_burst_bytes, tok_s))
+
+    fastest = at(0.0)
+    if host.shared_cpu_s_per_token <= 0:
+        return fastest
+    low, high = 0.0, fastest.decode_tok_s
+    for _ in range(MIX_RATE_BISECTIONS):
+        middle = (low + high) / 2
+        if at(middle).decode_tok_s > middle:
+            low = middle
+        else:
+            high = middle
+    return at(low)
 
 
 # ---- one mix ---------------------------------------------------------------------------------------------
@@ -358,7 +411,7 @@ def _role_of(node_id: str, view: Mapping[str, Any]) -> str:
     for node in view.get("nodes", []):
         if node.get("node_id") == node_id:
             return str(node.get("role"))
-    return "router" if node_id == "router" else "unknown"
+    return node_id if node_id in ("router", CLIENT) else "unknown"
 
 
 def busy_by_role(
@@ -488,11 +541,14 @@ def measure_mix(
         for run in range(workload.repeats):
             phase(f"serving {run + 1}/{workload.repeats}")
             exchanges_before = running.exchange_totals(None) if running.exchange_totals else None
-            usage_before, throttle_before = running.cpu_usage_ns(), running.throttling()
+            # this process is the load generator: its CPU time over the run is the client's
+            usage_before = {**running.cpu_usage_ns(), CLIENT: time.process_time_ns()}
+            throttle_before = running.throttling()
             started = time.monotonic()
             serve = run_serve_benchmark(config)
             elapsed = time.monotonic() - started
-            usage_after, throttle_after = running.cpu_usage_ns(), running.throttling()
+            usage_after = {**running.cpu_usage_ns(), CLIENT: time.process_time_ns()}
+            throttle_after = running.throttling()
             after = running.cluster_view()  # FFN busy fractions from the last heartbeats of the run
             exchange = None
             if running.exchange_totals and exchanges_before is not None:
@@ -548,9 +604,13 @@ def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: M
     The calibration mix (1 attention + 1 FFN node, no CPU limit, m = 1) runs its two nodes one after the
     other, so per decode step: the attention node's CPU time = its kernels (the profile's T_a, summed over the
     layers, with the head) + layers x attention_call_us; the FFN node's likewise; and the rest of the step,
-    when neither computes, is the link: bytes / bandwidth + 2 x layers x the one-way latency.
+    when neither computes, is the link: bytes / bandwidth + 2 x layers x the one-way latency. The router's and
+    the load generator's CPU time over the output tokens of the run is their cost per token.
     """
     tpot_ms, busy_a, busy_f, base = _calibration_run(spec, measured, mixes, model, "calibration mix")
+    shared_cores = sum(measured.busy.get(role, {}).get("mean_cores", 0.0) for role in ("router", CLIENT))
+    output_tok_s = float(measured.serve.get("output_throughput") or 0.0)
+    shared_per_token = shared_cores / output_tok_s if output_tok_s > 0 else 0.0
     step_us = tpot_ms * 1000.0
     layers = model.num_layers
     cpu_a, cpu_f = busy_a * step_us, busy_f * step_us
@@ -560,9 +620,10 @@ def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: M
     latency = residual / (2 * layers) if residual > 0 else mixes.link_latency_us
     source = (
         f"calibration mix {spec.name}: TPOT {tpot_ms:.3f} ms, attention node {busy_a:.3f} cores busy, "
-        f"FFN node {busy_f:.3f} cores busy"
+        f"FFN node {busy_f:.3f} cores busy, router and client {shared_cores:.3f} cores at {output_tok_s:.1f} "
+        "output tok/s"
     )
-    return HostCalibration(call_a, call_f, latency, source)
+    return HostCalibration(call_a, call_f, latency, source, shared_cpu_s_per_token=shared_per_token)
 
 
 def fit_fanout(
@@ -588,14 +649,37 @@ def fit_fanout(
         link_latency_us=host.link_latency_us,
         source=source,
         attention_call_per_ffn_node_us=per_node,
+        shared_cpu_s_per_token=host.shared_cpu_s_per_token,
     )
+
+
+def link_calibration_mixes(mixes: MixesFile) -> list[MixSpec]:
+    """The calibration mix once on every link cap of the mixes it does not run on itself (none where there is
+    no calibration mix or link_calibration is off), slowest cap first."""
+    reference = mixes.calibration_mix
+    if reference is None or not mixes.link_calibration:
+        return []
+    caps = sorted({m.link_mbit for m in mixes.mixes if m.link_mbit is not None} - {reference.link_mbit})
+    return [reference.model_copy(update={"name": f"{reference.name}-link-{cap:g}m", "link_mbit": cap}) for cap in caps]
+
+
+def fit_link(
+    host: HostCalibration, spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec
+) -> HostCalibration:
+    """`host` with the exchange latency on `spec`'s link cap: the calibration mix's arithmetic (fit_host) on
+    its run over that cap, whose per-call costs are left as `host` has them."""
+    assert spec.link_mbit is not None, "a link calibration mix runs on a capped link"
+    on_link = fit_host(spec, measured, mixes, model)
+    latencies = {**host.link_latency_us_by_mbit, spec.link_mbit: on_link.link_latency_us}
+    source = f"{host.source}; link mix {spec.name}: {on_link.link_latency_us:.1f} us one way"
+    return replace(host, link_latency_us_by_mbit=latencies, source=source)
 
 
 def predict_row(
     spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec, host: HostCalibration
 ) -> dict[str, Any]:
     """The result row of a measured mix with the planner's prediction for it."""
-    prediction = predict(model, planner_mix(spec, mixes, model, measured.view, host, measured.link_burst_bytes))
+    prediction = predict_mix(spec, mixes, model, measured.view, host, measured.link_burst_bytes)
     row = mix_row(
         spec, measured.serve, prediction, measured.view, measured.busy, measured.ffn_busy_fraction, measured.throttled
     )
@@ -646,7 +730,9 @@ def run_mixes(
     with Progress(*columns, console=console or Console(stderr=True), disable=not show_progress) as bar:
         reference = mixes.calibration_mix
         fanout = mixes.fanout_calibration_mix if reference is not None else None
-        task = bar.add_task("mixes", total=len(mixes.mixes) + (reference is not None) + (fanout is not None))
+        links = link_calibration_mixes(mixes)
+        calibrations = (reference is not None) + (fanout is not None) + len(links)
+        task = bar.add_task("mixes", total=len(mixes.mixes) + calibrations)
         host = file_host_calibration(mixes)
         calibration: dict[str, Any] | None = None
         if reference is not None:  # a failed calibration fails the run: every prediction rests on it
@@ -666,9 +752,20 @@ def run_mixes(
                 fanout_measured = measure_mix(fanout, mixes, model_dir, launch, fanning)
                 host = fit_fanout(host, fanout, fanout_measured, mixes, model)
                 bar.advance(task)
+            link_measured = []
+            for link_spec in links:
+
+                def linking(text: str, name: str = link_spec.name) -> None:
+                    bar.update(task, description=f"calibration {name}: {text}")
+
+                link_measured.append((link_spec, measure_mix(link_spec, mixes, model_dir, launch, linking)))
+                host = fit_link(host, link_spec, link_measured[-1][1], mixes, model)
+                bar.advance(task)
             calibration = {"fitted": host.to_dict(), "run": predict_row(reference, measured, mixes, model, host)}
             if fanout is not None and fanout_measured is not None:
                 calibration["fanout_run"] = predict_row(fanout, fanout_measured, mixes, model, host)
+            if link_measured:
+                calibration["link_runs"] = [predict_row(s, m, mixes, model, host) for s, m in link_measured]
         for spec in mixes.mixes:
 
             def phase(text: str, name: str = spec.name) -> None:
@@ -800,6 +897,11 @@ def write_plots(result: Mapping[str, Any], directory: Path) -> list[Path]:
     return [bars, pareto]
 
 
+def _capped_latencies(host: Mapping[str, Any]) -> str:
+    fitted = host.get("link_latency_us_by_mbit") or {}
+    return "".join(f", {us:.1f} us on the {cap} Mbit/s cap" for cap, us in fitted.items())
+
+
 def markdown_report(result: Mapping[str, Any], plots: list[Path], report_path: Path) -> str:
     """The report: setup, the table, the summary, the failures, the plots (paths relative to the report)."""
     s = result["summary"]
@@ -813,7 +915,8 @@ def markdown_report(result: Mapping[str, Any], plots: list[Path], report_path: P
         f"batch slot of {w['input_len']} "
         f"prompt and {w['output_len']} output tokens after a warm-up. Host calibration used by every "
         f"prediction: attention {h['attention_call_us']:.1f} us and FFN {h['ffn_call_us']:.1f} us per layer "
-        f"call beyond the kernels, link latency {h['link_latency_us']:.1f} us one way ({h['source']}).",
+        f"call beyond the kernels, link latency {h['link_latency_us']:.1f} us one way{_capped_latencies(h)} "
+        f"({h['source']}).",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),

@@ -28,7 +28,10 @@ The model, per layer and per microbatch of t = b / m tokens (microseconds):
   microbatches at once (ping-pong), but one microbatch's round trip cannot be shorter than its parts. With
   `overlap=False` (both pools compute on the same cores) their compute adds up, m * (T_a + T_f), while the
   link, which takes no compute, still carries one microbatch while the cores work on another: a layer takes
-  max(m * (T_a + T_f), m * link occupancy, T_a + T_c + T_f). TPOT = the layers + the LM head.
+  max(m * (T_a + T_f), m * link occupancy, T_a + T_c + T_f). Where the shared hardware has more than one
+  core for the nodes (`shared_cores`), they compute at the same time as far as it goes: m * (T_a + T_f) becomes
+  max(m * T_a, m * T_f, m * (n_a * T_a + n_f * T_f) / shared_cores), each term times the node's threads.
+  TPOT = the layers + the LM head.
   Measured per-call costs beyond the kernels (`attention_call_us`, `ffn_call_us`: framework, codec, RPC) add
   to T_a and T_f. A CPU node under a CFS quota (`attention_quota` / `ffn_quota`: q cores, t threads) cannot
   take less than its compute per step x t / q: the step is the larger of the two.
@@ -139,6 +142,11 @@ class Mix:
     overlap: bool = True
     """False when both pools share the hardware they compute on (CPU processes on one host): their compute does
     not overlap (the link still overlaps it)."""
+    shared_cores: float | None = None
+    """With overlap=False: the cores the nodes of both pools share (a host's cores less what the router and the
+    load generator take there). The nodes then compute at the same time as far as these cores go: a layer takes
+    at least every node's compute of it (each attention node's m x T_a, each FFN node's m x T_f, times its
+    threads) over these cores. None: the pools take turns, m (T_a + T_f)."""
     attention_quota: CpuQuota | None = None
     """CPU limit of each attention node (CPU pools under a CFS quota): a step cannot take less wall time than
     the node's CPU time per step over its quota. The measured costs are its unthrottled ones."""
@@ -159,6 +167,8 @@ class Mix:
             raise ConfigError(f"Mix.context_len must be >= 1, got {self.context_len}")
         if self.attention_call_us < 0 or self.ffn_call_us < 0:
             raise ConfigError("Mix.attention_call_us and Mix.ffn_call_us must be >= 0")
+        if self.shared_cores is not None and not self.shared_cores > 0:
+            raise ConfigError(f"Mix.shared_cores must be > 0 when set, got {self.shared_cores}")
         if not 0 < self.memory_utilization <= 1:
             raise ConfigError(f"Mix.memory_utilization must be in (0, 1], got {self.memory_utilization}")
 
@@ -421,6 +431,8 @@ class CostModel:
         bw_a, fl_a = attention_kind.memory_bandwidth_bytes_per_s, attention_kind.flops_per_s(self.dtype)
         bw_f, fl_f = ffn_kind.memory_bandwidth_bytes_per_s, ffn_kind.flops_per_s(self.dtype)
         wb = costs.weight_bytes
+        threads_a = mix.attention_quota.threads if mix.attention_quota else 1
+        threads_f = mix.ffn_quota.threads if mix.ffn_quota else 1
         step_us = 0.0
         bound_us = {"attention-bound": 0.0, "ffn-bound": 0.0, "link-bound": 0.0}
         sum_a = sum_f = sum_c = 0.0
@@ -460,12 +472,19 @@ class CostModel:
                     parts = {"attention-bound": t_a, "ffn-bound": t_f, "link-bound": t_c}
                     side = max(parts, key=lambda k: parts[k])
             else:
-                compute, occupancy, cycle = m * (t_a + t_f), m * one_way_us, t_a + t_c + t_f
+                if mix.shared_cores is None:
+                    compute = m * (t_a + t_f)
+                    heavier_attention = t_a >= t_f
+                else:
+                    cpu_a, cpu_f = n_a * t_a * threads_a, n_f * t_f * threads_f
+                    compute = max(m * t_a, m * t_f, m * (cpu_a + cpu_f) / mix.shared_cores)
+                    heavier_attention = cpu_a >= cpu_f
+                occupancy, cycle = m * one_way_us, t_a + t_c + t_f
                 layer = max(compute, occupancy, cycle)
                 if occupancy >= max(compute, cycle):
                     side = "link-bound"
                 elif compute >= cycle:  # the shared cores are full: the pool that uses them more shows
-                    side = "attention-bound" if t_a >= t_f else "ffn-bound"
+                    side = "attention-bound" if heavier_attention else "ffn-bound"
                 else:
                     parts = {"attention-bound": t_a, "ffn-bound": t_f, "link-bound": t_c}
                     side = max(parts, key=lambda k: parts[k])

@@ -60,6 +60,7 @@ def test_two_mixes_run_measured_and_predicted_and_leave_nothing_behind(tmp_path)
     assert [row["mix"] for row in result["mixes"]] == ["a1f1-1core-1g", "a1f2-half-100m"]
     assert result["failed_mixes"] == []
     assert result["calibration"]["run"]["completed"] > 0
+    assert "link_runs" not in result["calibration"]  # the smoke file turns the per-cap calibration off
     for row, (attention, ffn) in zip(result["mixes"], [(1, 1), (1, 2)], strict=True):
         assert row["completed"] == row["num_prompts"] and row["failed"] == 0
         assert (row["attention"]["count"], row["ffn"]["count"]) == (attention, ffn)

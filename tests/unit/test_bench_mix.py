@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from benchmarks.mix import (
     markdown_report,
     measure_mix,
     planner_mix,
+    predict_mix,
     run_mixes,
     write_plots,
 )
@@ -154,10 +156,13 @@ def test_the_planner_mix_carries_the_nodes_profiles_quotas_link_and_host_costs(t
     for wire, out_bytes in (("bf16", 2.0), ("fp8", 1.0 + 4.0 / spec.hidden_size)):  # fp8: + the token's scale
         narrowed = MixSpec.model_validate({**MIX, "wire_dtype": wire})
         assert planner_mix(narrowed, mixes, spec, VIEW, host).dispatch_activation_bytes == pytest.approx(out_bytes)
-    # 1 + 2 x 0.5 = 2 cores limited, + 1 for the router and the client: overlap only on 3 cores or more
-    assert mix.overlap == ((os.cpu_count() or 1) >= 3)
+    # every node shares this host's cores with the router and the client, which take 0.002 core-seconds per
+    # output token: at 250 tok/s half a core of 3
+    assert not mix.overlap and mix.shared_cores == (os.cpu_count() or 1)  # host has no shared cost
     monkeypatch.setattr(bench_mix.os, "cpu_count", lambda: 3)
-    assert planner_mix(mixes.mixes[0], mixes, spec, VIEW, host).overlap
+    sharing = replace(host, shared_cpu_s_per_token=0.002)
+    assert planner_mix(mixes.mixes[0], mixes, spec, VIEW, sharing, tok_s=250.0).shared_cores == pytest.approx(2.5)
+    assert planner_mix(mixes.mixes[0], mixes, spec, VIEW, sharing, tok_s=1e6).shared_cores == bench_mix.MIN_NODE_CORES
     assert (mix.attention_call_us, mix.ffn_call_us) == (100.0, 20.0)
     # a 1250-byte token bucket at 100 Mbit/s (12.5 MB/s) passes 100 us of each message at once
     slower = HostCalibration(100.0, 20.0, 500.0, "test")
@@ -166,6 +171,7 @@ def test_the_planner_mix_carries_the_nodes_profiles_quotas_link_and_host_costs(t
     unlimited = MixSpec.model_validate({**MIX, "attention": {"count": 2}})
     mix = planner_mix(unlimited, mixes, spec, VIEW, host)
     assert not mix.overlap and mix.attention_quota is None  # an unlimited pool shares the cores
+    assert mix.shared_cores == 3.0
     assert mix.ffn_call_us == 40.0  # each FFN node answers a frame of each of the 2 attention nodes
 
 
@@ -233,6 +239,9 @@ def fake_serving(monkeypatch):
     ticks = iter(range(0, 10_000, 2))
     monkeypatch.setattr(bench_mix.time, "monotonic", lambda: float(next(ticks)))
     monkeypatch.setattr(bench_mix, "run_serve_benchmark", _serve_result)
+    # the client (this process) takes 0.4 s of CPU per 2 s run: 0.2 cores
+    cpu_ticks = iter(range(0, 10**15, 400_000_000))
+    monkeypatch.setattr(bench_mix.time, "process_time_ns", lambda: next(cpu_ticks))
 
 
 def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_errors(tmp_path, fake_serving):
@@ -241,7 +250,9 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     mixes = load_mixes(_write(tmp_path, data))
     host = FakeHost()
     result = json.loads(json.dumps(run_mixes(mixes, host.launch)))  # JSON-clean
-    assert host.launched == ["calibration", "calibration-fanout", "a1f2", "a1f2-m2"] and host.open == 0
+    # the calibration mix ran once more on the mixes' 100 Mbit/s cap before them
+    assert host.launched == ["calibration", "calibration-fanout", "calibration-link-100m", "a1f2", "a1f2-m2"]
+    assert host.open == 0
     assert result["version"] == 1 and result["failed_mixes"] == []
     serve_fields = set(_serve_result(ServeBenchmarkConfig(base_url="http://x", num_prompts=2)))
     for row in result["mixes"]:
@@ -259,6 +270,7 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
         assert measured["tok_s_per_accelerator"] == pytest.approx(200 / 3)
         assert measured["busy"]["attention"]["mean_cores"] == pytest.approx(0.4)
         assert measured["busy"]["ffn"] == {"mean_cores": 0.45, "max_cores": 0.45, "nodes": 2}
+        assert measured["busy"]["client"]["mean_cores"] == pytest.approx(0.2)  # this process's CPU time
         assert measured["ffn_busy_fraction"] == {"ffn-0": 0.25, "ffn-1": 0.35}
         assert measured["cpu_throttling"]["attn-0"] == {"nr_periods": 10, "nr_throttled": 1, "throttled_time": 0}
         assert measured["exchange"] == {"round_trip_ms": 2.0, "wait_ms": 0.5, "hidden_share": 0.75}
@@ -274,6 +286,11 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     assert result["calibration"]["fitted"] == fitted
     assert result["calibration"]["fanout_run"]["ffn"]["count"] == 2
     assert fitted["attention_call_us"] > 0 and "calibration mix calibration" in fitted["source"]
+    # the same CPU times and TPOT on the cap: the residual less the cap's bytes / rate, over 2 x 4 layers
+    on_cap = fitted["link_latency_us_by_mbit"]["100"]
+    assert 0 <= on_cap < fitted["link_latency_us"]
+    assert [run["mix"] for run in result["calibration"]["link_runs"]] == ["calibration-link-100m"]
+    assert all("latency fitted on it" in row["predicted"]["basis"]["link"] for row in result["mixes"])
     summary = result["summary"]
     assert summary["mixes"] == 2 and summary["planner_top_mix"] in ("a1f2", "a1f2-m2")
     assert summary["best_measured_mix"] in ("a1f2", "a1f2-m2")
@@ -285,6 +302,11 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     assert "| a1f2 | 1 x 1 cpu/1t | 2 x 0.5 cpu/1t | 1 | auto | 100 | 2 |" in report
     assert "| 0.50 / 2.00 (75% hidden) |" in report
     assert "](plots/pareto.png)" in report and "Within 15 %" in report
+    assert f"{on_cap:.1f} us on the 100 Mbit/s cap" in report
+
+    host = FakeHost()
+    run_mixes(load_mixes(_write(tmp_path, {**data, "link_calibration": False})), host.launch)
+    assert host.launched == ["calibration", "calibration-fanout", "a1f2", "a1f2-m2"]
 
 
 def test_the_calibration_fit_is_the_stated_arithmetic(tmp_path, fake_serving):
@@ -302,9 +324,31 @@ def test_the_calibration_fit_is_the_stated_arithmetic(tmp_path, fake_serving):
     assert host.attention_call_us == pytest.approx((cpu_a - base.attention_us) / 4)  # 4 layers
     assert host.ffn_call_us == pytest.approx((cpu_f - base.ffn_us) / 4)
     assert host.link_latency_us == pytest.approx((step - cpu_a - cpu_f - base.link_us) / 8)
+    # the router's 0.05 and the client's 0.2 cores over the run's output tokens per second
+    output_tok_s = measured.serve["output_throughput"]
+    assert output_tok_s > 0
+    assert host.shared_cpu_s_per_token == pytest.approx(0.25 / output_tok_s)
     # with those costs the calibration mix itself is predicted at its measured TPOT (overlap off, m = 1)
     again = predict(spec, planner_mix(reference, mixes, spec, VIEW, host))
     assert again.tpot_ms == pytest.approx(10.0, rel=1e-6)
+
+
+def test_a_mix_is_predicted_at_the_rate_it_predicts_for_itself(tmp_path, monkeypatch):
+    m2 = {**MIX, "microbatches": 2, "batch_per_attention_node": 8, "ffn": {"count": 1, "cpu": 1.0}}
+    mixes = load_mixes(_write(tmp_path, {"mixes": [m2], "workload": {"input_len": 16, "output_len": 48}}))
+    spec = ModelSpec.from_config(_config(1000))
+    monkeypatch.setattr(bench_mix.os, "cpu_count", lambda: 2)
+    host = HostCalibration(3000.0, 3000.0, 50.0, "test")
+    alone = predict_mix(mixes.mixes[0], mixes, spec, VIEW, host)
+    assert alone.mix.shared_cores == 2.0  # nothing else takes the cores
+    sharing = replace(host, shared_cpu_s_per_token=0.004)
+    p = predict_mix(mixes.mixes[0], mixes, spec, VIEW, sharing)
+    # the router and the client take 0.004 core-seconds per token at the rate predicted, and that rate is
+    # what the nodes reach on the cores they leave
+    assert p.mix.shared_cores == pytest.approx(2.0 - 0.004 * p.decode_tok_s, rel=1e-6)
+    assert p.decode_tok_s < alone.decode_tok_s
+    again = predict(spec, planner_mix(mixes.mixes[0], mixes, spec, VIEW, sharing, tok_s=p.decode_tok_s))
+    assert again.decode_tok_s == pytest.approx(p.decode_tok_s, rel=1e-6)
 
 
 def test_a_failing_mix_is_reported_and_the_rest_still_run(tmp_path, fake_serving, monkeypatch):

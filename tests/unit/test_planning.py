@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
+from afd.errors import ConfigError
 from afd.model_spec import ModelSpec
 from afd.planning.calibration import AttentionMeasurement, Calibration, FfnMeasurement, KindCalibration
 from afd.planning.catalog import CATALOG_PATH, CatalogError, load_catalog, parse_catalog
-from afd.planning.cost_model import CostModel, Link, Mix, fit_efficiency, predict
+from afd.planning.cost_model import CostModel, CpuQuota, Link, Mix, fit_efficiency, predict
 from afd.planning.model_costs import LayerClass, ModelCosts, model_costs
 from afd.planning.planner import PlanningError, PlanRequest, parse_inventory, parse_prices, plan
 
@@ -234,6 +235,22 @@ def test_shared_cores_still_overlap_the_link_by_hand():
     assert p.exposed == "link-bound"
     # m = 1: nothing to overlap, T_a + T_c + T_f as with separate hardware
     assert _model().predict(_mix(overlap=False)).tpot_ms == pytest.approx(0.127)
+
+
+def test_shared_cores_let_the_nodes_compute_at_once_as_far_as_they_go_by_hand():
+    # m = 2 on the free link, 1 attention node (T_a 12.5 us) and 2 FFN nodes (T_f 14 us each) on shared cores:
+    # their compute per layer is 2 * (1 * 12.5 + 2 * 14) = 81 us of CPU time
+    fast = dict(microbatches=2, link="fast", overlap=False)
+    assert _model().predict(_mix(**fast, shared_cores=3.0)).tpot_ms == pytest.approx(0.028, rel=1e-5)  # 81 / 3 = 27
+    on_two = _model().predict(_mix(**fast, shared_cores=2.0))
+    assert on_two.tpot_ms == pytest.approx(0.0405, rel=1e-5)  # 81 / 2 = 40.5 > 2 * 14 = 28: the cores are full
+    assert on_two.exposed == "ffn-bound"  # the FFN nodes take 56 of the 81 us
+    # a node's threads all count busy while it computes: 2 threads on attention, 2 * (25 + 28) / 2 = 53 us
+    threaded = _model().predict(_mix(**fast, shared_cores=2.0, attention_quota=CpuQuota(4.0, threads=2)))
+    assert threaded.tpot_ms == pytest.approx(0.053, rel=1e-5)
+    assert threaded.exposed == "ffn-bound"  # the FFN nodes' 28 us against the attention node's 25 per microbatch
+    with pytest.raises(ConfigError, match="shared_cores must be > 0"):
+        _mix(shared_cores=0.0)
 
 
 def test_cost_model_reads_only_the_experts_a_small_batch_touches():
