@@ -330,14 +330,17 @@ def planner_mix(
     attention, ffn = measurements(view)
     if not attention or not ffn:
         raise AfdError("the router's view has no measured attention or FFN costs: cannot fit the prediction")
-    if spec.link_mbit is not None and spec.link_mbit in host.link_latency_us_by_mbit:
+    if spec.link_mbit is not None:
         rate = spec.link_mbit * 1e6 / 8
-        latency = host.link_latency_us_by_mbit[spec.link_mbit]
-        link = Link(f"tbf {spec.link_mbit:g} Mbit/s", rate, latency, f"tc tbf cap, latency fitted on it; {host.source}")
-    elif spec.link_mbit is not None:
-        rate = spec.link_mbit * 1e6 / 8
-        latency = max(0.0, host.link_latency_us - link_burst_bytes / rate * 1e6)
-        link = Link(f"tbf {spec.link_mbit:g} Mbit/s", rate, latency, f"tc tbf cap; {host.source}")
+        fitted = host.link_latency_us_by_mbit.get(spec.link_mbit)
+        if fitted is not None:
+            latency, source = fitted, f"tc tbf cap, latency fitted on it; {host.source}"
+        else:
+            latency, source = (
+                max(0.0, host.link_latency_us - link_burst_bytes / rate * 1e6),
+                f"tc tbf cap; {host.source}",
+            )
+        link = Link(f"tbf {spec.link_mbit:g} Mbit/s", rate, latency, source)
     else:
         rate = mixes.uncapped_link_gb_per_s * 1e9
         link = Link("veth (uncapped)", rate, host.link_latency_us, f"mixes file; {host.source}")
