@@ -291,6 +291,13 @@ class HostCalibration:
     link_latency_us_by_mbit: dict[float, float] = field(default_factory=dict)
     """Link cap (Mbit/s) -> one-way exchange latency fitted on it (fit_link); mixes on other caps take
     link_latency_us less what the cap's token bucket passes at once."""
+    ffn_kernel_scale: float = 1.0
+    """Factor on the FFN nodes' start-up timings of their experts (fit_fanout): what an FFN node's CPU time per
+    layer says its kernels take, against what one start-up timing of one expert says. Below 1 where a layer's
+    experts cost less than that many separate timings (one fused call per layer, its fixed cost paid once)."""
+    ffn_points_us: tuple[tuple[float, float], ...] = ()
+    """(modelled expert kernels, measured CPU time) per layer of an FFN node, µs, one pair per calibration run
+    with a different FFN node count: what fit_fanout fits ffn_call_us and ffn_kernel_scale to."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -299,6 +306,7 @@ class HostCalibration:
             "ffn_call_us": round(self.ffn_call_us, 3),
             "link_latency_us": round(self.link_latency_us, 3),
             "shared_cpu_us_per_token": round(self.shared_cpu_s_per_token * 1e6, 3),
+            "ffn_kernel_scale": round(self.ffn_kernel_scale, 4),
             "link_latency_us_by_mbit": {
                 f"{cap:g}": round(us, 3) for cap, us in sorted(self.link_latency_us_by_mbit.items())
             },
@@ -368,6 +376,7 @@ def planner_mix(
         attention_call_us=host.attention_call_us + host.attention_call_per_ffn_node_us * spec.ffn.count,
         # an FFN node decodes and answers one frame per attention node per layer and microbatch
         ffn_call_us=host.ffn_call_us * spec.attention.count,
+        ffn_kernel_scale=host.ffn_kernel_scale,
     )
 
 
@@ -626,34 +635,66 @@ def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: M
         f"FFN node {busy_f:.3f} cores busy, router and client {shared_cores:.3f} cores at {output_tok_s:.1f} "
         "output tok/s"
     )
-    return HostCalibration(call_a, call_f, latency, source, shared_cpu_s_per_token=shared_per_token)
+    return HostCalibration(
+        call_a,
+        call_f,
+        latency,
+        source,
+        shared_cpu_s_per_token=shared_per_token,
+        ffn_points_us=((base.ffn_us / layers, cpu_f / layers),),
+    )
 
 
 def fit_fanout(
     host: HostCalibration, spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec
 ) -> HostCalibration:
     """`host` (fitted on 1 attention + 1 FFN node) split by the fanout calibration mix (1 attention + 2 FFN
-    nodes): the attention node's per-layer call cost is a + b x FFN nodes (one frame each), so b is the rise
-    from one FFN node to two and a what remains; the FFN node's per-frame cost is the mean of both mixes'.
+    nodes). The attention node's per-layer call cost is a + b x FFN nodes (one frame each), so b is the rise
+    from one FFN node to two and a what remains. An FFN node's CPU time per layer is ffn_call_us + s x its
+    modelled expert kernels (which halve with the experts it holds): the two runs give the two unknowns
+    (fit_ffn_line), so a per-frame cost that does not halve is not read as kernel time.
     """
     tpot_ms, busy_a, busy_f, base = _calibration_run(spec, measured, mixes, model, "fanout calibration mix")
     step_us, layers = tpot_ms * 1000.0, model.num_layers
     call_two = max(0.0, busy_a * step_us - base.attention_us) / layers  # a + 2b
     call_one = host.attention_call_us + host.attention_call_per_ffn_node_us  # a + b
     per_node = max(0.0, call_two - call_one)
-    ffn_two = max(0.0, busy_f * step_us - base.ffn_us) / layers
+    points = (*host.ffn_points_us, (base.ffn_us / layers, busy_f * step_us / layers))
+    ffn_call, scale = fit_ffn_line(points)
     source = (
         f"{host.source}; fanout mix {spec.name}: TPOT {tpot_ms:.3f} ms, attention node {busy_a:.3f} cores, "
         f"FFN nodes {busy_f:.3f} cores busy each"
     )
-    return HostCalibration(
+    return replace(
+        host,
         attention_call_us=max(0.0, call_one - per_node),
-        ffn_call_us=(host.ffn_call_us + ffn_two) / 2,
-        link_latency_us=host.link_latency_us,
+        ffn_call_us=ffn_call,
         source=source,
         attention_call_per_ffn_node_us=per_node,
-        shared_cpu_s_per_token=host.shared_cpu_s_per_token,
+        ffn_kernel_scale=scale,
+        ffn_points_us=points,
     )
+
+
+def fit_ffn_line(points: tuple[tuple[float, float], ...]) -> tuple[float, float]:
+    """(call, scale) of measured = call + scale x kernel over (kernel, measured) points, least squares, both
+    >= 0 (a cost is not negative): scale 0 where the CPU time does not fall with the kernels (call = the mean),
+    call 0 where the line would cross below it (scale through the origin). One point: scale 1, call the rest."""
+    if not points:
+        return 0.0, 1.0
+    n = len(points)
+    mean_k = sum(k for k, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((k - mean_k) ** 2 for k, _ in points)
+    if n < 2 or spread <= 1e-12 * max(mean_k * mean_k, 1e-300):
+        return max(0.0, mean_y - mean_k), 1.0
+    scale = sum((k - mean_k) * (y - mean_y) for k, y in points) / spread
+    if scale <= 0:
+        return max(0.0, mean_y), 0.0
+    call = mean_y - scale * mean_k
+    if call < 0:
+        return 0.0, sum(k * y for k, y in points) / sum(k * k for k, _ in points)
+    return call, scale
 
 
 def link_calibration_mixes(mixes: MixesFile) -> list[MixSpec]:
@@ -918,7 +959,8 @@ def markdown_report(result: Mapping[str, Any], plots: list[Path], report_path: P
         f"batch slot of {w['input_len']} "
         f"prompt and {w['output_len']} output tokens after a warm-up. Host calibration used by every "
         f"prediction: attention {h['attention_call_us']:.1f} us and FFN {h['ffn_call_us']:.1f} us per layer "
-        f"call beyond the kernels, link latency {h['link_latency_us']:.1f} us one way{_capped_latencies(h)} "
+        f"call beyond the kernels, the FFN kernels at {h.get('ffn_kernel_scale', 1.0):.2f}x their start-up timing, "
+        f"link latency {h['link_latency_us']:.1f} us one way{_capped_latencies(h)} "
         f"({h['source']}).",
         "",
         "| " + " | ".join(HEADERS) + " |",

@@ -158,6 +158,10 @@ class Mix:
     ffn_call_us: float = 0.0
     """The same on an FFN node (frame decoding, batching, the reply), µs per layer and microbatch; added to
     T_f (k4)."""
+    ffn_kernel_scale: float = 1.0
+    """Factor on the FFN node's expert and dense kernel terms (k3 and the weight reads) beyond what its fitted
+    efficiency says: where a host's runs show that a layer's kernels cost a share of the per-expert start-up
+    timings they were scaled from (benchmarks/mix.py fit_fanout); 0 leaves the FFN node its call cost alone."""
 
     def __post_init__(self) -> None:
         for name in ("attention_count", "ffn_count", "microbatches", "batch_per_attention_node"):
@@ -167,6 +171,8 @@ class Mix:
             raise ConfigError(f"Mix.context_len must be >= 1, got {self.context_len}")
         if self.attention_call_us < 0 or self.ffn_call_us < 0:
             raise ConfigError("Mix.attention_call_us and Mix.ffn_call_us must be >= 0")
+        if not self.ffn_kernel_scale >= 0:
+            raise ConfigError(f"Mix.ffn_kernel_scale must be >= 0, got {self.ffn_kernel_scale}")
         if self.shared_cores is not None and not self.shared_cores > 0:
             raise ConfigError(f"Mix.shared_cores must be > 0 when set, got {self.shared_cores}")
         if not 0 < self.memory_utilization <= 1:
@@ -450,7 +456,7 @@ class CostModel:
             if c.shared_params:
                 t_f += eff_f.variable * n_a * t_mb * 2.0 * c.shared_params / n_f / fl_f
                 t_f += eff_f.fixed * c.shared_params / n_f * wb / bw_f
-            t_f = t_f * 1e6 + mix.ffn_call_us
+            t_f = t_f * mix.ffn_kernel_scale * 1e6 + mix.ffn_call_us
             # distinct FFN nodes a token goes to: all of them where a dense/shared slice lives on each
             fanout = n_f if c.shared_params else n_f * (1.0 - (1.0 - 1.0 / n_f) ** c.top_k)
             # Each leg is paced by the busier end of it: the attention node sends (and receives) its tokens'

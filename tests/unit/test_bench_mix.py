@@ -26,6 +26,7 @@ from benchmarks.mix import (
     MixSpec,
     RunningMix,
     fit_fanout,
+    fit_ffn_line,
     fit_host,
     load_mixes,
     markdown_report,
@@ -410,7 +411,29 @@ def test_the_fanout_calibration_splits_the_attention_call_cost_by_ffn_nodes(tmp_
     c2 = (6000 - base_two.attention_us) / 4  # a + 2b: two
     assert host.attention_call_per_ffn_node_us == pytest.approx(c2 - c1)
     assert host.attention_call_us == pytest.approx(2 * c1 - c2)
-    ffn_one, ffn_two = (4500 - base_one.ffn_us) / 4, (4000 - base_two.ffn_us) / 4
-    assert host.ffn_call_us == pytest.approx((ffn_one + ffn_two) / 2)
+    # an FFN node's CPU time per layer, call + scale x kernels, through both runs' points (1125 and 1000 µs)
+    k_one, k_two = base_one.ffn_us / 4, base_two.ffn_us / 4
+    assert k_two < k_one  # two nodes hold half the experts each
+    scale = (1125 - 1000) / (k_one - k_two)
+    assert host.ffn_kernel_scale == pytest.approx(scale)
+    assert host.ffn_call_us == pytest.approx(1125 - scale * k_one)
+    assert host.ffn_call_us + scale * k_two == pytest.approx(1000)
+    # so the planner predicts each calibration run's FFN CPU time per layer as measured
+    for calibration, per_layer in ((mixes.calibration_mix, 1125), (mixes.fanout_calibration_mix, 1000)):
+        again = predict(spec, planner_mix(calibration, mixes, spec, VIEW, host))
+        assert again.ffn_us / 4 == pytest.approx(per_layer)
     # the planner's Mix takes a + b x FFN nodes
     assert planner_mix(MixSpec.model_validate(MIX), mixes, spec, VIEW, host).attention_call_us == pytest.approx(c2)
+
+
+def test_the_ffn_line_fit_keeps_both_costs_non_negative():
+    assert fit_ffn_line(()) == (0.0, 1.0)
+    assert fit_ffn_line(((300.0, 1000.0),)) == (700.0, 1.0)  # one run: the start-up timings as they are
+    assert fit_ffn_line(((300.0, 200.0),)) == (0.0, 1.0)
+    call, scale = fit_ffn_line(((300.0, 1000.0), (150.0, 925.0)))  # exact through both
+    assert (call, scale) == (pytest.approx(850.0), pytest.approx(0.5))
+    # the CPU time rises as the kernels halve: none of it is the kernels'
+    assert fit_ffn_line(((300.0, 1000.0), (150.0, 1100.0))) == (pytest.approx(1050.0), 0.0)
+    # the line would cross below zero: through the origin instead
+    call, scale = fit_ffn_line(((300.0, 900.0), (150.0, 300.0)))
+    assert call == 0.0 and scale == pytest.approx((300 * 900 + 150 * 300) / (300**2 + 150**2))

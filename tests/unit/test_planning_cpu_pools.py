@@ -57,6 +57,13 @@ def test_call_costs_add_to_each_side_and_count_under_the_quota():
     assert _predict(attention_call_us=7.0, attention_quota=CpuQuota(0.1)).tpot_ms == pytest.approx(0.300)
 
 
+def test_the_ffn_kernel_scale_multiplies_the_kernels_not_the_call_cost():
+    # T_f = 24 us of kernels: at 0.25 x, 6 us, plus the 6 us call: 12 us; at 0 the call alone
+    assert _predict(ffn_call_us=6.0, ffn_kernel_scale=0.25).ffn_us == pytest.approx(12.0)
+    assert _predict(ffn_call_us=6.0, ffn_kernel_scale=0.0).ffn_us == pytest.approx(6.0)
+    assert _predict(ffn_kernel_scale=1.0).ffn_us == pytest.approx(24.0)
+
+
 def test_bad_quota_and_call_costs_are_refused():
     with pytest.raises(ConfigError, match="cores > 0"):
         CpuQuota(cores=0.0)
@@ -64,3 +71,5 @@ def test_bad_quota_and_call_costs_are_refused():
         CpuQuota(cores=1.0, threads=0)
     with pytest.raises(ConfigError, match="attention_call_us"):
         Mix("x", 1, "x", 1, 1, 1, attention_call_us=-1.0)
+    with pytest.raises(ConfigError, match="ffn_kernel_scale must be >= 0"):
+        Mix("x", 1, "x", 1, 1, 1, ffn_kernel_scale=-0.5)
