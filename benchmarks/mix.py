@@ -178,6 +178,10 @@ class MixesFile(_Model):
     predict the mixes on that cap with the exchange latency fitted there (fit_link) instead of the uncapped
     one: an exchange over a slow cap takes longer than its bytes / rate by more than the uncapped latency
     (the stack's headers, gRPC's framing and control frames, each packet's wait in the bucket)."""
+    recheck_calibration: bool = True
+    """With a calibration mix: run it once more after the mixes (`calibration.recheck_run`), and report its
+    decode tok/s against the first run's (`summary.calibration_drift_decode_tok_s`): how far this host moved
+    while the mixes ran, which prediction errors of that size cannot be told from."""
     mixes: list[MixSpec] = Field(min_length=1)
     """The mixes, run in this order."""
 
@@ -775,7 +779,8 @@ def run_mixes(
         reference = mixes.calibration_mix
         fanout = mixes.fanout_calibration_mix if reference is not None else None
         links = link_calibration_mixes(mixes)
-        calibrations = (reference is not None) + (fanout is not None) + len(links)
+        recheck = reference if reference is not None and mixes.recheck_calibration else None
+        calibrations = (reference is not None) + (fanout is not None) + len(links) + (recheck is not None)
         task = bar.add_task("mixes", total=len(mixes.mixes) + calibrations)
         host = file_host_calibration(mixes)
         calibration: dict[str, Any] | None = None
@@ -820,6 +825,23 @@ def run_mixes(
             except AfdError as error:
                 failed.append({"mix": spec.name, "error": str(error)})
             bar.advance(task)
+        drift = None
+        if recheck is not None and calibration is not None:
+
+            def rechecking(text: str) -> None:
+                bar.update(task, description=f"calibration {recheck.name} again: {text}")
+
+            try:
+                again = predict_row(
+                    recheck, measure_mix(recheck, mixes, model_dir, launch, rechecking), mixes, model, host
+                )
+            except AfdError as error:
+                failed.append({"mix": f"{recheck.name} (recheck)", "error": str(error)})
+            else:
+                calibration["recheck_run"] = again
+                first = calibration["run"]["measured"]["decode_tok_s"]
+                drift = relative_error(again["measured"]["decode_tok_s"], first)
+            bar.advance(task)
     return {
         "version": RESULT_VERSION,
         "date": date,
@@ -831,7 +853,7 @@ def run_mixes(
         "host_calibration": host.to_dict(),
         "mixes": rows,
         "failed_mixes": failed,
-        "summary": summary(rows),
+        "summary": {**summary(rows), "calibration_drift_decode_tok_s": drift},
     }
 
 
@@ -974,6 +996,8 @@ def markdown_report(result: Mapping[str, Any], plots: list[Path], report_path: P
         f"{s['planner_top_mix']}, the best measured {s['best_measured_mix']}; the top mix measured "
         f"{_fmt(s['top_mix_measured_vs_best'], percent=True)} against the best.",
     ]
+    if (drift_line := _drift_line(s)) is not None:
+        lines += ["", drift_line]
     if result["failed_mixes"]:
         lines += ["", "Failed mixes:", *(f"- {f['mix']}: {f['error']}" for f in result["failed_mixes"])]
     for plot in plots:
@@ -985,6 +1009,16 @@ def markdown_report(result: Mapping[str, Any], plots: list[Path], report_path: P
     return "\n".join(lines) + "\n"
 
 
+def _drift_line(summary: Mapping[str, Any]) -> str | None:
+    drift = summary.get("calibration_drift_decode_tok_s")
+    if drift is None:
+        return None
+    return (
+        f"The calibration mix, run again after the mixes, measured {_fmt(drift, percent=True)} decode tok/s "
+        "against its first run: this host's drift over the run, which errors of that size cannot be told from."
+    )
+
+
 def print_table(console: Console, result: Mapping[str, Any]) -> None:
     table = Table(title="afd bench mix")
     for header in HEADERS:
@@ -994,6 +1028,8 @@ def print_table(console: Console, result: Mapping[str, Any]) -> None:
     for row in table_rows(result):
         table.add_row(*row)
     console.print(table)
+    if (drift_line := _drift_line(result["summary"])) is not None:
+        console.print(drift_line)
     for failure in result["failed_mixes"]:
         console.print(f"[red]mix {failure['mix']} failed:[/red] {failure['error']}")
 

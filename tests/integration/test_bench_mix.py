@@ -61,6 +61,7 @@ def test_two_mixes_run_measured_and_predicted_and_leave_nothing_behind(tmp_path)
     assert result["failed_mixes"] == []
     assert result["calibration"]["run"]["completed"] > 0
     assert "link_runs" not in result["calibration"]  # the smoke file turns the per-cap calibration off
+    assert "recheck_run" not in result["calibration"]  # and the run after the mixes
     for row, (attention, ffn) in zip(result["mixes"], [(1, 1), (1, 2)], strict=True):
         assert row["completed"] == row["num_prompts"] and row["failed"] == 0
         assert (row["attention"]["count"], row["ffn"]["count"]) == (attention, ffn)

@@ -251,8 +251,10 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     mixes = load_mixes(_write(tmp_path, data))
     host = FakeHost()
     result = json.loads(json.dumps(run_mixes(mixes, host.launch)))  # JSON-clean
-    # the calibration mix ran once more on the mixes' 100 Mbit/s cap before them
-    assert host.launched == ["calibration", "calibration-fanout", "calibration-link-100m", "a1f2", "a1f2-m2"]
+    # the calibration mix ran once more on the mixes' 100 Mbit/s cap before them, and again after them
+    assert host.launched == [
+        "calibration", "calibration-fanout", "calibration-link-100m", "a1f2", "a1f2-m2", "calibration"
+    ]  # fmt: skip
     assert host.open == 0
     assert result["version"] == 1 and result["failed_mixes"] == []
     serve_fields = set(_serve_result(ServeBenchmarkConfig(base_url="http://x", num_prompts=2)))
@@ -295,6 +297,8 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     summary = result["summary"]
     assert summary["mixes"] == 2 and summary["planner_top_mix"] in ("a1f2", "a1f2-m2")
     assert summary["best_measured_mix"] in ("a1f2", "a1f2-m2")
+    assert result["calibration"]["recheck_run"]["mix"] == "calibration"
+    assert summary["calibration_drift_decode_tok_s"] == pytest.approx(0.0)  # the fake host does not drift
 
     plots = write_plots(result, tmp_path / "plots")
     assert [p.name for p in plots] == ["measured_vs_predicted.png", "pareto.png"]
@@ -306,8 +310,37 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     assert f"{on_cap:.1f} us on the 100 Mbit/s cap" in report
 
     host = FakeHost()
-    run_mixes(load_mixes(_write(tmp_path, {**data, "link_calibration": False})), host.launch)
+    off = run_mixes(
+        load_mixes(_write(tmp_path, {**data, "link_calibration": False, "recheck_calibration": False})), host.launch
+    )
     assert host.launched == ["calibration", "calibration-fanout", "a1f2", "a1f2-m2"]
+    assert "recheck_run" not in off["calibration"] and off["summary"]["calibration_drift_decode_tok_s"] is None
+
+
+def test_the_calibration_mix_run_again_after_the_mixes_says_how_far_the_host_drifted(
+    tmp_path, fake_serving, monkeypatch
+):
+    _model_dir(tmp_path)
+    host = FakeHost()
+
+    def slower_at_the_end(config: ServeBenchmarkConfig) -> dict[str, Any]:
+        result = _serve_result(config)
+        if host.launched.count("calibration") == 2:  # the recheck: TPOT 12.5 ms instead of 10
+            result["mean_tpot_ms"] = 12.5
+        return result
+
+    monkeypatch.setattr(bench_mix, "run_serve_benchmark", slower_at_the_end)
+    data = {"model": "model", "mixes": [MIX], "link_calibration": False}
+    result = run_mixes(load_mixes(_write(tmp_path, data)), host.launch)
+    assert host.launched == ["calibration", "calibration-fanout", "a1f2", "calibration"]
+    assert result["calibration"]["run"]["measured"]["tpot_ms"] == pytest.approx(10.0)
+    assert result["calibration"]["recheck_run"]["measured"]["tpot_ms"] == pytest.approx(12.5)
+    # the host calibration rests on the first run only
+    assert result["host_calibration"] == result["calibration"]["fitted"]
+    drift = result["summary"]["calibration_drift_decode_tok_s"]
+    assert drift == pytest.approx(10.0 / 12.5 - 1.0)  # decode tok/s = concurrency / TPOT: 20 % fewer
+    report = markdown_report(result, [], tmp_path / "report.md")
+    assert "run again after the mixes, measured -20.0 % decode tok/s against its first run" in report
 
 
 def test_the_calibration_fit_is_the_stated_arithmetic(tmp_path, fake_serving):
