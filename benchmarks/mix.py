@@ -869,6 +869,11 @@ def _pool_label(pool: Mapping[str, Any]) -> str:
     return f"{pool['count']} x {cpu:g} cpu/{pool['threads']}t" if cpu else f"{pool['count']} x cpu/{pool['threads']}t"
 
 
+def _spread(runs: list[float]) -> str:
+    """The slowest timed run of a mix against its fastest: what this host's noise does to one mix."""
+    return _fmt(max(runs) / min(runs) - 1.0, percent=True, digits=0) if len(runs) > 1 and min(runs) > 0 else "-"
+
+
 def table_rows(result: Mapping[str, Any]) -> list[list[str]]:
     """The report's table: one row per mix."""
     rows = []
@@ -890,6 +895,7 @@ def table_rows(result: Mapping[str, Any]) -> list[list[str]]:
                 _fmt(m["output_throughput"]),
                 _fmt(p["tpot_ms"], 2),
                 _fmt(m["tpot_ms"], 2),
+                _spread(m.get("runs_tpot_ms") or []),
                 _fmt(m["ttft_ms"], 0),
                 " / ".join(_fmt(busy.get(role, {}).get("mean_cores"), 2) for role in ROLES),
                 _exchange_label(m.get("exchange")),
@@ -910,7 +916,7 @@ def _exchange_label(exchange: Mapping[str, Any] | None) -> str:
 
 HEADERS = [
     "mix", "attention", "FFN", "m", "wire", "link Mbit/s", "batch/attn", "pred tok/s", "meas tok/s", "error",
-    "vLLM output tok/s", "pred TPOT ms", "meas TPOT ms", "TTFT ms", "busy cores A / F",
+    "vLLM output tok/s", "pred TPOT ms", "meas TPOT ms", "runs' TPOT spread", "TTFT ms", "busy cores A / F",
     "wait / round trip ms per exchange", "predicted exposed",
 ]  # fmt: skip
 

@@ -306,6 +306,7 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
     report = markdown_report(result, plots, tmp_path / "report.md")
     assert "| a1f2 | 1 x 1 cpu/1t | 2 x 0.5 cpu/1t | 1 | auto | 100 | 2 |" in report
     assert "| 0.50 / 2.00 (75% hidden) |" in report
+    assert "| 10.00 | +0 % |" in report  # measured TPOT, then its three runs' spread (the fake host's are equal)
     assert "](plots/pareto.png)" in report and "Within 15 %" in report
     assert f"{on_cap:.1f} us on the 100 Mbit/s cap" in report
 
@@ -341,6 +342,7 @@ def test_the_calibration_mix_run_again_after_the_mixes_says_how_far_the_host_dri
     assert drift == pytest.approx(10.0 / 12.5 - 1.0)  # decode tok/s = concurrency / TPOT: 20 % fewer
     report = markdown_report(result, [], tmp_path / "report.md")
     assert "run again after the mixes, measured -20.0 % decode tok/s against its first run" in report
+    assert bench_mix._spread([10.0, 12.5, 11.0]) == "+25 %" and bench_mix._spread([10.0]) == "-"
 
 
 def test_the_calibration_fit_is_the_stated_arithmetic(tmp_path, fake_serving):
