@@ -178,10 +178,14 @@ class MixesFile(_Model):
     predict the mixes on that cap with the exchange latency fitted there (fit_link) instead of the uncapped
     one: an exchange over a slow cap takes longer than its bytes / rate by more than the uncapped latency
     (the stack's headers, gRPC's framing and control frames, each packet's wait in the bucket)."""
+    rounds: int = Field(default=1, ge=1, le=10)
+    """Times the whole list (calibration mixes first, then the mixes) is run, each mix brought up afresh every
+    round; a mix keeps its best round. Above 1 a busy spell of the host's other tenants slows one round of
+    every mix instead of all runs of the mixes it falls on (the sides alternate)."""
     recheck_calibration: bool = True
     """With a calibration mix: run it once more after the mixes (`calibration.recheck_run`), and report its
-    decode tok/s against the first run's (`summary.calibration_drift_decode_tok_s`): how far this host moved
-    while the mixes ran, which prediction errors of that size cannot be told from."""
+    decode tok/s against the run the fit rests on (`summary.calibration_drift_decode_tok_s`): how far this host
+    moved while the mixes ran, which prediction errors of that size cannot be told from."""
     mixes: list[MixSpec] = Field(min_length=1)
     """The mixes, run in this order."""
 
@@ -765,83 +769,87 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _best_round(rounds: list[MixMeasurement]) -> MixMeasurement:
+    """The round with the fastest timed run, carrying every round's runs' TPOTs (the spread over the rounds)."""
+    best = min(rounds, key=lambda r: min(r.runs_tpot_ms, default=math.inf))
+    return replace(best, runs_tpot_ms=tuple(t for r in rounds for t in r.runs_tpot_ms))
+
+
 def run_mixes(
     mixes: MixesFile, launch: Launcher, show_progress: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
-    """Every mix in order; the result document (rows in `mixes`, failures in `failed_mixes`)."""
+    """Every mix in order, `mixes.rounds` times; the result document (rows in `mixes`, failures in
+    `failed_mixes`)."""
     model_dir = Path(mixes.model) if mixes.model else builtin_model_dir()
     model = ModelSpec.from_pretrained(model_dir)
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     date = datetime.now().strftime("%Y%m%d-%H%M%S")
+    reference = mixes.calibration_mix
+    fanout = mixes.fanout_calibration_mix if reference is not None else None
+    links = link_calibration_mixes(mixes)
+    calibrations = [c for c in (reference, fanout, *links) if c is not None]
+    recheck = reference if reference is not None and mixes.recheck_calibration else None
+    measured: dict[str, list[MixMeasurement]] = {spec.name: [] for spec in (*calibrations, *mixes.mixes)}
+    errors: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console or Console(stderr=True), disable=not show_progress) as bar:
-        reference = mixes.calibration_mix
-        fanout = mixes.fanout_calibration_mix if reference is not None else None
-        links = link_calibration_mixes(mixes)
-        recheck = reference if reference is not None and mixes.recheck_calibration else None
-        calibrations = (reference is not None) + (fanout is not None) + len(links) + (recheck is not None)
-        task = bar.add_task("mixes", total=len(mixes.mixes) + calibrations)
-        host = file_host_calibration(mixes)
-        calibration: dict[str, Any] | None = None
-        if reference is not None:  # a failed calibration fails the run: every prediction rests on it
+        total = mixes.rounds * (len(calibrations) + len(mixes.mixes)) + (recheck is not None)
+        task = bar.add_task("mixes", total=total)
 
-            def calibrating(text: str) -> None:
-                bar.update(task, description=f"calibration {reference.name}: {text}")
-
-            measured = measure_mix(reference, mixes, model_dir, launch, calibrating)
-            host = fit_host(reference, measured, mixes, model)
-            bar.advance(task)
-            fanout_measured = None
-            if fanout is not None:
-
-                def fanning(text: str) -> None:
-                    bar.update(task, description=f"calibration {fanout.name}: {text}")
-
-                fanout_measured = measure_mix(fanout, mixes, model_dir, launch, fanning)
-                host = fit_fanout(host, fanout, fanout_measured, mixes, model)
-                bar.advance(task)
-            link_measured = []
-            for link_spec in links:
-
-                def linking(text: str, name: str = link_spec.name) -> None:
-                    bar.update(task, description=f"calibration {name}: {text}")
-
-                link_measured.append((link_spec, measure_mix(link_spec, mixes, model_dir, launch, linking)))
-                host = fit_link(host, link_spec, link_measured[-1][1], mixes, model)
-                bar.advance(task)
-            calibration = {"fitted": host.to_dict(), "run": predict_row(reference, measured, mixes, model, host)}
-            if fanout is not None and fanout_measured is not None:
-                calibration["fanout_run"] = predict_row(fanout, fanout_measured, mixes, model, host)
-            if link_measured:
-                calibration["link_runs"] = [predict_row(s, m, mixes, model, host) for s, m in link_measured]
-        for spec in mixes.mixes:
-
-            def phase(text: str, name: str = spec.name) -> None:
-                bar.update(task, description=f"{name}: {text}")
+        def measure(spec: MixSpec, label: str) -> MixMeasurement:
+            def phase(text: str) -> None:
+                bar.update(task, description=f"{label}: {text}")
 
             try:
-                rows.append(predict_row(spec, measure_mix(spec, mixes, model_dir, launch, phase), mixes, model, host))
-            except AfdError as error:
-                failed.append({"mix": spec.name, "error": str(error)})
-            bar.advance(task)
-        drift = None
-        if recheck is not None and calibration is not None:
+                return measure_mix(spec, mixes, model_dir, launch, phase)
+            finally:
+                bar.advance(task)
 
-            def rechecking(text: str) -> None:
-                bar.update(task, description=f"calibration {recheck.name} again: {text}")
-
+        for round_ in range(mixes.rounds):
+            suffix = f" (round {round_ + 1}/{mixes.rounds})" if mixes.rounds > 1 else ""
+            # a failed calibration fails the run: every prediction rests on it
+            for spec in calibrations:
+                measured[spec.name].append(measure(spec, f"calibration {spec.name}{suffix}"))
+            for spec in mixes.mixes:
+                try:
+                    measured[spec.name].append(measure(spec, f"{spec.name}{suffix}"))
+                except AfdError as error:
+                    errors[spec.name] = str(error)
+        again = None
+        if recheck is not None:
             try:
-                again = predict_row(
-                    recheck, measure_mix(recheck, mixes, model_dir, launch, rechecking), mixes, model, host
-                )
+                again = measure(recheck, f"calibration {recheck.name} again")
             except AfdError as error:
                 failed.append({"mix": f"{recheck.name} (recheck)", "error": str(error)})
-            else:
-                calibration["recheck_run"] = again
-                first = calibration["run"]["measured"]["decode_tok_s"]
-                drift = relative_error(again["measured"]["decode_tok_s"], first)
-            bar.advance(task)
+    best = {name: _best_round(rounds) for name, rounds in measured.items() if rounds}
+
+    host = file_host_calibration(mixes)
+    calibration: dict[str, Any] | None = None
+    drift = None
+    if reference is not None:
+        host = fit_host(reference, best[reference.name], mixes, model)
+        if fanout is not None:
+            host = fit_fanout(host, fanout, best[fanout.name], mixes, model)
+        for link_spec in links:
+            host = fit_link(host, link_spec, best[link_spec.name], mixes, model)
+        calibration = {
+            "fitted": host.to_dict(),
+            "run": predict_row(reference, best[reference.name], mixes, model, host),
+        }
+        if fanout is not None:
+            calibration["fanout_run"] = predict_row(fanout, best[fanout.name], mixes, model, host)
+        if links:
+            calibration["link_runs"] = [predict_row(s, best[s.name], mixes, model, host) for s in links]
+        if recheck is not None and again is not None:
+            calibration["recheck_run"] = predict_row(recheck, again, mixes, model, host)
+            first = calibration["run"]["measured"]["decode_tok_s"]
+            drift = relative_error(calibration["recheck_run"]["measured"]["decode_tok_s"], first)
+    for spec in mixes.mixes:
+        if spec.name in best:
+            rows.append(predict_row(spec, best[spec.name], mixes, model, host))
+        else:
+            failed.append({"mix": spec.name, "error": errors[spec.name]})
     return {
         "version": RESULT_VERSION,
         "date": date,
@@ -1021,7 +1029,8 @@ def _drift_line(summary: Mapping[str, Any]) -> str | None:
         return None
     return (
         f"The calibration mix, run again after the mixes, measured {_fmt(drift, percent=True)} decode tok/s "
-        "against its first run: this host's drift over the run, which errors of that size cannot be told from."
+        "against the run the fit rests on: this host's drift over the run, which errors of that size cannot be "
+        "told from."
     )
 
 
