@@ -26,6 +26,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -182,6 +183,12 @@ class MixesFile(_Model):
     """Times the whole list (calibration mixes first, then the mixes) is run, each mix brought up afresh every
     round; a mix keeps its best round. Above 1 a busy spell of the host's other tenants slows one round of
     every mix instead of all runs of the mixes it falls on (the sides alternate)."""
+    pool_profiles: bool = True
+    """Predict every mix from the median start-up profile of its nodes' role and thread count over every launch
+    of the run (calibration mixes and rounds included), not from the profile its own nodes took at start: one
+    start-up timing moves by half or more between launches on a shared host (`afd status`'s measured µs),
+    while the per-call costs were fitted against the calibration's; the nodes' own stay in the result
+    (`measured_us_at_start`)."""
     recheck_calibration: bool = True
     """With a calibration mix: run it once more after the mixes (`calibration.recheck_run`), and report its
     decode tok/s against the run the fit rests on (`summary.calibration_drift_decode_tok_s`): how far this host
@@ -457,8 +464,54 @@ def _pool_json(pool: PoolSpec, view: Mapping[str, Any], role: str) -> dict[str, 
         "threads": pool.threads,
         "device_kind": sorted({str(n.get("device_kind")) for n in nodes}),
         "addresses": sorted(str(n.get("address")) for n in nodes),
-        "measured_us": [n.get("measured_us") for n in nodes],  # each node's start-up profile, as the router has it
+        "measured_us": [n.get("measured_us") for n in nodes],  # what the prediction used (MixesFile.pool_profiles)
+        # each node's own start-up profile, as the router has it
+        "measured_us_at_start": [n.get("measured_us_at_start", n.get("measured_us")) for n in nodes],
     }
+
+
+ProfileKey = tuple[str, int, int]  # role, the pool's threads, the profile's context length
+
+
+def _profile_key(spec: MixSpec, node: Mapping[str, Any]) -> ProfileKey | None:
+    role = node.get("role")
+    pool = spec.attention if role == "attention" else spec.ffn if role == "ffn" else None
+    measured = node.get("measured_us") or {}
+    if pool is None or not measured:
+        return None
+    return str(role), pool.threads, int(measured.get("at_context_len") or 0)
+
+
+def pooled_profiles(launches: list[tuple[MixSpec, MixMeasurement]]) -> dict[ProfileKey, dict[str, float]]:
+    """(role, threads, context) -> the median of each figure of every node's start-up profile of that key over
+    `launches` (MixesFile.pool_profiles)."""
+    samples: dict[ProfileKey, dict[str, list[float]]] = {}
+    for spec, measured in launches:
+        for node in measured.view.get("nodes", []):
+            key = _profile_key(spec, node)
+            if key is None:
+                continue
+            for name, value in node["measured_us"].items():
+                if name != "at_context_len" and isinstance(value, int | float) and value > 0:
+                    samples.setdefault(key, {}).setdefault(name, []).append(float(value))
+    return {key: {name: statistics.median(v) for name, v in figures.items()} for key, figures in samples.items()}
+
+
+def with_pooled_profiles(
+    spec: MixSpec, measured: MixMeasurement, pooled: Mapping[ProfileKey, Mapping[str, float]]
+) -> MixMeasurement:
+    """`measured` with each node's profile replaced by the pooled one of its key (its own kept beside it)."""
+    nodes = []
+    for node in measured.view.get("nodes", []):
+        key = _profile_key(spec, node)
+        if key is not None and key in pooled:
+            node = {
+                **node,
+                "measured_us_at_start": node["measured_us"],
+                "measured_us": {**node["measured_us"], **pooled[key]},
+            }
+        nodes.append(node)
+    return replace(measured, view={**measured.view, "nodes": nodes})
 
 
 def mix_row(
@@ -823,6 +876,14 @@ def run_mixes(
             except AfdError as error:
                 failed.append({"mix": f"{recheck.name} (recheck)", "error": str(error)})
     best = {name: _best_round(rounds) for name, rounds in measured.items() if rounds}
+    if mixes.pool_profiles:
+        specs = {spec.name: spec for spec in (*calibrations, *mixes.mixes)}
+        launches = [(specs[name], m) for name, rounds in measured.items() for m in rounds]
+        launches += [(recheck, again)] if recheck is not None and again is not None else []
+        pooled = pooled_profiles(launches)
+        best = {name: with_pooled_profiles(specs[name], m, pooled) for name, m in best.items()}
+        if recheck is not None and again is not None:
+            again = with_pooled_profiles(recheck, again, pooled)
 
     host = file_host_calibration(mixes)
     calibration: dict[str, Any] | None = None

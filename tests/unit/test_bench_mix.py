@@ -264,7 +264,8 @@ def test_result_json_is_a_superset_of_bench_serve_with_the_mix_prediction_and_er
         assert row["num_prompts"] == 3 * 2  # requests_per_slot x concurrency
         assert row["attention"] == {"kind": "cpu", "count": 1, "cpu_limit_cores": 1.0, "threads": 1,
                                     "device_kind": ["cpu (1 threads)"], "addresses": ["None"],
-                                    "measured_us": [{"per_token": 30.0, "at_context_len": 128}]}  # fmt: skip
+                                    "measured_us": [{"per_token": 30.0, "at_context_len": 128}],
+                                    "measured_us_at_start": [{"per_token": 30.0, "at_context_len": 128}]}  # fmt: skip
         assert row["ffn"]["count"] == 2 and row["ffn"]["cpu_limit_cores"] == 0.5
         assert row["af_ratio"] == "1:2" and row["accelerators"] == 3 and row["link_mbit"] == 100
         measured = row["measured"]
@@ -501,3 +502,36 @@ def test_rounds_run_the_whole_list_again_and_each_mix_keeps_its_best_round(tmp_p
     assert result["failed_mixes"] == [{"mix": "other", "error": "mix other: every request failed; first error: boom"}]
     with pytest.raises(ConfigError, match="rounds: Input should be greater than or equal to 1"):
         load_mixes(_write(tmp_path, {**data, "rounds": 0}))
+
+
+def test_every_mix_is_predicted_from_the_runs_median_profile_of_its_role_and_threads(tmp_path, fake_serving):
+    _model_dir(tmp_path)
+    two_threads = {**MIX, "name": "a1-2t", "attention": {"count": 1, "cpu": 2.0, "threads": 2}}
+    data = {"model": "model", "mixes": [MIX, two_threads], "link_calibration": False}
+
+    class NoisyStarts(FakeHost):
+        """Each launch's attention node profiles at a different per-token figure (a shared host's start-up)."""
+
+        @contextmanager
+        def launch(self, model_dir: Path, spec: MixSpec) -> Iterator[RunningMix]:
+            with super().launch(model_dir, spec) as running:
+                per_token = {"calibration": 20.0, "calibration-fanout": 60.0, "a1f2": 30.0, "a1-2t": 15.0}
+                if self.launched.count("calibration") == 2:  # the recheck
+                    per_token["calibration"] = 40.0
+                nodes = [dict(n) for n in VIEW["nodes"]]
+                nodes[1]["measured_us"] = {"per_token": per_token[spec.name], "at_context_len": 128}
+                yield replace(running, cluster_view=lambda: {"nodes": nodes})
+
+    result = run_mixes(load_mixes(_write(tmp_path, data)), NoisyStarts().launch)
+    rows = {r["mix"]: r for r in result["mixes"]}
+    # 1-thread attention nodes: launches at 20, 60, 30 and 40 us per token -> 35; the 2-thread pool only its own
+    assert rows["a1f2"]["attention"]["measured_us"] == [{"per_token": 35.0, "at_context_len": 128}]
+    assert rows["a1f2"]["attention"]["measured_us_at_start"] == [{"per_token": 30.0, "at_context_len": 128}]
+    assert rows["a1-2t"]["attention"]["measured_us"] == [{"per_token": 15.0, "at_context_len": 128}]
+    assert result["calibration"]["run"]["attention"]["measured_us"] == [{"per_token": 35.0, "at_context_len": 128}]
+    # FFN nodes: 5 and 6 us per token-expert pair at every launch -> 5.5 for each
+    assert rows["a1f2"]["ffn"]["measured_us"] == [{"per_token_expert": 5.5}, {"per_token_expert": 5.5}]
+
+    own = run_mixes(load_mixes(_write(tmp_path, {**data, "pool_profiles": False})), NoisyStarts().launch)
+    assert own["mixes"][0]["attention"]["measured_us"] == [{"per_token": 30.0, "at_context_len": 128}]
+    assert own["mixes"][0]["predicted"]["decode_tok_s"] != rows["a1f2"]["predicted"]["decode_tok_s"]
