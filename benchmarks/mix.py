@@ -844,7 +844,7 @@ def run_mixes(
     calibrations = [c for c in (reference, fanout, *links) if c is not None]
     recheck = reference if reference is not None and mixes.recheck_calibration else None
     measured: dict[str, list[MixMeasurement]] = {spec.name: [] for spec in (*calibrations, *mixes.mixes)}
-    errors: dict[str, str] = {}
+    errors: dict[str, list[dict[str, Any]]] = {}  # mix -> the rounds it failed in, with the error
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console or Console(stderr=True), disable=not show_progress) as bar:
         total = mixes.rounds * (len(calibrations) + len(mixes.mixes)) + (recheck is not None)
@@ -868,7 +868,7 @@ def run_mixes(
                 try:
                     measured[spec.name].append(measure(spec, f"{spec.name}{suffix}"))
                 except AfdError as error:
-                    errors[spec.name] = str(error)
+                    errors.setdefault(spec.name, []).append({"round": round_ + 1, "error": str(error)})
         again = None
         if recheck is not None:
             try:
@@ -909,8 +909,10 @@ def run_mixes(
     for spec in mixes.mixes:
         if spec.name in best:
             rows.append(predict_row(spec, best[spec.name], mixes, model, host))
+            if spec.name in errors:  # kept from the rounds that ran; say which did not
+                rows[-1]["failed_rounds"] = errors[spec.name]
         else:
-            failed.append({"mix": spec.name, "error": errors[spec.name]})
+            failed.append({"mix": spec.name, "error": errors[spec.name][-1]["error"]})
     return {
         "version": RESULT_VERSION,
         "date": date,
@@ -1073,6 +1075,10 @@ def markdown_report(result: Mapping[str, Any], plots: list[Path], report_path: P
     ]
     if (drift_line := _drift_line(s)) is not None:
         lines += ["", drift_line]
+    partial = [(r["mix"], f) for r in result["mixes"] for f in r.get("failed_rounds", [])]
+    if partial:
+        lines += ["", "Rounds that failed (the mix kept its other rounds):"]
+        lines += [f"- {name}, round {f['round']}: {f['error']}" for name, f in partial]
     if result["failed_mixes"]:
         lines += ["", "Failed mixes:", *(f"- {f['mix']}: {f['error']}" for f in result["failed_mixes"])]
     for plot in plots:

@@ -479,26 +479,35 @@ def test_rounds_run_the_whole_list_again_and_each_mix_keeps_its_best_round(tmp_p
     _model_dir(tmp_path)
     host = FakeHost()
     other = {**MIX, "name": "other"}
+    flaky = {**MIX, "name": "flaky"}
 
     def by_round(config: ServeBenchmarkConfig) -> dict[str, Any]:
         result = _serve_result(config)
         name, round_ = host.launched[-1], host.launched.count(host.launched[-1])
         if name == "a1f2" and round_ == 1:  # a busy spell in a1f2's first round
             result["mean_tpot_ms"] = 12.5
-        if name == "other" and config.num_prompts > 2:  # every timed run of "other" fails outright
+        # every timed run of "other" fails outright, and those of "flaky" in its first round
+        if (name == "other" or (name == "flaky" and round_ == 1)) and config.num_prompts > 2:
             result["completed"] = 0
             result["errors"] = ["boom"]
         return result
 
     monkeypatch.setattr(bench_mix, "run_serve_benchmark", by_round)
-    data = {"model": "model", "mixes": [MIX, other], "link_calibration": False, "rounds": 2}
+    data = {"model": "model", "mixes": [MIX, other, flaky], "link_calibration": False, "rounds": 2}
     result = run_mixes(load_mixes(_write(tmp_path, data)), host.launch)
-    one_round = ["calibration", "calibration-fanout", "a1f2", "other"]
+    one_round = ["calibration", "calibration-fanout", "a1f2", "other", "flaky"]
     assert host.launched == [*one_round, *one_round, "calibration"]  # the sides alternate, then the recheck
     assert host.open == 0
-    (row,) = result["mixes"]
+    row, kept = result["mixes"]
     assert row["mix"] == "a1f2" and row["measured"]["tpot_ms"] == pytest.approx(10.0)  # the second round's
     assert row["measured"]["runs_tpot_ms"] == pytest.approx([12.5] * 3 + [10.0] * 3)  # every round's runs
+    assert "failed_rounds" not in row
+    # a mix that failed one round keeps the other, and says which round failed and why
+    assert kept["mix"] == "flaky" and kept["measured"]["runs_tpot_ms"] == pytest.approx([10.0] * 3)
+    assert kept["failed_rounds"] == [{"round": 1, "error": "mix flaky: every request failed; first error: boom"}]
+    report = markdown_report(result, [], tmp_path / "report.md")
+    assert "- flaky, round 1: mix flaky: every request failed; first error: boom" in report
+    assert "- other: mix other: every request failed" in report
     assert result["failed_mixes"] == [{"mix": "other", "error": "mix other: every request failed; first error: boom"}]
     with pytest.raises(ConfigError, match="rounds: Input should be greater than or equal to 1"):
         load_mixes(_write(tmp_path, {**data, "rounds": 0}))
