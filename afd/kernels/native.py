@@ -10,7 +10,9 @@ library, so a cached build also runs on another x86-64 CPU.
 
 When the build or the import fails (no compiler, no ninja, a CPU without AVX2) or `AFD_NATIVE_KERNELS=0`,
 `load()` returns None and logs the reason once: every caller then keeps torch's own kernels.
-`AFD_NATIVE_ISA=avx2` caps the instruction set (the tests run the AVX2 path on AVX512 CPUs with it).
+`AFD_NATIVE_ISA=avx2` caps the instruction set (the tests run the AVX2 path on AVX512 CPUs with it), and
+`AFD_NATIVE_ISA=avx512_bf16` keeps linears off the AMX tiles of a CPU that has them (`matrix_isa()` says
+whether they serve; `AFD_NATIVE_AMX_MIN_ROWS`, default 4, the input rows from which they do).
 """
 
 from __future__ import annotations
@@ -135,7 +137,9 @@ def main() -> None:
     if module is None:
         print(f"native CPU kernels: not available ({failure()}); torch's kernels will be used")
         return
-    print(f"native CPU kernels: built in {_build_dir()}, instruction set {module.available_isa()}")
+    matrix = module.matrix_isa()
+    tiles = f", {matrix} tiles from {module.matrix_min_rows()} input rows" if matrix else ""
+    print(f"native CPU kernels: built in {_build_dir()}, instruction set {module.available_isa()}{tiles}")
 
 
 if __name__ == "__main__":

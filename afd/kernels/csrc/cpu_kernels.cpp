@@ -7,7 +7,10 @@
 // figures; `python -m benchmarks.kernels` measures them on the current machine). The instruction set
 // is chosen at run time (AVX512-BF16 dot products, else AVX2 + FMA on bf16 widened to fp32), so one
 // build serves every x86-64 CPU; `available_isa()` says which path runs, "" when neither does and the
-// Python side keeps torch's kernels.
+// Python side keeps torch's kernels. Where the CPU has AMX (Intel Sapphire Rapids and later) and Linux lets
+// the process use its tiles, linears with enough input rows run on the tiles instead (`matrix_isa()`):
+// from a few rows on, the dot products, not the memory, bound a decode step's experts and LM head, and a
+// tile multiply does 16x16x32 products where an AVX512-BF16 instruction does 16x2.
 //
 // Rounding follows the reference models: products accumulate in fp32 and are rounded to bf16 once per
 // linear; the SwiGLU rounds after each op as the torch code does (gate/up, silu, product, down, weight).
@@ -23,6 +26,9 @@
 #include <cstdlib>
 #include <string>
 #include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace {
 
@@ -46,6 +52,29 @@ Isa detect_isa() {
 }
 
 const Isa kIsa = detect_isa();
+
+// AMX needs the CPU feature and the kernel's per-process permission to use the tile state (Linux 5.16+:
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); AFD_NATIVE_ISA=avx512_bf16 (or lower) turns it off.
+bool detect_amx() {
+  const char* cap = std::getenv("AFD_NATIVE_ISA");
+  const std::string limit = cap ? cap : "";
+  if (kIsa != Isa::kAvx512Bf16 || !(limit.empty() || limit == "amx_bf16")) return false;
+  if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+const bool kAmx = detect_amx();
+
+// Input rows from which a linear runs on the AMX tiles (AFD_NATIVE_AMX_MIN_ROWS overrides). Below it the
+// AVX512 dot products keep up with memory and skip the tile round trip. The choice depends on the row count
+// only, so the fused experts and a per-expert linear of the same rows round identically.
+int64_t amx_min_rows() {
+  const char* value = std::getenv("AFD_NATIVE_AMX_MIN_ROWS");
+  return value && *value ? std::max<int64_t>(1, std::atoll(value)) : 4;
+}
+
+const int64_t kAmxMinRows = amx_min_rows();
 
 // The four horizontal sums of a, b, c, d as one vector [sum(a), sum(b), sum(c), sum(d)]: a transpose-and-add tree
 // of ~10 instructions for all four, where four _mm512_reduce_add_ps cost ~10 each.
@@ -182,9 +211,117 @@ inline void tile(const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, in
   tile_on_isa<false>(w, ldw, rows, x, ldx, inputs, K, acc);
 }
 
-// y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m.
-void linear_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n_begin, int64_t n_end,
-                 bf16* y, int64_t ldy) {
+
+// --- AMX: weight tiles straight from the row-major weight, input rows repacked once per call ---------------
+//
+// A tile multiply C[16 x 16] += A[16 x 32] . B[16 x 32] (bf16 pairs, fp32 sums): A is 16 weight rows x 32
+// columns loaded as they lie, B the matching 32 columns of 16 input rows in the pair-interleaved layout the
+// instruction reads (row r holds columns 2r and 2r+1 of every input row), so C holds 16 outputs x 16 input
+// rows. The inputs are few and repacked once per call (`pack_inputs_amx`); the weights are read once.
+
+constexpr int64_t kAmxRows = 16;  // weight rows per A tile, input rows per B tile
+constexpr int64_t kAmxDepth = 32; // bf16 columns per tile
+
+bool amx_serves(int64_t M, int64_t K) { return kAmx && M >= kAmxMinRows && K % kAmxDepth == 0; }
+
+int64_t amx_input_blocks(int64_t M) { return (M + kAmxRows - 1) / kAmxRows; }
+
+// Packed size in uint32 words of M input rows of K columns (K a multiple of 32).
+int64_t amx_packed_words(int64_t M, int64_t K) { return amx_input_blocks(M) * (K / kAmxDepth) * kAmxRows * kAmxRows; }
+
+// packed[((b * K/32 + kb) * 16 + r) * 16 + m] = the bf16 pair (x[b*16 + m][kb*32 + 2r], ...+1), zero past row M.
+void pack_inputs_amx(const uint16_t* x, int64_t M, int64_t K, uint32_t* packed) {
+  const int64_t depth_blocks = K / kAmxDepth, blocks = amx_input_blocks(M);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t kb = 0; kb < depth_blocks; ++kb) {
+      uint32_t* tile = packed + (b * depth_blocks + kb) * kAmxRows * kAmxRows;
+      for (int64_t m = 0; m < kAmxRows; ++m) {
+        const int64_t row = b * kAmxRows + m;
+        const auto* pairs = reinterpret_cast<const uint32_t*>(x + row * K + kb * kAmxDepth);
+        for (int64_t r = 0; r < kAmxRows; ++r) tile[r * kAmxRows + m] = row < M ? pairs[r] : 0u;
+      }
+    }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Eight 16 x 64-byte tiles: 0-3 accumulators (2 weight blocks x 2 input blocks), 4-5 weights, 6-7 inputs.
+// The tile state is per thread and other libraries (oneDNN) configure it their own way, so every task loads it.
+__attribute__((target("amx-tile"))) void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kAmxRows;
+  }
+  _tile_loadconfig(&config);
+}
+
+// y[m, n0 + i] = bf16(C[i][m]) for the accumulator tile `c` (16 x 16 fp32, row i = output n0 + i).
+inline void store_outputs(const float* c, int64_t outputs, int64_t m0, int64_t inputs, bf16* y, int64_t ldy,
+                          int64_t n0) {
+  for (int64_t m = 0; m < inputs; ++m)
+    for (int64_t i = 0; i < outputs; ++i) y[(m0 + m) * ldy + n0 + i] = bf16(c[i * kAmxRows + m]);
+}
+
+// Outputs [n_begin, n_end) (n_end - n_begin a multiple of 16) for all M input rows, from the packed inputs.
+// Two weight blocks (32 rows) share each input tile and two input blocks share each weight tile; past 32 input
+// rows the weight rows are read again, from cache.
+__attribute__((target("amx-tile,amx-bf16"))) void linear_rows_amx(const uint32_t* packed, int64_t M, int64_t K,
+                                                                   const uint16_t* w, int64_t n_begin, int64_t n_end,
+                                                                   bf16* y, int64_t ldy) {
+  configure_tiles();
+  const int64_t depth_blocks = K / kAmxDepth, blocks = amx_input_blocks(M), stride = K * 2;
+  alignas(64) float c[4][kAmxRows * kAmxRows];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 2 * kAmxRows) {
+    const bool pair = n0 + 2 * kAmxRows <= n_end;
+    const uint16_t* w0 = w + n0 * K;
+    const uint16_t* w1 = pair ? w0 + kAmxRows * K : w0;
+    for (int64_t b = 0; b < blocks; b += 2) {
+      const bool second = b + 1 < blocks;
+      const uint32_t* p0 = packed + b * depth_blocks * kAmxRows * kAmxRows;
+      const uint32_t* p1 = second ? p0 + depth_blocks * kAmxRows * kAmxRows : p0;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < depth_blocks; ++kb) {
+        _tile_loadd(4, w0 + kb * kAmxDepth, stride);
+        _tile_loadd(5, w1 + kb * kAmxDepth, stride);
+        _tile_loadd(6, p0 + kb * kAmxRows * kAmxRows, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (second) {
+          _tile_loadd(7, p1 + kb * kAmxRows * kAmxRows, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      const int64_t m0 = b * kAmxRows, in0 = std::min(kAmxRows, M - m0);
+      store_outputs(c[0], kAmxRows, m0, in0, y, ldy, n0);
+      if (pair) store_outputs(c[2], kAmxRows, m0, in0, y, ldy, n0 + kAmxRows);
+      if (second) {
+        const int64_t m1 = m0 + kAmxRows, in1 = std::min(kAmxRows, M - m1);
+        store_outputs(c[1], kAmxRows, m1, in1, y, ldy, n0);
+        if (pair) store_outputs(c[3], kAmxRows, m1, in1, y, ldy, n0 + kAmxRows);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m, on the vector units.
+void linear_rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n_begin, int64_t n_end,
+                        bf16* y, int64_t ldy) {
   float acc[kInputsPerTile * kRowsPerTile];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowsPerTile) {
     const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTile, n_end - n0));
@@ -198,17 +335,35 @@ void linear_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int
   }
 }
 
-// Output rows per parallel task: enough work per task that the thread hand-off stays small.
+// y[m, n] for output rows n in [n_begin, n_end), all m: on the AMX tiles where `packed` holds the inputs
+// (pack_inputs_amx), the last rows short of a tile on the vector units; else all on the vector units. Each
+// output's sum depends only on (M, K), not on how the rows were split into tasks.
+void linear_rows(const uint16_t* x, const uint32_t* packed, int64_t M, int64_t K, const uint16_t* w, int64_t n_begin,
+                 int64_t n_end, bf16* y, int64_t ldy) {
+  if (packed == nullptr) return linear_rows_vector(x, M, K, w, n_begin, n_end, y, ldy);
+  const int64_t tiled_end = n_begin + (n_end - n_begin) / kAmxRows * kAmxRows;
+  if (tiled_end > n_begin) linear_rows_amx(packed, M, K, w, n_begin, tiled_end, y, ldy);
+  if (tiled_end < n_end) linear_rows_vector(x, M, K, w, tiled_end, n_end, y, ldy);
+}
+
+// Output rows per parallel task: enough work per task that the thread hand-off stays small; a multiple of the
+// AMX tile's 16 rows, so only the last rows of a matrix ever fall short of a tile.
 int64_t grain_rows(int64_t K, int64_t M) {
   const int64_t work = std::max<int64_t>(1, K * std::min<int64_t>(M, 8));
-  return std::max<int64_t>(kRowsPerTile, ((int64_t{1} << 16) / work + kRowsPerTile - 1) / kRowsPerTile * kRowsPerTile);
+  return std::max<int64_t>(kAmxRows, ((int64_t{1} << 16) / work + kAmxRows - 1) / kAmxRows * kAmxRows);
 }
 
 void parallel_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, bf16* y, int64_t ldy) {
+  std::vector<uint32_t> packed;
+  if (amx_serves(M, K)) {
+    packed.resize(amx_packed_words(M, K));
+    pack_inputs_amx(x, M, K, packed.data());
+  }
+  const uint32_t* packed_inputs = packed.empty() ? nullptr : packed.data();
   const int64_t grain = grain_rows(K, M);
   const int64_t tasks = (N + grain - 1) / grain;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    linear_rows(x, M, K, w, t0 * grain, std::min(N, t1 * grain), y, ldy);
+    linear_rows(x, packed_inputs, M, K, w, t0 * grain, std::min(N, t1 * grain), y, ldy);
   });
 }
 
@@ -231,6 +386,10 @@ void for_rows(int64_t rows, int64_t width, const RowsFn& fn) {
 }
 
 }  // namespace
+
+std::string matrix_isa() { return kAmx ? "amx_bf16" : ""; }
+
+int64_t matrix_min_rows() { return kAmxMinRows; }
 
 std::string available_isa() {
   switch (kIsa) {
@@ -266,16 +425,28 @@ void experts_linear(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, 
     int64_t expert, n_begin, n_end;
   };
   std::vector<Task> tasks;
+  // Each expert's inputs packed for the tiles once, before the tasks, where its row count takes the AMX path.
+  std::vector<int64_t> packed_at(E, -1);
+  int64_t packed_words = 0;
   for (int64_t e = 0; e < E; ++e) {
     if (!count[e]) continue;
     const int64_t grain = grain_rows(K, count[e]);
     for (int64_t n = 0; n < N; n += grain) tasks.push_back({e, n, std::min(N, n + grain)});
+    if (amx_serves(count[e], K)) {
+      packed_at[e] = packed_words;
+      packed_words += amx_packed_words(count[e], K);
+    }
   }
+  std::vector<uint32_t> packed(packed_words);
+  for (int64_t e = 0; e < E; ++e)
+    if (packed_at[e] >= 0) pack_inputs_amx(x + start[e] * K, count[e], K, packed.data() + packed_at[e]);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Task& task = tasks[t];
       const int64_t e = task.expert;
-      linear_rows(x + start[e] * K, count[e], K, w + e * N * K, task.n_begin, task.n_end, y + start[e] * N, N);
+      const uint32_t* inputs = packed_at[e] >= 0 ? packed.data() + packed_at[e] : nullptr;
+      linear_rows(x + start[e] * K, inputs, count[e], K, w + e * N * K, task.n_begin, task.n_end, y + start[e] * N,
+                  N);
     }
   });
 }
@@ -746,6 +917,8 @@ torch::Tensor argmax_rows_f32(const torch::Tensor& logits) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isa", &available_isa, "The instruction set the kernels use on this CPU ('' when none).");
+  m.def("matrix_isa", &matrix_isa, "'amx_bf16' where linears with enough rows run on the AMX tiles, else ''.");
+  m.def("matrix_min_rows", &matrix_min_rows, "Input rows from which a linear runs on the matrix unit.");
   m.def("linear_bf16", &linear_bf16, "x [M, K] @ weight [N, K]^T for bf16 on the CPU.");
   m.def("moe_swiglu_bf16", &moe_swiglu_bf16, "Routed-expert SwiGLU over grouped assignments, added into out.");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm over the last dim with the reference's roundings, bf16.");
