@@ -252,15 +252,42 @@ struct alignas(64) TileConfig {
 };
 
 // Eight 16 x 64-byte tiles: 0-3 accumulators (2 weight blocks x 2 input blocks), 4-5 weights, 6-7 inputs.
-// The tile state is per thread and other libraries (oneDNN) configure it their own way, so every task loads it.
-__attribute__((target("amx-tile"))) void configure_tiles() {
+// The tile state is per thread and other libraries (oneDNN) configure it their own way, so each thread's share
+// of a parallel region configures the tiles once (`TileScope`) and releases them at its end.
+TileConfig make_tile_config() {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.colsb[t] = 64;
     config.rows[t] = kAmxRows;
   }
-  _tile_loadconfig(&config);
+  return config;
 }
+
+// At namespace scope: GCC 12 does not see that ldtilecfg reads all 64 bytes and dropped the stores into a local
+// copy (the instruction then faulted on the stack's garbage).
+const TileConfig kTileConfig = make_tile_config();
+
+__attribute__((target("amx-tile"))) void configure_tiles() { _tile_loadconfig(&kTileConfig); }
+
+__attribute__((target("amx-tile"))) void release_tiles() { _tile_release(); }
+
+// Configures the tiles at the first `use()`, releases them at the end of the scope if it did.
+class TileScope {
+ public:
+  TileScope() = default;
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+  void use() {
+    if (!configured_) configure_tiles();
+    configured_ = true;
+  }
+  ~TileScope() {
+    if (configured_) release_tiles();
+  }
+
+ private:
+  bool configured_ = false;
+};
 
 // y[m, n0 + i] = bf16(C[i][m]) for the accumulator tile `c` (16 x 16 fp32, row i = output n0 + i).
 inline void store_outputs(const float* c, int64_t outputs, int64_t m0, int64_t inputs, bf16* y, int64_t ldy,
@@ -269,13 +296,12 @@ inline void store_outputs(const float* c, int64_t outputs, int64_t m0, int64_t i
     for (int64_t i = 0; i < outputs; ++i) y[(m0 + m) * ldy + n0 + i] = bf16(c[i * kAmxRows + m]);
 }
 
-// Outputs [n_begin, n_end) (n_end - n_begin a multiple of 16) for all M input rows, from the packed inputs.
-// Two weight blocks (32 rows) share each input tile and two input blocks share each weight tile; past 32 input
-// rows the weight rows are read again, from cache.
+// Outputs [n_begin, n_end) (n_end - n_begin a multiple of 16) for all M input rows, from the packed inputs,
+// on tiles configured by the caller (TileScope). Two weight blocks (32 rows) share each input tile and two input
+// blocks share each weight tile; past 32 input rows the weight rows are read again, from cache.
 __attribute__((target("amx-tile,amx-bf16"))) void linear_rows_amx(const uint32_t* packed, int64_t M, int64_t K,
                                                                    const uint16_t* w, int64_t n_begin, int64_t n_end,
                                                                    bf16* y, int64_t ldy) {
-  configure_tiles();
   const int64_t depth_blocks = K / kAmxDepth, blocks = amx_input_blocks(M), stride = K * 2;
   alignas(64) float c[4][kAmxRows * kAmxRows];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 2 * kAmxRows) {
@@ -316,7 +342,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void linear_rows_amx(const uint32_t
       }
     }
   }
-  _tile_release();
 }
 
 // y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m, on the vector units.
@@ -339,18 +364,22 @@ void linear_rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
 // (pack_inputs_amx), the last rows short of a tile on the vector units; else all on the vector units. Each
 // output's sum depends only on (M, K), not on how the rows were split into tasks.
 void linear_rows(const uint16_t* x, const uint32_t* packed, int64_t M, int64_t K, const uint16_t* w, int64_t n_begin,
-                 int64_t n_end, bf16* y, int64_t ldy) {
+                 int64_t n_end, bf16* y, int64_t ldy, TileScope& tiles) {
   if (packed == nullptr) return linear_rows_vector(x, M, K, w, n_begin, n_end, y, ldy);
   const int64_t tiled_end = n_begin + (n_end - n_begin) / kAmxRows * kAmxRows;
-  if (tiled_end > n_begin) linear_rows_amx(packed, M, K, w, n_begin, tiled_end, y, ldy);
+  if (tiled_end > n_begin) {
+    tiles.use();
+    linear_rows_amx(packed, M, K, w, n_begin, tiled_end, y, ldy);
+  }
   if (tiled_end < n_end) linear_rows_vector(x, M, K, w, tiled_end, n_end, y, ldy);
 }
 
 // Output rows per parallel task: enough work per task that the thread hand-off stays small; a multiple of the
-// AMX tile's 16 rows, so only the last rows of a matrix ever fall short of a tile.
+// AMX kernel's 32 rows (two tiles), so only the last rows of a matrix ever fall short of a tile.
 int64_t grain_rows(int64_t K, int64_t M) {
+  constexpr int64_t kUnit = 2 * kAmxRows;
   const int64_t work = std::max<int64_t>(1, K * std::min<int64_t>(M, 8));
-  return std::max<int64_t>(kAmxRows, ((int64_t{1} << 16) / work + kAmxRows - 1) / kAmxRows * kAmxRows);
+  return std::max<int64_t>(kUnit, ((int64_t{1} << 16) / work + kUnit - 1) / kUnit * kUnit);
 }
 
 void parallel_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, bf16* y, int64_t ldy) {
@@ -363,7 +392,8 @@ void parallel_linear(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w,
   const int64_t grain = grain_rows(K, M);
   const int64_t tasks = (N + grain - 1) / grain;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    linear_rows(x, packed_inputs, M, K, w, t0 * grain, std::min(N, t1 * grain), y, ldy);
+    TileScope tiles;
+    linear_rows(x, packed_inputs, M, K, w, t0 * grain, std::min(N, t1 * grain), y, ldy, tiles);
   });
 }
 
@@ -441,12 +471,13 @@ void experts_linear(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, 
   for (int64_t e = 0; e < E; ++e)
     if (packed_at[e] >= 0) pack_inputs_amx(x + start[e] * K, count[e], K, packed.data() + packed_at[e]);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    TileScope tiles;
     for (int64_t t = t0; t < t1; ++t) {
       const Task& task = tasks[t];
       const int64_t e = task.expert;
       const uint32_t* inputs = packed_at[e] >= 0 ? packed.data() + packed_at[e] : nullptr;
-      linear_rows(x + start[e] * K, inputs, count[e], K, w + e * N * K, task.n_begin, task.n_end, y + start[e] * N,
-                  N);
+      linear_rows(x + start[e] * K, inputs, count[e], K, w + e * N * K, task.n_begin, task.n_end, y + start[e] * N, N,
+                  tiles);
     }
   });
 }
