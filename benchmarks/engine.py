@@ -382,9 +382,8 @@ def _start_peer(
 def _kernels_context() -> dict[str, Any]:
     from afd.kernels import native, tuning
 
-    module = native.load()
     return {
-        "native_kernels": module.available_isa() if module is not None else f"off ({native.failure()})",
+        "native_kernels": native.describe(),
         "linear_forms": tuning.choices(),
     }
 

@@ -130,6 +130,16 @@ def failure() -> str | None:
     return _failure
 
 
+def describe() -> str:
+    """What the kernels run on here, e.g. "avx512_bf16, amx_bf16 tiles from 4 input rows", or why they do not."""
+    module = load()
+    if module is None:
+        return f"off ({failure()})"
+    matrix = module.matrix_isa()
+    tiles = f", {matrix} tiles from {module.matrix_min_rows()} input rows" if matrix else ""
+    return f"{module.available_isa()}{tiles}"
+
+
 def main() -> None:
     """Build now (at set-up) and say which instruction set the kernels will use."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -137,9 +147,7 @@ def main() -> None:
     if module is None:
         print(f"native CPU kernels: not available ({failure()}); torch's kernels will be used")
         return
-    matrix = module.matrix_isa()
-    tiles = f", {matrix} tiles from {module.matrix_min_rows()} input rows" if matrix else ""
-    print(f"native CPU kernels: built in {_build_dir()}, instruction set {module.available_isa()}{tiles}")
+    print(f"native CPU kernels: built in {_build_dir()}, instruction set {describe()}")
 
 
 if __name__ == "__main__":
