@@ -59,6 +59,9 @@ MIN_NODE_CORES = 0.25
 ROLES = ("attention", "ffn")
 CLIENT = "client"
 """Role and id of the load generator (this process) in the measured CPU time (MixMeasurement.busy)."""
+MAX_BACKGROUND_CORES = 0.9
+"""Upper bound of a fitted background share of a node (fit_background_cores): a slope at or above a core is
+noise of the host, not threads of the node."""
 
 
 class _Model(BaseModel):
@@ -189,6 +192,11 @@ class MixesFile(_Model):
     start-up timing moves by half or more between launches on a shared host (`afd status`'s measured µs),
     while the per-call costs were fitted against the calibration's; the nodes' own stay in the result
     (`measured_us_at_start`)."""
+    fit_background: bool = True
+    """With a calibration mix and link calibration: fit the CPU each node takes beside its compute (its server's
+    and transport's threads) from the calibration mix's runs at different step lengths (fit_background_cores),
+    and count it against CPU quotas and the shared cores. False: none (the per-call costs then carry it at the
+    calibration's step length)."""
     recheck_calibration: bool = True
     """With a calibration mix: run it once more after the mixes (`calibration.recheck_run`), and report its
     decode tok/s against the run the fit rests on (`summary.calibration_drift_decode_tok_s`): how far this host
@@ -313,6 +321,11 @@ class HostCalibration:
     ffn_points_us: tuple[tuple[float, float], ...] = ()
     """(modelled expert kernels, measured CPU time) per layer of an FFN node, µs, one pair per calibration run
     with a different FFN node count: what fit_fanout fits ffn_call_us and ffn_kernel_scale to."""
+    attention_background_cores: float = 0.0
+    """CPU an attention node takes beside its compute, however long the step, cores (fit_background_cores);
+    taken off its measured CPU time before the per-call costs are fitted (Mix.attention_background_cores)."""
+    ffn_background_cores: float = 0.0
+    """The same for an FFN node."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -322,6 +335,8 @@ class HostCalibration:
             "link_latency_us": round(self.link_latency_us, 3),
             "shared_cpu_us_per_token": round(self.shared_cpu_s_per_token * 1e6, 3),
             "ffn_kernel_scale": round(self.ffn_kernel_scale, 4),
+            "attention_background_cores": round(self.attention_background_cores, 4),
+            "ffn_background_cores": round(self.ffn_background_cores, 4),
             "link_latency_us_by_mbit": {
                 f"{cap:g}": round(us, 3) for cap, us in sorted(self.link_latency_us_by_mbit.items())
             },
@@ -392,6 +407,8 @@ def planner_mix(
         # an FFN node decodes and answers one frame per attention node per layer and microbatch
         ffn_call_us=host.ffn_call_us * spec.attention.count,
         ffn_kernel_scale=host.ffn_kernel_scale,
+        attention_background_cores=host.attention_background_cores,
+        ffn_background_cores=host.ffn_background_cores,
     )
 
 
@@ -671,16 +688,50 @@ def _calibration_run(
     return float(tpot_ms), float(busy_a), float(busy_f), base
 
 
-def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: ModelSpec) -> HostCalibration:
+def fit_background_cores(runs: list[MixMeasurement]) -> tuple[float, float]:
+    """(attention, FFN) node CPU taken beside the compute, cores: the slope of a node's CPU time per step against
+    the step's length over runs of one shape (the calibration mix on its links), whose compute per step is the
+    same; a slower link lengthens the step and adds only what the nodes' other threads take in the meantime.
+    (0, 0) with fewer than two runs or steps too close to tell apart (within 20 %); each in [0, 1)."""
+    points = []
+    for run in runs:
+        tpot_ms = run.serve.get("mean_tpot_ms")
+        busy_a = run.busy.get("attention", {}).get("mean_cores")
+        busy_f = run.busy.get("ffn", {}).get("mean_cores")
+        if tpot_ms and busy_a is not None and busy_f is not None:
+            points.append((float(tpot_ms), float(busy_a) * float(tpot_ms), float(busy_f) * float(tpot_ms)))
+    steps = [step for step, _, _ in points]
+    if len(points) < 2 or max(steps) < 1.2 * min(steps):
+        return 0.0, 0.0
+    mean_step = sum(steps) / len(steps)
+    spread = sum((step - mean_step) ** 2 for step in steps)
+
+    def slope(index: int) -> float:
+        mean_cpu = sum(p[index] for p in points) / len(points)
+        value = sum((p[0] - mean_step) * (p[index] - mean_cpu) for p in points) / spread
+        return min(max(0.0, value), MAX_BACKGROUND_CORES)
+
+    return slope(1), slope(2)
+
+
+def fit_host(
+    spec: MixSpec,
+    measured: MixMeasurement,
+    mixes: MixesFile,
+    model: ModelSpec,
+    background: tuple[float, float] = (0.0, 0.0),
+) -> HostCalibration:
     """The per-call costs and the exchange latency of this host, from the calibration mix's run.
 
     The calibration mix (1 attention + 1 FFN node, no CPU limit, m = 1) runs its two nodes one after the
     other, so per decode step: the attention node's CPU time = its kernels (the profile's T_a, summed over the
     layers, with the head) + layers x attention_call_us; the FFN node's likewise; and the rest of the step,
     when neither computes, is the link: bytes / bandwidth + 2 x layers x the one-way latency. The router's and
-    the load generator's CPU time over the output tokens of the run is their cost per token.
+    the load generator's CPU time over the output tokens of the run is their cost per token. `background`: the
+    (attention, FFN) cores a node takes beside its compute (fit_background_cores), not part of its calls.
     """
     tpot_ms, busy_a, busy_f, base = _calibration_run(spec, measured, mixes, model, "calibration mix")
+    busy_a, busy_f = max(0.0, busy_a - background[0]), max(0.0, busy_f - background[1])
     shared_cores = sum(measured.busy.get(role, {}).get("mean_cores", 0.0) for role in ("router", CLIENT))
     output_tok_s = float(measured.serve.get("output_throughput") or 0.0)
     shared_per_token = shared_cores / output_tok_s if output_tok_s > 0 else 0.0
@@ -703,6 +754,8 @@ def fit_host(spec: MixSpec, measured: MixMeasurement, mixes: MixesFile, model: M
         source,
         shared_cpu_s_per_token=shared_per_token,
         ffn_points_us=((base.ffn_us / layers, cpu_f / layers),),
+        attention_background_cores=background[0],
+        ffn_background_cores=background[1],
     )
 
 
@@ -716,6 +769,8 @@ def fit_fanout(
     (fit_ffn_line), so a per-frame cost that does not halve is not read as kernel time.
     """
     tpot_ms, busy_a, busy_f, base = _calibration_run(spec, measured, mixes, model, "fanout calibration mix")
+    busy_a = max(0.0, busy_a - host.attention_background_cores)
+    busy_f = max(0.0, busy_f - host.ffn_background_cores)
     step_us, layers = tpot_ms * 1000.0, model.num_layers
     call_two = max(0.0, busy_a * step_us - base.attention_us) / layers  # a + 2b
     call_one = host.attention_call_us + host.attention_call_per_ffn_node_us  # a + b
@@ -774,7 +829,7 @@ def fit_link(
     """`host` with the exchange latency on `spec`'s link cap: the calibration mix's arithmetic (fit_host) on
     its run over that cap, whose per-call costs are left as `host` has them."""
     assert spec.link_mbit is not None, "a link calibration mix runs on a capped link"
-    on_link = fit_host(spec, measured, mixes, model)
+    on_link = fit_host(spec, measured, mixes, model, (host.attention_background_cores, host.ffn_background_cores))
     latencies = {**host.link_latency_us_by_mbit, spec.link_mbit: on_link.link_latency_us}
     source = f"{host.source}; link mix {spec.name}: {on_link.link_latency_us:.1f} us one way"
     return replace(host, link_latency_us_by_mbit=latencies, source=source)
@@ -889,7 +944,10 @@ def run_mixes(
     calibration: dict[str, Any] | None = None
     drift = None
     if reference is not None:
-        host = fit_host(reference, best[reference.name], mixes, model)
+        background = (0.0, 0.0)
+        if mixes.fit_background:
+            background = fit_background_cores([best[s.name] for s in (reference, *links)])
+        host = fit_host(reference, best[reference.name], mixes, model, background)
         if fanout is not None:
             host = fit_fanout(host, fanout, best[fanout.name], mixes, model)
         for link_spec in links:

@@ -162,6 +162,12 @@ class Mix:
     """Factor on the FFN node's expert and dense kernel terms (k3 and the weight reads) beyond what its fitted
     efficiency says: where a host's runs show that a layer's kernels cost a share of the per-expert start-up
     timings they were scaled from (benchmarks/mix.py fit_fanout); 0 leaves the FFN node its call cost alone."""
+    attention_background_cores: float = 0.0
+    """CPU an attention node takes all the time beside its compute (its server's and transport's own threads:
+    polling, timers, heartbeats), cores: under a CPU quota it leaves the node's compute `cores` less this, and on
+    shared cores it takes its share of them, however long the step (benchmarks/mix.py fit_background_cores)."""
+    ffn_background_cores: float = 0.0
+    """The same for each FFN node."""
 
     def __post_init__(self) -> None:
         for name in ("attention_count", "ffn_count", "microbatches", "batch_per_attention_node"):
@@ -173,6 +179,8 @@ class Mix:
             raise ConfigError("Mix.attention_call_us and Mix.ffn_call_us must be >= 0")
         if not self.ffn_kernel_scale >= 0:
             raise ConfigError(f"Mix.ffn_kernel_scale must be >= 0, got {self.ffn_kernel_scale}")
+        if not (self.attention_background_cores >= 0 and self.ffn_background_cores >= 0):
+            raise ConfigError("Mix.attention_background_cores and Mix.ffn_background_cores must be >= 0")
         if self.shared_cores is not None and not self.shared_cores > 0:
             raise ConfigError(f"Mix.shared_cores must be > 0 when set, got {self.shared_cores}")
         if not 0 < self.memory_utilization <= 1:
@@ -439,6 +447,12 @@ class CostModel:
         wb = costs.weight_bytes
         threads_a = mix.attention_quota.threads if mix.attention_quota else 1
         threads_f = mix.ffn_quota.threads if mix.ffn_quota else 1
+        problems: list[str] = []
+        compute_cores = 0.0
+        if mix.shared_cores is not None:
+            # what the nodes' background threads leave of the shared cores for their compute
+            background = n_a * mix.attention_background_cores + n_f * mix.ffn_background_cores
+            compute_cores = _cores_left(mix.shared_cores, background, "the shared cores", problems)
         step_us = 0.0
         bound_us = {"attention-bound": 0.0, "ffn-bound": 0.0, "link-bound": 0.0}
         sum_a = sum_f = sum_c = 0.0
@@ -483,7 +497,7 @@ class CostModel:
                     heavier_attention = t_a >= t_f
                 else:
                     cpu_a, cpu_f = n_a * t_a * threads_a, n_f * t_f * threads_f
-                    compute = max(m * t_a, m * t_f, m * (cpu_a + cpu_f) / mix.shared_cores)
+                    compute = max(m * t_a, m * t_f, m * (cpu_a + cpu_f) / compute_cores)
                     heavier_attention = cpu_a >= cpu_f
                 occupancy, cycle = m * one_way_us, t_a + t_c + t_f
                 layer = max(compute, occupancy, cycle)
@@ -507,12 +521,16 @@ class CostModel:
 
         # A node under a CPU quota runs its m microbatches' compute of a step (threads x as much CPU time) at
         # no more than `cores`: below that the chain above stands, above it the quota is what the step waits on.
-        for side, quota, busy_us in (
-            ("attention-bound", mix.attention_quota, m * sum_a),
-            ("ffn-bound", mix.ffn_quota, m * sum_f),
+        # Its background threads take their share of the quota all the time, computing or waiting.
+        for side, quota, busy_us, background, node in (
+            ("attention-bound", mix.attention_quota, m * sum_a, mix.attention_background_cores, "an attention"),
+            ("ffn-bound", mix.ffn_quota, m * sum_f, mix.ffn_background_cores, "an FFN"),
         ):
-            if quota is not None and busy_us * quota.threads / quota.cores > step_us:
-                step_us = busy_us * quota.threads / quota.cores
+            if quota is None:
+                continue
+            cores = _cores_left(quota.cores, background, f"{node} node's CPU quota", problems)
+            if busy_us * quota.threads / cores > step_us:
+                step_us = busy_us * quota.threads / cores
                 bound_us = {"attention-bound": 0.0, "ffn-bound": 0.0, "link-bound": 0.0, side: step_us}
         tpot_ms = step_us / 1e3
         tok_s = n_a * b / (step_us / 1e6)
@@ -520,7 +538,6 @@ class CostModel:
         per_node_kv = self.max_batch_by_kv(mix.attention_kind, ctx, mix.memory_utilization)
         free = attention_kind.memory_bytes * mix.memory_utilization - costs.attention_weight_bytes
         kv_tokens_node = max(0, int(free // costs.kv_bytes_per_token)) if costs.kv_bytes_per_token else 0
-        problems = []
         ffn_problem = self.ffn_memory_problem(mix.ffn_kind, n_f, mix.memory_utilization)
         if ffn_problem:
             problems.append(ffn_problem)
@@ -557,6 +574,23 @@ class CostModel:
 
 
 _EMPTY = KindCalibration()
+
+
+MIN_COMPUTE_SHARE = 0.1
+"""Least share of a node's cores left to its compute when its background threads would take more: the mix is
+predicted at that share and flagged as not fitting."""
+
+
+def _cores_left(cores: float, background: float, what: str, problems: list[str]) -> float:
+    """`cores` less `background` (cores), at least MIN_COMPUTE_SHARE of `cores`; a problem noted when it clamps."""
+    left = cores - background
+    if left < MIN_COMPUTE_SHARE * cores:
+        problems.append(
+            f"background threads take {background:.2f} of the {cores:g} cores of {what}: "
+            f"predicted at {MIN_COMPUTE_SHARE:.0%} of them left to compute"
+        )
+        return MIN_COMPUTE_SHARE * cores
+    return left
 
 
 def _quota_note(quota: CpuQuota | None) -> str:

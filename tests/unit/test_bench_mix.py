@@ -25,6 +25,7 @@ from benchmarks.mix import (
     MixMeasurement,
     MixSpec,
     RunningMix,
+    fit_background_cores,
     fit_fanout,
     fit_ffn_line,
     fit_host,
@@ -460,6 +461,35 @@ def test_the_fanout_calibration_splits_the_attention_call_cost_by_ffn_nodes(tmp_
         assert again.ffn_us / 4 == pytest.approx(per_layer)
     # the planner's Mix takes a + b x FFN nodes
     assert planner_mix(MixSpec.model_validate(MIX), mixes, spec, VIEW, host).attention_call_us == pytest.approx(c2)
+
+
+def test_background_cores_are_the_cpu_that_grows_with_the_step_and_leave_the_call_costs(tmp_path):
+    """One shape on two links: the compute per step is the same, so what a node's CPU time per step gains with
+    the longer step is what its other threads take meanwhile; the per-call costs are fitted without it."""
+
+    def run(tpot_ms: float, cpu_a_ms: float, cpu_f_ms: float) -> MixMeasurement:
+        busy = {"attention": {"mean_cores": cpu_a_ms / tpot_ms}, "ffn": {"mean_cores": cpu_f_ms / tpot_ms}}
+        return MixMeasurement({"mean_tpot_ms": tpot_ms}, VIEW, busy, {}, {})
+
+    uncapped, capped = run(20.0, 11.0, 9.0), run(50.0, 14.0, 13.5)
+    attention, ffn = fit_background_cores([uncapped, capped])
+    assert (attention, ffn) == (pytest.approx(0.1), pytest.approx(0.15))
+    assert fit_background_cores([uncapped]) == (0.0, 0.0)  # one step length: nothing to tell apart
+    assert fit_background_cores([uncapped, run(22.0, 11.5, 9.2)]) == (0.0, 0.0)  # within 20 %
+    assert fit_background_cores([uncapped, run(50.0, 9.0, 8.0)]) == (0.0, 0.0)  # CPU fell: no background
+    mixes = load_mixes(_write(tmp_path, {"mixes": [MIX]}))
+    spec = ModelSpec.from_config(_config(1000))
+    assert mixes.calibration_mix is not None and mixes.fit_background
+    without = fit_host(mixes.calibration_mix, uncapped, mixes, spec)
+    host = fit_host(mixes.calibration_mix, uncapped, mixes, spec, (attention, ffn))
+    layers = spec.num_layers
+    # 0.1 core x 20 ms = 2 ms of the attention node's 11 ms is not its calls; the link takes up what they left
+    assert without.attention_call_us - host.attention_call_us == pytest.approx(2000 / layers)
+    assert without.ffn_call_us - host.ffn_call_us == pytest.approx(3000 / layers)
+    assert host.link_latency_us > without.link_latency_us
+    assert (host.attention_background_cores, host.ffn_background_cores) == (pytest.approx(0.1), pytest.approx(0.15))
+    mix = planner_mix(MixSpec.model_validate(MIX), mixes, spec, VIEW, host)
+    assert (mix.attention_background_cores, mix.ffn_background_cores) == (pytest.approx(0.1), pytest.approx(0.15))
 
 
 def test_the_ffn_line_fit_keeps_both_costs_non_negative():

@@ -64,6 +64,32 @@ def test_the_ffn_kernel_scale_multiplies_the_kernels_not_the_call_cost():
     assert _predict(ffn_kernel_scale=1.0).ffn_us == pytest.approx(24.0)
 
 
+def test_background_cores_come_off_the_quota_and_the_shared_cores():
+    # 23 us of attention compute per step at 0.1 core less 0.05 of background: 23 / 0.05 = 460 us
+    p = _predict(attention_quota=CpuQuota(0.1), attention_background_cores=0.05)
+    assert p.tpot_ms == pytest.approx(0.460)
+    assert p.fits
+    # FFN quota 0.1 with 0.02 background: 24 / 0.08 = 300 us
+    assert _predict(ffn_quota=CpuQuota(0.1), ffn_background_cores=0.02).tpot_ms == pytest.approx(0.300)
+    # without a quota it changes nothing on its own: the chain is wall time, the background runs beside it
+    assert _predict(attention_background_cores=0.3).tpot_ms == pytest.approx(0.127)
+    # shared cores, no overlap (pools take turns on 0.1 core): 1 x 23 + 2 x 24 = 71 us of CPU per layer over the
+    # 0.1 core less 1 x 0.02 + 2 x 0.01 of background = 0.06: 1183.3 us; without background 710 us
+    shared = {"overlap": False, "shared_cores": 0.1}
+    assert _predict(**shared).tpot_ms == pytest.approx(0.710)
+    p = _predict(**shared, attention_background_cores=0.02, ffn_background_cores=0.01)
+    assert p.tpot_ms == pytest.approx(0.071 / 0.06)
+
+
+def test_background_that_leaves_no_compute_is_a_problem_not_a_division_by_zero():
+    p = _predict(attention_quota=CpuQuota(0.1), attention_background_cores=0.2)
+    assert not p.fits
+    assert "background threads take 0.20 of the 0.1 cores of an attention node's CPU quota" in p.problems[0]
+    assert p.tpot_ms == pytest.approx(0.023 / 0.01)  # predicted at a tenth of the quota
+    with pytest.raises(ConfigError, match="background_cores must be >= 0"):
+        Mix("x", 1, "x", 1, 1, 1, ffn_background_cores=-0.1)
+
+
 def test_bad_quota_and_call_costs_are_refused():
     with pytest.raises(ConfigError, match="cores > 0"):
         CpuQuota(cores=0.0)
