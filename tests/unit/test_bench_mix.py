@@ -479,7 +479,7 @@ def test_background_cores_are_the_cpu_that_grows_with_the_step_and_leave_the_cal
     assert fit_background_cores([uncapped, run(50.0, 9.0, 8.0)]) == (0.0, 0.0)  # CPU fell: no background
     mixes = load_mixes(_write(tmp_path, {"mixes": [MIX]}))
     spec = ModelSpec.from_config(_config(1000))
-    assert mixes.calibration_mix is not None and mixes.fit_background
+    assert mixes.calibration_mix is not None and not mixes.fit_background  # off unless a mixes file asks
     without = fit_host(mixes.calibration_mix, uncapped, mixes, spec)
     host = fit_host(mixes.calibration_mix, uncapped, mixes, spec, (attention, ffn))
     layers = spec.num_layers
