@@ -196,9 +196,10 @@ class MixesFile(_Model):
     """With a calibration mix and link calibration: fit the CPU each node takes beside its compute (its server's
     and transport's threads) from the calibration mix's runs at different step lengths (fit_background_cores),
     and count it against CPU quotas and the shared cores. False (the default): none, the per-call costs carry it
-    at the calibration's step length. Off because on the one run that compared both (README, "Hardware mixes")
-    it fitted 0.22-0.24 cores per node, more than a quarter-core FFN node was measured to leave its compute, and
-    the mean error rose from 27 to 31 %; the host drifted 30 % in that run, which the slope also takes in."""
+    at the calibration's step length. Off because in the two runs that compared both (README, "Measuring hardware
+    mixes") it raised the mean error, from 27 to 31 % (0.22-0.24 cores fitted, more than a quarter-core FFN node
+    was measured to leave its compute; the host drifted 30 % in that run, which the slope also takes in) and from
+    11 to 16 % (0.05-0.09 cores, a quiet run)."""
     recheck_calibration: bool = True
     """With a calibration mix: run it once more after the mixes (`calibration.recheck_run`), and report its
     decode tok/s against the run the fit rests on (`summary.calibration_drift_decode_tok_s`): how far this host
