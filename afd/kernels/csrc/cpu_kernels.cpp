@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -237,8 +238,9 @@ void pack_inputs_amx(const uint16_t* x, int64_t M, int64_t K, uint32_t* packed) 
       uint32_t* tile = packed + (b * depth_blocks + kb) * kAmxRows * kAmxRows;
       for (int64_t m = 0; m < kAmxRows; ++m) {
         const int64_t row = b * kAmxRows + m;
-        const auto* pairs = reinterpret_cast<const uint32_t*>(x + row * K + kb * kAmxDepth);
-        for (int64_t r = 0; r < kAmxRows; ++r) tile[r * kAmxRows + m] = row < M ? pairs[r] : 0u;
+        uint32_t pairs[kAmxRows] = {};
+        if (row < M) std::memcpy(pairs, x + row * K + kb * kAmxDepth, sizeof(pairs));  // 16 pairs of bf16
+        for (int64_t r = 0; r < kAmxRows; ++r) tile[r * kAmxRows + m] = pairs[r];
       }
     }
 }
