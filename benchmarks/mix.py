@@ -681,28 +681,32 @@ def _calibration_run(
 ) -> tuple[float, float, float, Prediction]:
     """What a calibration mix's run gives its fit: (TPOT ms, attention and FFN nodes' mean busy cores, the cost
     model's prediction of the mix with zero per-call costs and latency, i.e. the kernels and the bytes only)."""
+    step = _step_and_busy(measured)
+    if step is None:
+        raise AfdError(f"the {what} measured no TPOT or no CPU time (is cpuacct mounted?)")
+    zero = HostCalibration(0.0, 0.0, 0.0, "none")
+    base = predict(model, planner_mix(spec, mixes, model, measured.view, zero, measured.link_burst_bytes))
+    return (*step, base)
+
+
+def _step_and_busy(measured: MixMeasurement) -> tuple[float, float, float] | None:
+    """(TPOT ms, attention and FFN nodes' mean busy cores) of a run, None where it measured no TPOT or CPU time."""
     tpot_ms = measured.serve.get("mean_tpot_ms")
     busy_a = measured.busy.get("attention", {}).get("mean_cores")
     busy_f = measured.busy.get("ffn", {}).get("mean_cores")
     if not tpot_ms or busy_a is None or busy_f is None:
-        raise AfdError(f"the {what} measured no TPOT or no CPU time (is cpuacct mounted?)")
-    zero = HostCalibration(0.0, 0.0, 0.0, "none")
-    base = predict(model, planner_mix(spec, mixes, model, measured.view, zero, measured.link_burst_bytes))
-    return float(tpot_ms), float(busy_a), float(busy_f), base
+        return None
+    return float(tpot_ms), float(busy_a), float(busy_f)
 
 
 def fit_background_cores(runs: list[MixMeasurement]) -> tuple[float, float]:
     """(attention, FFN) node CPU taken beside the compute, cores: the slope of a node's CPU time per step against
     the step's length over runs of one shape (the calibration mix on its links), whose compute per step is the
     same; a slower link lengthens the step and adds only what the nodes' other threads take in the meantime.
-    (0, 0) with fewer than two runs or steps too close to tell apart (within 20 %); each in [0, 1)."""
-    points = []
-    for run in runs:
-        tpot_ms = run.serve.get("mean_tpot_ms")
-        busy_a = run.busy.get("attention", {}).get("mean_cores")
-        busy_f = run.busy.get("ffn", {}).get("mean_cores")
-        if tpot_ms and busy_a is not None and busy_f is not None:
-            points.append((float(tpot_ms), float(busy_a) * float(tpot_ms), float(busy_f) * float(tpot_ms)))
+    (0, 0) with fewer than two runs or steps too close to tell apart (within 20 %); each in [0,
+    MAX_BACKGROUND_CORES]."""
+    measured = [step for step in map(_step_and_busy, runs) if step is not None]
+    points = [(tpot_ms, busy_a * tpot_ms, busy_f * tpot_ms) for tpot_ms, busy_a, busy_f in measured]
     steps = [step for step, _, _ in points]
     if len(points) < 2 or max(steps) < 1.2 * min(steps):
         return 0.0, 0.0
