@@ -53,6 +53,17 @@ def test_linear_matches_torch_up_to_one_rounding(kernels, rows: int, inner: int,
     assert (got == expected).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 17])
+@pytest.mark.parametrize("inner", [96, 512, 1024])
+def test_an_output_does_not_depend_on_which_tile_row_computes_it(kernels, rows: int, inner: int) -> None:
+    """Weight rows are read in interleaved groups (one row per 4 KB page per tile) and the rest as adjacent rows:
+    dropping the first 5 weight rows moves every output to another group, tile slot or tail, and each must stay
+    bit-identical (the fused experts' equality with the per-expert path rests on it)."""
+    x, w = _bf16(rows, inner, seed=11), _bf16(1043, inner, scale=0.05, seed=12)
+    full, shifted = kernels.linear_bf16(x, w), kernels.linear_bf16(x, w[5:].contiguous())
+    assert torch.equal(full[:, 5:], shifted)
+
+
 def test_linear_refuses_bad_inputs_with_the_reason(kernels) -> None:
     x, w = _bf16(2, 64), _bf16(8, 64)
     with pytest.raises(RuntimeError, match="weight must be bfloat16"):

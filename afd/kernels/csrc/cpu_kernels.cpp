@@ -291,75 +291,107 @@ class TileScope {
   bool configured_ = false;
 };
 
-// y[m, n0 + i] = bf16(C[i][m]) for the accumulator tile `c` (16 x 16 fp32, row i = output n0 + i).
-inline void store_outputs(const float* c, int64_t outputs, int64_t m0, int64_t inputs, bf16* y, int64_t ldy,
-                          int64_t n0) {
+// y[m, n0 + i * step] = bf16(C[i][m]) for the accumulator tile `c` (16 x 16 fp32, row i = output n0 + i * step).
+inline void store_outputs(const float* c, int64_t m0, int64_t inputs, bf16* y, int64_t ldy, int64_t n0,
+                          int64_t step) {
   for (int64_t m = 0; m < inputs; ++m)
-    for (int64_t i = 0; i < outputs; ++i) y[(m0 + m) * ldy + n0 + i] = bf16(c[i * kAmxRows + m]);
+    for (int64_t i = 0; i < kAmxRows; ++i) y[(m0 + m) * ldy + n0 + i * step] = bf16(c[i * kAmxRows + m]);
 }
 
-// Outputs [n_begin, n_end) (n_end - n_begin a multiple of 16) for all M input rows, from the packed inputs,
-// on tiles configured by the caller (TileScope). Two weight blocks (32 rows) share each input tile and two input
+// Weight rows `step` apart in one tile so that each of its 16 rows lies in its own 4 KB page: the L2 streamer
+// follows one ascending stream per page, and 16 rows of K < 2048 packed into 4-8 pages read as interleaved
+// streams it tracks poorly (1024 x 512 bf16 through row-adjacent tiles read 18.6 GB/s where one row per page
+// read 24.3 in a standalone loop here, at the 2-thread read ceiling; 1024 x 1024: 24.0 vs 24.9).
+// At most 8 (rows of 256 or fewer columns share pages in pairs), so that a group stays a few parallel tasks' worth.
+int64_t rows_per_page(int64_t K) {
+  constexpr int64_t kPage = 4096, kMaxStep = 8;
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(uint16_t));
+  return row_bytes >= kPage ? 1 : std::min(kMaxStep, (kPage + row_bytes - 1) / row_bytes);
+}
+
+// Outputs first + step * i for i in [0, 16) (and [16, 32) where `pair`) for all M input rows, from the packed
+// inputs, on tiles configured by the caller (TileScope). Two weight blocks share each input tile and two input
 // blocks share each weight tile; past 32 input rows the weight rows are read again, from cache.
-__attribute__((target("amx-tile,amx-bf16"))) void linear_rows_amx(const uint32_t* packed, int64_t M, int64_t K,
-                                                                   const uint16_t* w, int64_t n_begin, int64_t n_end,
-                                                                   bf16* y, int64_t ldy) {
-  const int64_t depth_blocks = K / kAmxDepth, blocks = amx_input_blocks(M), stride = K * 2;
+__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint32_t* packed, int64_t M, int64_t K,
+                                                             const uint16_t* w, int64_t first, int64_t step, bool pair,
+                                                             bf16* y, int64_t ldy) {
+  const int64_t depth_blocks = K / kAmxDepth, blocks = amx_input_blocks(M), stride = step * K * 2;
   alignas(64) float c[4][kAmxRows * kAmxRows];
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += 2 * kAmxRows) {
-    const bool pair = n0 + 2 * kAmxRows <= n_end;
-    const uint16_t* w0 = w + n0 * K;
-    const uint16_t* w1 = pair ? w0 + kAmxRows * K : w0;
-    for (int64_t b = 0; b < blocks; b += 2) {
-      const bool second = b + 1 < blocks;
-      const uint32_t* p0 = packed + b * depth_blocks * kAmxRows * kAmxRows;
-      const uint32_t* p1 = second ? p0 + depth_blocks * kAmxRows * kAmxRows : p0;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t kb = 0; kb < depth_blocks; ++kb) {
-        _tile_loadd(4, w0 + kb * kAmxDepth, stride);
-        _tile_loadd(5, w1 + kb * kAmxDepth, stride);
-        _tile_loadd(6, p0 + kb * kAmxRows * kAmxRows, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-        if (second) {
-          _tile_loadd(7, p1 + kb * kAmxRows * kAmxRows, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
-      const int64_t m0 = b * kAmxRows, in0 = std::min(kAmxRows, M - m0);
-      store_outputs(c[0], kAmxRows, m0, in0, y, ldy, n0);
-      if (pair) store_outputs(c[2], kAmxRows, m0, in0, y, ldy, n0 + kAmxRows);
+  const uint16_t* w0 = w + first * K;
+  const uint16_t* w1 = pair ? w0 + kAmxRows * step * K : w0;
+  for (int64_t b = 0; b < blocks; b += 2) {
+    const bool second = b + 1 < blocks;
+    const uint32_t* p0 = packed + b * depth_blocks * kAmxRows * kAmxRows;
+    const uint32_t* p1 = second ? p0 + depth_blocks * kAmxRows * kAmxRows : p0;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < depth_blocks; ++kb) {
+      _tile_loadd(4, w0 + kb * kAmxDepth, stride);
+      _tile_loadd(5, w1 + kb * kAmxDepth, stride);
+      _tile_loadd(6, p0 + kb * kAmxRows * kAmxRows, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
       if (second) {
-        const int64_t m1 = m0 + kAmxRows, in1 = std::min(kAmxRows, M - m1);
-        store_outputs(c[1], kAmxRows, m1, in1, y, ldy, n0);
-        if (pair) store_outputs(c[3], kAmxRows, m1, in1, y, ldy, n0 + kAmxRows);
+        _tile_loadd(7, p1 + kb * kAmxRows * kAmxRows, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
       }
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    const int64_t m0 = b * kAmxRows, in0 = std::min(kAmxRows, M - m0);
+    const int64_t first1 = first + kAmxRows * step;
+    store_outputs(c[0], m0, in0, y, ldy, first, step);
+    if (pair) store_outputs(c[2], m0, in0, y, ldy, first1, step);
+    if (second) {
+      const int64_t m1 = m0 + kAmxRows, in1 = std::min(kAmxRows, M - m1);
+      store_outputs(c[1], m1, in1, y, ldy, first, step);
+      if (pair) store_outputs(c[3], m1, in1, y, ldy, first1, step);
     }
   }
 }
 
-// y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m, on the vector units.
+// Outputs [n_begin, n_end) (n_end - n_begin a multiple of 16) for all M input rows on the tiles: whole groups of
+// 32 * rows_per_page(K) rows as rows_per_page(K) interleaved pairs of tiles, the rest as adjacent rows. Each
+// output's sum is the same whichever tile row computes it.
+void linear_rows_amx(const uint32_t* packed, int64_t M, int64_t K, const uint16_t* w, int64_t n_begin,
+                     int64_t n_end, bf16* y, int64_t ldy) {
+  const int64_t step = rows_per_page(K), group = 2 * kAmxRows * step;
+  int64_t n0 = n_begin;
+  for (; n0 + group <= n_end; n0 += group)
+    for (int64_t offset = 0; offset < step; ++offset) amx_block(packed, M, K, w, n0 + offset, step, true, y, ldy);
+  for (; n0 < n_end; n0 += 2 * kAmxRows) amx_block(packed, M, K, w, n0, 1, n0 + 2 * kAmxRows <= n_end, y, ldy);
+}
+
+// y[m, first + j * step] for j < rows, all m, on the vector units: one tile of weight rows `step` apart.
+void vector_tile_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t first, int64_t step,
+                      int rows, bf16* y, int64_t ldy) {
+  float acc[kInputsPerTile * kRowsPerTile];
+  // The weight tile stays in L1 while every input row passes over it: weights are read once.
+  for (int64_t m0 = 0; m0 < M; m0 += kInputsPerTile) {
+    const int inputs = static_cast<int>(std::min<int64_t>(kInputsPerTile, M - m0));
+    tile(w + first * K, step * K, rows, x + m0 * K, K, inputs, K, acc, m0 == 0);
+    for (int i = 0; i < inputs; ++i)
+      for (int j = 0; j < rows; ++j) y[(m0 + i) * ldy + first + j * step] = bf16(acc[i * kRowsPerTile + j]);
+  }
+}
+
+// y[m, n] = bf16(sum_k x[m, k] * w[n, k]) for output rows n in [n_begin, n_end), all m, on the vector units:
+// whole groups of kRowsPerTile * rows_per_page(K) rows as interleaved tiles (one row per page, as on the AMX
+// path), the rest as adjacent rows. Each output's sum is the same whichever tile row computes it.
 void linear_rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n_begin, int64_t n_end,
                         bf16* y, int64_t ldy) {
-  float acc[kInputsPerTile * kRowsPerTile];
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowsPerTile) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRowsPerTile, n_end - n0));
-    // The weight tile stays in L1 while every input row passes over it: weights are read once.
-    for (int64_t m0 = 0; m0 < M; m0 += kInputsPerTile) {
-      const int inputs = static_cast<int>(std::min<int64_t>(kInputsPerTile, M - m0));
-      tile(w + n0 * K, K, rows, x + m0 * K, K, inputs, K, acc, m0 == 0);
-      for (int i = 0; i < inputs; ++i)
-        for (int j = 0; j < rows; ++j) y[(m0 + i) * ldy + n0 + j] = bf16(acc[i * kRowsPerTile + j]);
-    }
-  }
+  const int64_t step = rows_per_page(K), group = kRowsPerTile * step;
+  int64_t n0 = n_begin;
+  for (; n0 + group <= n_end; n0 += group)
+    for (int64_t offset = 0; offset < step; ++offset)
+      vector_tile_rows(x, M, K, w, n0 + offset, step, kRowsPerTile, y, ldy);
+  for (; n0 < n_end; n0 += kRowsPerTile)
+    vector_tile_rows(x, M, K, w, n0, 1, static_cast<int>(std::min<int64_t>(kRowsPerTile, n_end - n0)), y, ldy);
 }
 
 // y[m, n] for output rows n in [n_begin, n_end), all m: on the AMX tiles where `packed` holds the inputs
@@ -377,9 +409,10 @@ void linear_rows(const uint16_t* x, const uint32_t* packed, int64_t M, int64_t K
 }
 
 // Output rows per parallel task: enough work per task that the thread hand-off stays small; a multiple of the
-// AMX kernel's 32 rows (two tiles), so only the last rows of a matrix ever fall short of a tile.
+// AMX kernel's group (two tiles of rows_per_page(K) interleaved rows), so only the last rows of a matrix ever
+// fall outside a group.
 int64_t grain_rows(int64_t K, int64_t M) {
-  constexpr int64_t kUnit = 2 * kAmxRows;
+  const int64_t kUnit = 2 * kAmxRows * rows_per_page(K);
   const int64_t work = std::max<int64_t>(1, K * std::min<int64_t>(M, 8));
   return std::max<int64_t>(kUnit, ((int64_t{1} << 16) / work + kUnit - 1) / kUnit * kUnit);
 }
