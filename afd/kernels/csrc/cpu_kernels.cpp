@@ -440,6 +440,46 @@ void check_bf16_matrix(const torch::Tensor& t, const char* name) {
 
 inline float bf16_round(float v) { return static_cast<float>(bf16(v)); }
 
+__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// c10::BFloat16's rounding of 16 floats, bit for bit: to nearest even, any NaN to 0x7FC0.
+__attribute__((target("avx512f,avx512bw"))) inline __m256i round16_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i bias =
+      _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_bits(__m256i packed) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
+}
+
+
+// lanes[l] += x[c + l]^2 over c < n (a multiple of 16): rms_norm_bf16's scalar lanes, the same products and sums.
+__attribute__((target("avx512f,avx512bw"))) void sum_squares_avx512(const bf16* x, int64_t n, float* lanes) {
+  __m512 acc = _mm512_loadu_ps(lanes);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512 v = widen16(x + c);
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));  // not fused: the scalar loop rounds the product first
+  }
+  _mm512_storeu_ps(lanes, acc);
+}
+
+// o[k] = bf16(w[k] * bf16(x[k] * inv)) for k < n (a multiple of 16).
+__attribute__((target("avx512f,avx512bw"))) void scale_rows_avx512(const bf16* x, const bf16* w, float inv, int64_t n,
+                                                                   bf16* o) {
+  const __m512 scale = _mm512_set1_ps(inv);
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 normed = widen16_bits(round16_bf16(_mm512_mul_ps(widen16(x + k), scale)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), round16_bf16(_mm512_mul_ps(widen16(w + k), normed)));
+  }
+}
+
 // fn(r0, r1) over rows [0, rows) of `width` elements each: inline when they hold under 32K elements (a fork/join
 // of the thread pool costs more than that much work), else in parallel chunks of about 16K elements.
 template <class RowsFn>
@@ -483,36 +523,82 @@ namespace {
 
 // For every expert e with rows: y[start[e] + r, :] = x[start[e] + r, :] @ w[e]^T (w: [E, N, K]), as one
 // parallel region over (expert, block of output rows) tasks, so that a decode step with many lightly loaded
-// experts pays one fork/join per phase instead of one per expert.
+// experts pays one fork/join per phase instead of one per expert. Each thread packs the inputs of the experts
+// it works on for the tiles itself, when it reaches the expert's first task of its share: the packing runs in
+// parallel, beside the other thread's weight reads, and an expert split between the two threads is packed twice.
 void experts_linear(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, const std::vector<int64_t>& start,
                     const int64_t* count, int64_t E, bf16* y) {
   struct Task {
     int64_t expert, n_begin, n_end;
   };
   std::vector<Task> tasks;
-  // Each expert's inputs packed for the tiles once, before the tasks, where its row count takes the AMX path.
-  std::vector<int64_t> packed_at(E, -1);
-  int64_t packed_words = 0;
   for (int64_t e = 0; e < E; ++e) {
     if (!count[e]) continue;
     const int64_t grain = grain_rows(K, count[e]);
     for (int64_t n = 0; n < N; n += grain) tasks.push_back({e, n, std::min(N, n + grain)});
-    if (amx_serves(count[e], K)) {
-      packed_at[e] = packed_words;
-      packed_words += amx_packed_words(count[e], K);
-    }
   }
-  std::vector<uint32_t> packed(packed_words);
-  for (int64_t e = 0; e < E; ++e)
-    if (packed_at[e] >= 0) pack_inputs_amx(x + start[e] * K, count[e], K, packed.data() + packed_at[e]);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     TileScope tiles;
+    std::vector<uint32_t> packed;
+    int64_t packed_expert = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const Task& task = tasks[t];
       const int64_t e = task.expert;
-      const uint32_t* inputs = packed_at[e] >= 0 ? packed.data() + packed_at[e] : nullptr;
-      linear_rows(x + start[e] * K, inputs, count[e], K, w + e * N * K, task.n_begin, task.n_end, y + start[e] * N, N,
-                  tiles);
+      const uint16_t* rows = x + start[e] * K;
+      const bool on_tiles = amx_serves(count[e], K);
+      if (on_tiles && packed_expert != e) {
+        packed.resize(amx_packed_words(count[e], K));
+        pack_inputs_amx(rows, count[e], K, packed.data());
+        packed_expert = e;
+      }
+      linear_rows(rows, on_tiles ? packed.data() : nullptr, count[e], K, w + e * N * K, task.n_begin, task.n_end,
+                  y + start[e] * N, N, tiles);
+    }
+  });
+}
+
+// Columns [0, n) (a multiple of 16) of add_weighted_rows for one token: its `count` slots `slots`, `scale` the
+// bf16-rounded routing weights.
+__attribute__((target("avx512f,avx512bw"))) void add_weighted_avx512(const bf16* y, const float* scale,
+                                                                     const int64_t* slots, int64_t count, int64_t H,
+                                                                     int64_t n, bf16* o) {
+  for (int64_t c = 0; c < n; c += 16) {
+    __m512 sum = widen16(o + c);
+    for (int64_t i = 0; i < count; ++i) {
+      const __m512 product = _mm512_mul_ps(widen16(y + slots[i] * H + c), _mm512_set1_ps(scale[slots[i]]));
+      sum = _mm512_add_ps(sum, widen16_bits(round16_bf16(product)));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), round16_bf16(sum));
+  }
+}
+
+// out[t] = bf16(float(out[t]) + the sum, in fp32 and in slot order, of bf16(y[slot] * bf16(weight[slot])) over t's
+// slots): the torch path's `y * weights.to(bf16)` and index_add_ (one fp32 sum per token, rounded once), in one
+// pass. y: [A, H] bf16, one row per slot, slots grouped by expert (so a token's slots come in expert order);
+// token_of: [A] the slot's token; out: [T, H] bf16. Threads split the tokens, so each sum keeps its order.
+void add_weighted_rows(const bf16* y, const float* weight_of, const std::vector<int64_t>& token_of, int64_t T,
+                       int64_t H, bf16* out) {
+  const int64_t A = static_cast<int64_t>(token_of.size());
+  std::vector<int64_t> first(T + 1, 0), slots(A);
+  for (int64_t slot = 0; slot < A; ++slot) ++first[token_of[slot] + 1];
+  for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
+  std::vector<int64_t> fill(first.begin(), first.end() - 1);
+  for (int64_t slot = 0; slot < A; ++slot) slots[fill[token_of[slot]]++] = slot;
+  std::vector<float> scale(A);
+  for (int64_t slot = 0; slot < A; ++slot) scale[slot] = bf16_round(weight_of[slot]);
+  const int64_t vector_end = kIsa == Isa::kAvx512Bf16 ? H / 16 * 16 : 0;
+  for_rows(T, H * std::max<int64_t>(1, A / std::max<int64_t>(1, T)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (first[t] == first[t + 1]) continue;
+      bf16* o = out + t * H;
+      if (vector_end) add_weighted_avx512(y, scale.data(), slots.data() + first[t], first[t + 1] - first[t], H,
+                                          vector_end, o);
+      for (int64_t c = vector_end; c < H; ++c) {
+        float sum = static_cast<float>(o[c]);
+        for (int64_t i = first[t]; i < first[t + 1]; ++i)
+          sum += bf16_round(static_cast<float>(y[slots[i] * H + c]) * scale[slots[i]]);
+        o[c] = bf16(sum);
+      }
     }
   });
 }
@@ -581,21 +667,7 @@ torch::Tensor moe_swiglu_bf16(const torch::Tensor& hidden, const torch::Tensor& 
   auto ys = torch::empty({A, H}, options);
   const auto* act_u16 = reinterpret_cast<const uint16_t*>(act.data_ptr());
   experts_linear(act_u16, I, down_all, H, start, count, E, ys.data_ptr<bf16>());
-  auto routing = torch::from_blob(weight_of.data(), {A, 1}, torch::kFloat32).to(at::kBFloat16);
-  ys = ys * routing;
-  const bf16* y = ys.data_ptr<bf16>();
-  // Per token: its rows summed in fp32 in expert order, added to out and rounded once (index_add_'s order).
-  bf16* o = out.data_ptr<bf16>();
-  std::vector<float> sum(H);
-  std::vector<std::vector<int64_t>> rows_of(T);
-  for (int64_t slot = 0; slot < start[E]; ++slot) rows_of[token_of[slot]].push_back(slot);
-  for (int64_t t = 0; t < T; ++t) {
-    if (rows_of[t].empty()) continue;
-    for (int64_t c = 0; c < H; ++c) sum[c] = static_cast<float>(o[t * H + c]);
-    for (int64_t slot : rows_of[t])
-      for (int64_t c = 0; c < H; ++c) sum[c] += static_cast<float>(y[slot * H + c]);
-    for (int64_t c = 0; c < H; ++c) o[t * H + c] = bf16(sum[c]);
-  }
+  add_weighted_rows(ys.data_ptr<bf16>(), weight_of.data(), token_of, T, H, out.data_ptr<bf16>());
   return counts;
 }
 
@@ -617,6 +689,7 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   bf16* op = out.data_ptr<bf16>();
   const int64_t row_stride = x.stride(0), group_stride = x.dim() == 3 ? x.stride(1) : 0;
   const float feps = static_cast<float>(eps);
+  const bool vector = kIsa == Isa::kAvx512Bf16;
   auto norm_rows = [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t row = r / groups, group = r % groups;
@@ -624,17 +697,22 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
       const bf16* w = wp + (weight_rows == 1 ? 0 : group) * D;
       bf16* o = op + r * D;
       float lanes[16] = {0};
-      int64_t c = 0;
-      for (; c + 16 <= D; c += 16)
-        for (int l = 0; l < 16; ++l) {
-          const float v = static_cast<float>(in[c + l]);
-          lanes[l] += v * v;
-        }
+      const int64_t whole = D / 16 * 16;
+      if (vector)
+        sum_squares_avx512(in, whole, lanes);
+      else
+        for (int64_t c = 0; c < whole; c += 16)
+          for (int l = 0; l < 16; ++l) {
+            const float v = static_cast<float>(in[c + l]);
+            lanes[l] += v * v;
+          }
       float sum = 0;
       for (int l = 0; l < 16; ++l) sum += lanes[l];
-      for (; c < D; ++c) sum += static_cast<float>(in[c]) * static_cast<float>(in[c]);
+      for (int64_t c = whole; c < D; ++c) sum += static_cast<float>(in[c]) * static_cast<float>(in[c]);
       const float inv = 1.0f / std::sqrt(sum / static_cast<float>(D) + feps);
-      for (int64_t k = 0; k < D; ++k)
+      const int64_t scaled = vector ? whole : 0;
+      if (vector) scale_rows_avx512(in, w, inv, whole, o);
+      for (int64_t k = scaled; k < D; ++k)
         o[k] = bf16(static_cast<float>(w[k]) * bf16_round(static_cast<float>(in[k]) * inv));
     }
   };
@@ -643,11 +721,6 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
 }
 
 namespace {
-
-__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16(const bf16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
 
 // One (sequence, query head): softmax(q . K^T * scale) V over the sequence's `len` cached keys, as torch's CPU
 // flash attention rounds it for bf16: fp32 scores, exp(score - max) rounded to bf16 for the product with V,
@@ -838,20 +911,6 @@ torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos, const 
 }
 
 namespace {
-
-// c10::BFloat16's rounding of 16 floats, bit for bit: to nearest even, any NaN to 0x7FC0.
-__attribute__((target("avx512f,avx512bw"))) inline __m256i round16_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i bias =
-      _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(rounded);
-}
-
-__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_bits(__m256i packed) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
-}
 
 // dst[c] += float(src[c]) for c < n (a multiple of 16).
 __attribute__((target("avx512f,avx512bw"))) void add_widened_avx512(const bf16* src, float* dst, int64_t n) {
