@@ -40,7 +40,9 @@ TUNED_MAX_ROWS = 64
 SPLIT_MIN_BYTES = 16 << 20
 SPLIT_PARTS = 2
 # Decode batches up to this many tokens take the fused native expert kernel; prefill keeps torch's
-# batched matmuls, which are compute-bound there and use the CPU's matrix units.
+# batched matmuls, which are compute-bound there, except where the native kernels run on AMX tiles: there the
+# fused kernel serves every batch (on an AMX Xeon a 32 x 32-token prefill of the `afd bench engine` checkpoint
+# took 287 ms, median of 6 alternating runs, against 333 ms through the padded bmm).
 FUSED_EXPERTS_MAX_TOKENS = 64
 
 
@@ -113,12 +115,11 @@ def routed_experts_swiglu(
         hidden.device.type != "cpu"
         or hidden.dtype != torch.bfloat16
         or gate_up.dtype != torch.bfloat16
-        or hidden.shape[0] > FUSED_EXPERTS_MAX_TOKENS
         or not (gate_up.is_contiguous() and down.is_contiguous() and out.is_contiguous())
     ):
         return None
     module = native.load()
-    if module is None:
+    if module is None or (hidden.shape[0] > FUSED_EXPERTS_MAX_TOKENS and module.matrix_isa() != "amx_bf16"):
         return None
     counts = module.moe_swiglu_bf16(
         hidden.contiguous(),
