@@ -722,6 +722,29 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
 
 namespace {
 
+// values[t] = exp(values[t] - top) for t < n, 16 at a time (the tail masked, so every value takes the same
+// arithmetic): Cephes' expf, n = round(x log2 e), x - n ln 2 in two parts, a degree-6 polynomial and a scale by
+// 2^n, within 2 ulp of expf. libm's scalar expf was most of a decode attention call (256 per (sequence, kv head)
+// task at 64 keys). x is clamped at -87 (exp -87 = 1.6e-38: nothing next to the maximum's 1).
+__attribute__((target("avx512f,avx512bw"))) void exp_shifted_avx512(float* values, int64_t n, float top) {
+  const __m512 shift = _mm512_set1_ps(top), low = _mm512_set1_ps(-87.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 lanes = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
+    const __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, values + t), shift), low);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, x));
+    __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
+    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    _mm512_mask_storeu_ps(values + t, lanes, _mm512_scalef_ps(y, k));
+  }
+}
+
 // One (sequence, query head): softmax(q . K^T * scale) V over the sequence's `len` cached keys, as torch's CPU
 // flash attention rounds it for bf16: fp32 scores, exp(score - max) rounded to bf16 for the product with V,
 // the denominator summed in fp32, the output divided once and rounded once. AVX512 only: elsewhere the
@@ -744,8 +767,9 @@ __attribute__((target("avx512f,avx512bw"))) void attend_head(const bf16* q, cons
   }
   for (int64_t c = 0; c < D; ++c) acc[c] = 0.0f;
   float denominator = 0.0f;
+  exp_shifted_avx512(scores, len, top);
   for (int64_t t = 0; t < len; ++t) {
-    const float e = std::exp(scores[t] - top);
+    const float e = scores[t];
     denominator += e;
     const float p = bf16_round(e);
     const bf16* v = cache + slots[t] * width + v_off;
@@ -782,11 +806,12 @@ __attribute__((target("avx512f,avx512bw"))) void attend_group(const bf16* q, int
     }
   }
   for (int64_t i = 0; i < group * D; ++i) acc[i] = 0.0f;
+  for (int64_t h = 0; h < group; ++h) exp_shifted_avx512(scores + h * len, len, top[h]);
   for (int64_t t = 0; t < len; ++t) {
     const bf16* v = cache + slots[t] * width + v_off;
     for (int64_t c = 0; c < chunks; ++c) row[c] = widen16(v + 16 * c);
     for (int64_t h = 0; h < group; ++h) {
-      const float e = std::exp(scores[h * len + t] - top[h]);
+      const float e = scores[h * len + t];
       denominator[h] += e;
       const __m512 pv = _mm512_set1_ps(bf16_round(e));
       float* a = acc + h * D;
