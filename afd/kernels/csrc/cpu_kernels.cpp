@@ -213,6 +213,25 @@ inline void tile(const uint16_t* w, int64_t ldw, int rows, const uint16_t* x, in
 }
 
 
+__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16(const bf16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// c10::BFloat16's rounding of 16 floats, bit for bit: to nearest even, any NaN to 0x7FC0.
+__attribute__((target("avx512f,avx512bw"))) inline __m256i round16_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i bias =
+      _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_bits(__m256i packed) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
+}
+
 // --- AMX: weight tiles straight from the row-major weight, input rows repacked once per call ---------------
 //
 // A tile multiply C[16 x 16] += A[16 x 32] . B[16 x 32] (bf16 pairs, fp32 sums): A is 16 weight rows x 32
@@ -291,11 +310,31 @@ class TileScope {
   bool configured_ = false;
 };
 
-// y[m, n0 + i * step] = bf16(C[i][m]) for the accumulator tile `c` (16 x 16 fp32, row i = output n0 + i * step).
-inline void store_outputs(const float* c, int64_t m0, int64_t inputs, bf16* y, int64_t ldy, int64_t n0,
-                          int64_t step) {
-  for (int64_t m = 0; m < inputs; ++m)
-    for (int64_t i = 0; i < kAmxRows; ++i) y[(m0 + m) * ldy + n0 + i * step] = bf16(c[i * kAmxRows + m]);
+// y[m0 + m, n0 + i * step] = bf16(C[i][m]) for m < inputs, from the accumulator tile `c` (16 x 16 fp32, row i =
+// output n0 + i * step): from kVectorStoreMinInputs input rows on, a column of the tile gathered, rounded 16 at a
+// time (c10's rounding) and stored (the 32000-row LM head at 32 rows 5-6 % faster, alternating in one process);
+// below it one by one, which the gathers did not beat at 4-8 rows.
+constexpr int64_t kVectorStoreMinInputs = 8;
+__attribute__((target("avx512f,avx512bw"))) inline void store_outputs(const float* c, int64_t m0, int64_t inputs,
+                                                                      bf16* y, int64_t ldy, int64_t n0, int64_t step) {
+  if (inputs < kVectorStoreMinInputs) {
+    for (int64_t m = 0; m < inputs; ++m)
+      for (int64_t i = 0; i < kAmxRows; ++i) y[(m0 + m) * ldy + n0 + i * step] = bf16(c[i * kAmxRows + m]);
+    return;
+  }
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(kAmxRows));
+  for (int64_t m = 0; m < inputs; ++m) {
+    const __m256i rounded = round16_bf16(_mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(m)), c, 4));
+    bf16* out = y + (m0 + m) * ldy + n0;
+    if (step == 1) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), rounded);
+    } else {
+      alignas(32) bf16 values[kAmxRows];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(values), rounded);
+      for (int64_t i = 0; i < kAmxRows; ++i) out[i * step] = values[i];
+    }
+  }
 }
 
 // Weight rows `step` apart in one tile so that each of its 16 rows lies in its own 4 KB page: the L2 streamer
@@ -312,7 +351,7 @@ int64_t rows_per_page(int64_t K) {
 // Outputs first + step * i for i in [0, 16) (and [16, 32) where `pair`) for all M input rows, from the packed
 // inputs, on tiles configured by the caller (TileScope). Two weight blocks share each input tile and two input
 // blocks share each weight tile; past 32 input rows the weight rows are read again, from cache.
-__attribute__((target("amx-tile,amx-bf16"))) void amx_block(const uint32_t* packed, int64_t M, int64_t K,
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw"))) void amx_block(const uint32_t* packed, int64_t M, int64_t K,
                                                              const uint16_t* w, int64_t first, int64_t step, bool pair,
                                                              bf16* y, int64_t ldy) {
   const int64_t depth_blocks = K / kAmxDepth, blocks = amx_input_blocks(M), stride = step * K * 2;
@@ -440,24 +479,6 @@ void check_bf16_matrix(const torch::Tensor& t, const char* name) {
 
 inline float bf16_round(float v) { return static_cast<float>(bf16(v)); }
 
-__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16(const bf16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-// c10::BFloat16's rounding of 16 floats, bit for bit: to nearest even, any NaN to 0x7FC0.
-__attribute__((target("avx512f,avx512bw"))) inline __m256i round16_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i bias =
-      _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7FFF));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(rounded);
-}
-
-__attribute__((target("avx512f,avx512bw"))) inline __m512 widen16_bits(__m256i packed) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
-}
 
 
 // lanes[l] += x[c + l]^2 over c < n (a multiple of 16): rms_norm_bf16's scalar lanes, the same products and sums.
