@@ -5,7 +5,9 @@ Both builds go through torch's cpp_extension (the base into a temporary folder, 
 run alternately, `--repeats` times, on the same inputs: the bf16 linear at 1-32 input rows (a 32768 x 1024
 weight, 64 MiB, and 64 weights of 1024 x 1024, both far beyond the caches), the fused routed experts of one MoE
 layer (32 experts top-4, hidden 1024, intermediate 512, 16 layers' weights in rotation) at 1, 8 and 32 tokens,
-and decode attention (16 / 4 heads of 64). Every case first checks that both builds give identical outputs.
+and decode attention (16 / 4 heads of 64). Every case first checks that both builds give identical outputs
+(decode attention: within one bf16 step, as its exponentials may round differently between builds; the share of
+identical outputs is in its JSON line).
 Prints one JSON line per case (min / median / max per side, GB/s of weights read or microseconds, and the ratio
 of the medians) and a table.
 """
@@ -134,11 +136,14 @@ def cases(base: ModuleType, current: ModuleType, repeats: int) -> list[dict[str,
             q = torch.randn(seqs, heads, dim, generator=generator).bfloat16()
             slots, lens = torch.arange(seqs * ctx).view(seqs, ctx), torch.full((seqs,), ctx)
             args = (q, cache, slots, lens, 0, kv_heads * dim, kv_heads, 0.125)
-            if not torch.equal(base.decode_attention_bf16(*args), current.decode_attention_bf16(*args)):
-                raise AssertionError(f"decode attention {seqs} x {ctx}: the builds disagree")
+            ours, theirs = base.decode_attention_bf16(*args).double(), current.decode_attention_bf16(*args).double()
+            # A softmax sums terms near 1 that cancel: one bf16 step of those terms, as the kernel tests allow.
+            if not ((ours - theirs).abs() <= ours.abs().clamp_min(0.5) * 2**-7).all():
+                raise AssertionError(f"decode attention {seqs} x {ctx}: the builds differ by more than one bf16 step")
             sides = {side: functools.partial(_attentions, module, args, calls) for side, module in builds}
             per_call = functools.partial(lambda n, seconds: seconds / n * 1e6, calls)
-            results.append(compare(f"decode attention, {seqs} seqs x {ctx} keys", "us", sides, per_call, repeats))
+            row = compare(f"decode attention, {seqs} seqs x {ctx} keys", "us", sides, per_call, repeats)
+            results.append(row | {"identical_share": round((ours == theirs).double().mean().item(), 4)})
     return results
 
 

@@ -8,10 +8,10 @@ no Python loop over tokens:
   close to memory bandwidth (see afd.kernels);
 - on CPU when few experts are hit (small batches), a loop over just those experts, so the weights of
   idle experts are never read;
-- on CPU in bf16 for decode batches, ahead of all of these, the fused native kernel
-  (afd.kernels.routed_experts_swiglu) where it built: one call per layer that reads each hit expert's
-  weights once for all its tokens, with the same rounding as the torch paths below ("fused" forces it
-  where it serves; the other strategies force a torch path).
+- on CPU in bf16 for decode batches (and for every batch where the native kernels run on AMX tiles), ahead
+  of all of these, the fused native kernel (afd.kernels.routed_experts_swiglu) where it built: one call per
+  layer that reads each hit expert's weights once for all its tokens, with the same rounding as the torch
+  paths below ("fused" forces it where it serves; the other strategies force a torch path).
 
 Every other device (CUDA, ROCm, XPU, ... and `meta`) takes the sync-free path instead, chosen by the weights'
 device, not by a guess: all shapes are fixed by the request's shape, nothing is read back to the host (no
