@@ -228,10 +228,12 @@ def test_bf16_engine_tokens_agree_with_and_without_native_kernels(
     assert sum(leading) >= 0.8 * len(prompts) * params.max_tokens, leading
 
 
-def test_decode_attention_matches_torch_flash_attention(kernels) -> None:
+@pytest.mark.parametrize("dim", [64, 72])
+def test_decode_attention_matches_torch_flash_attention(kernels, dim: int) -> None:
     """Against gather + scaled_dot_product_attention (GQA 16/4 heads, padded contexts): every output within one
-    bf16 step of the values summed, and as close to the exact (float64) attention as torch's is."""
-    seqs, heads, kv_heads, dim, ctx = 3, 16, 4, 64, 70
+    bf16 step of the values summed, and as close to the exact (float64) attention as torch's is. Head dim 72 takes
+    the one-head-at-a-time kernel with a scalar end of each dot product."""
+    seqs, heads, kv_heads, ctx = 3, 16, 4, 70
     cache = _bf16(400, 2 * kv_heads * dim, seed=13)
     lens = torch.tensor([70, 5, 33])
     slots = torch.randint(0, 400, (seqs, ctx), generator=torch.Generator().manual_seed(14))
