@@ -118,8 +118,13 @@ def test_stacked_experts_take_the_fused_kernel_in_bf16_decode(kernels) -> None:
     # Prefill-sized batches keep the torch paths unless the kernels run on AMX tiles (then the fused call serves
     # them: 100 tokens to expert 0); other dtypes always do.
     many, one_each = _bf16(100, 32), torch.zeros(100, 1, dtype=torch.long)
-    served = routed_experts_swiglu(many, one_each, torch.ones(100, 1), gate_up, down, many.clone())
+    fused_many, looped_many = many.clone(), many.clone()
+    served = routed_experts_swiglu(many, one_each, torch.ones(100, 1), gate_up, down, fused_many)
     assert served == ([100, 0, 0, 0] if kernels.matrix_isa() == "amx_bf16" else None)
+    if served is not None:  # the same values as the torch path up to the roundings of its two products
+        StackedExperts(gate_up, down, "looped").forward(many, one_each, torch.ones(100, 1), looped_many)
+        step = looped_many.double().abs().clamp_min(0.25) * 2**-6
+        assert ((fused_many.double() - looped_many.double()).abs() <= step).all()
     h32 = h.float()
     assert routed_experts_swiglu(h32, ids, weights, gate_up.float(), down.float(), h32.clone()) is None
 
