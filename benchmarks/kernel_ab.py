@@ -136,14 +136,15 @@ def cases(base: ModuleType, current: ModuleType, repeats: int) -> list[dict[str,
             q = torch.randn(seqs, heads, dim, generator=generator).bfloat16()
             slots, lens = torch.arange(seqs * ctx).view(seqs, ctx), torch.full((seqs,), ctx)
             args = (q, cache, slots, lens, 0, kv_heads * dim, kv_heads, 0.125)
-            ours, theirs = base.decode_attention_bf16(*args).double(), current.decode_attention_bf16(*args).double()
+            base_out = base.decode_attention_bf16(*args).double()
+            current_out = current.decode_attention_bf16(*args).double()
             # A softmax sums terms near 1 that cancel: one bf16 step of those terms, as the kernel tests allow.
-            if not ((ours - theirs).abs() <= ours.abs().clamp_min(0.5) * 2**-7).all():
+            if not ((base_out - current_out).abs() <= base_out.abs().clamp_min(0.5) * 2**-7).all():
                 raise AssertionError(f"decode attention {seqs} x {ctx}: the builds differ by more than one bf16 step")
             sides = {side: functools.partial(_attentions, module, args, calls) for side, module in builds}
             per_call = functools.partial(lambda n, seconds: seconds / n * 1e6, calls)
             row = compare(f"decode attention, {seqs} seqs x {ctx} keys", "us", sides, per_call, repeats)
-            results.append(row | {"identical_share": round((ours == theirs).double().mean().item(), 4)})
+            results.append(row | {"identical_share": round((base_out == current_out).double().mean().item(), 4)})
     return results
 
 
