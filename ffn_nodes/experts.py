@@ -8,8 +8,8 @@ no Python loop over tokens:
   close to memory bandwidth (see afd.kernels);
 - on CPU when few experts are hit (small batches), a loop over just those experts, so the weights of
   idle experts are never read;
-- on CPU in bf16 for decode batches (and for every batch where the native kernels run on AMX tiles), ahead
-  of all of these, the fused native kernel (afd.kernels.routed_experts_swiglu) where it built: one call per
+- on CPU in bf16 for every batch where the native kernels have AVX512-BF16 (or AMX), for decode batches on AVX2,
+  ahead of all of these, the fused native kernel (afd.kernels.routed_experts_swiglu) where it built: one call per
   layer that reads each hit expert's weights once for all its tokens, with the same rounding as the torch
   paths below ("fused" forces it where it serves; the other strategies force a torch path).
 
