@@ -129,6 +129,52 @@ def test_stacked_experts_take_the_fused_kernel_in_bf16_decode(kernels) -> None:
     assert routed_experts_swiglu(h32, ids, weights, gate_up.float(), down.float(), h32.clone()) is None
 
 
+def test_busy_experts_take_the_library_matmul_with_the_torch_paths_values(kernels) -> None:
+    """Without AMX, an expert with 32 or more tokens runs its projections through torch's matmul inside the fused
+    call: with two such experts and two lightly loaded ones (vector tiles) in one call, the busy experts' tokens get
+    exactly the torch path's values (its F.linear above 64 rows, the same call) and the rest within one rounding."""
+    if kernels.available_isa() != "avx512_bf16" or kernels.matrix_isa() == "amx_bf16":
+        pytest.skip(f"the library path serves AVX512-BF16 CPUs without AMX (here {native.describe()})")
+    gate_up, down = _bf16(4, 128, 64, scale=0.1, seed=3), _bf16(4, 64, 64, scale=0.1, seed=4)
+    h = _bf16(203, 64, seed=5)
+    ids = torch.tensor([0] * 100 + [1] * 100 + [2, 3, 2]).unsqueeze(1)
+    weights = torch.rand(203, 1, generator=torch.Generator().manual_seed(6))
+    fused = torch.zeros(203, 64, dtype=torch.bfloat16)
+    assert routed_experts_swiglu(h, ids, weights, gate_up, down, fused) == [100, 100, 2, 1]
+    reference = torch.zeros(203, 64, dtype=torch.bfloat16)
+    for expert in range(4):  # each expert's rows through the torch path alone: above 64 rows it is F.linear
+        rows = ids[:, 0] == expert
+        part = torch.zeros(int(rows.sum()), 64, dtype=torch.bfloat16)
+        StackedExperts(gate_up, down, "looped").forward(h[rows], ids[rows], weights[rows], part)
+        reference[rows] = part
+    assert torch.equal(fused[:200], reference[:200])
+    step = reference[200:].double().abs().clamp_min(0.25) * 2**-6
+    assert ((fused[200:].double() - reference[200:].double()).abs() <= step).all()
+
+
+def test_fused_experts_reuse_their_scratch_rows_without_stale_values(kernels) -> None:
+    """The fused call keeps its working rows between calls: a large call, a small one and the large one again give
+    the large call's values both times, and the small one its own (stale rows would leak into either)."""
+    gate_up, down = _bf16(8, 64, 32, scale=0.1, seed=7), _bf16(8, 32, 32, scale=0.1, seed=8)
+    big_h, small_h = _bf16(60, 32, seed=9), _bf16(3, 32, seed=10)
+    big_ids = torch.randint(-1, 8, (60, 2), generator=torch.Generator().manual_seed(11))
+    small_ids = torch.tensor([[1, 5], [5, -1], [7, 1]])
+
+    def run(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(h)
+        weights = torch.linspace(0.1, 1.0, ids.numel()).view(ids.shape)
+        assert kernels.moe_swiglu_bf16(h, ids, weights, gate_up, down, out).sum().item() == int((ids >= 0).sum())
+        return out
+
+    first = run(big_h, big_ids)
+    small = run(small_h, small_ids)
+    assert torch.equal(run(big_h, big_ids), first)
+    looped = torch.zeros_like(small_h)
+    weights = torch.linspace(0.1, 1.0, small_ids.numel()).view(small_ids.shape)
+    StackedExperts(gate_up, down, "looped").forward(small_h, small_ids, weights, looped)
+    assert torch.equal(small, looped)
+
+
 def _run(code: str, **env: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", code],

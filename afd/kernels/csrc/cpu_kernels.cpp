@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,20 @@ int64_t amx_min_rows() {
 }
 
 const int64_t kAmxMinRows = amx_min_rows();
+
+// Tokens from which one expert's projection goes to torch's matmul (oneDNN) instead of the vector tiles, where
+// the tiles are not AMX (AFD_NATIVE_LIBRARY_MIN_ROWS overrides; 0: never). From a few dozen rows on the product is
+// compute-bound, and oneDNN's blocked kernels beat the tiles' per-row dot products there. On a 2-vCPU AMD EPYC
+// (avx512_bf16), one MoE layer of the `afd bench engine` checkpoint (32 experts top-4), medians of 22 calls, two
+// processes per setting, alternating: 1024 tokens 20.4-21.1 ms (from 32 rows) against 26.5-28.9 (tiles only);
+// 512 tokens 12.9-13.3 against 14.1-14.6; 256 tokens (about 32 rows per expert) 8.6 against 8.4-8.7, where from
+// 16 rows it took 9.1-9.5.
+int64_t library_min_rows() {
+  const char* value = std::getenv("AFD_NATIVE_LIBRARY_MIN_ROWS");
+  return value && *value ? std::max<int64_t>(0, std::atoll(value)) : 32;
+}
+
+const int64_t kLibraryMinRows = library_min_rows();
 
 // The four horizontal sums of a, b, c, d as one vector [sum(a), sum(b), sum(c), sum(d)]: a transpose-and-add tree
 // of ~10 instructions for all four, where four _mm512_reduce_add_ps cost ~10 each.
@@ -242,6 +257,9 @@ constexpr int64_t kAmxRows = 16;  // weight rows per A tile, input rows per B ti
 constexpr int64_t kAmxDepth = 32; // bf16 columns per tile
 
 bool amx_serves(int64_t M, int64_t K) { return kAmx && M >= kAmxMinRows && K % kAmxDepth == 0; }
+
+// One expert's M rows go to torch's matmul (see kLibraryMinRows), never where the AMX tiles serve them.
+bool library_serves(int64_t M, int64_t K) { return kLibraryMinRows > 0 && M >= kLibraryMinRows && !amx_serves(M, K); }
 
 int64_t amx_input_blocks(int64_t M) { return (M + kAmxRows - 1) / kAmxRows; }
 
@@ -550,8 +568,17 @@ void experts_linear(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, 
     int64_t expert, n_begin, n_end;
   };
   std::vector<Task> tasks;
+  const auto options = torch::TensorOptions().dtype(at::kBFloat16);
   for (int64_t e = 0; e < E; ++e) {
     if (!count[e]) continue;
+    if (library_serves(count[e], K)) {
+      // torch's own matmul, on all threads, one expert after another: the torch path's call, so its roundings.
+      auto* rows = const_cast<uint16_t*>(x + start[e] * K);
+      auto* weight = const_cast<uint16_t*>(w + e * N * K);
+      auto out = torch::from_blob(y + start[e] * N, {count[e], N}, options);
+      at::mm_out(out, torch::from_blob(rows, {count[e], K}, options), torch::from_blob(weight, {N, K}, options).t());
+      continue;
+    }
     const int64_t grain = grain_rows(K, count[e]);
     for (int64_t n = 0; n < N; n += grain) tasks.push_back({e, n, std::min(N, n + grain)});
   }
@@ -623,6 +650,43 @@ void add_weighted_rows(const bf16* y, const float* weight_of, const std::vector<
 
 }  // namespace
 
+namespace {
+
+// Working rows of moe_swiglu_bf16, kept per calling thread and only ever grown: a prefill-sized call needs tens of
+// MB, and fresh buffers on every call took their page faults again each time (glibc hands large freed blocks back
+// to the kernel): on the AMD EPYC a 1024-token MoE layer took 35-44 ms with fresh buffers, 20-21 ms reusing them.
+class ScratchRows {
+ public:
+  // Buffer `which` (0-3), at least `elements` bf16 long, 64-byte aligned; its contents are left as they were.
+  bf16* get(int which, int64_t elements) {
+    Buffer& buffer = buffers_[which];
+    if (buffer.capacity < elements) {
+      const int64_t capacity = std::max<int64_t>(elements, 1) * static_cast<int64_t>(sizeof(bf16));
+      buffer.data.reset(static_cast<bf16*>(std::aligned_alloc(64, (capacity + 63) / 64 * 64)));
+      TORCH_CHECK(buffer.data, "out of memory for ", capacity, " bytes of expert scratch rows");
+      buffer.capacity = elements;
+    }
+    return buffer.data.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(bf16* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<bf16, Free> data;
+    int64_t capacity = 0;
+  };
+  Buffer buffers_[4];
+};
+
+ScratchRows& moe_scratch() {
+  thread_local ScratchRows scratch;
+  return scratch;
+}
+
+}  // namespace
+
 // Adds sum_e weight[t, e] * down_e(silu(gate_e(x_t)) * up_e(x_t)) into out[t] for every token t and each of
 // its local experts e (expert_ids -1: held elsewhere, skipped). Each hit expert's weights are read once for
 // all of its tokens. Returns the tokens each local expert received ([num_local] int64).
@@ -671,21 +735,24 @@ torch::Tensor moe_swiglu_bf16(const torch::Tensor& hidden, const torch::Tensor& 
   const auto* down_all = reinterpret_cast<const uint16_t*>(down.data_ptr());
   // Phase 1: every hit expert's gate/up rows, its tokens gathered into one block per expert.
   const int64_t A = start[E];
-  const auto options = hidden.options();
-  auto xs = torch::empty({A, H}, options);
-  auto hs = torch::empty({A, 2 * I}, options);
-  bf16* xsp = xs.data_ptr<bf16>();
+  ScratchRows& scratch = moe_scratch();
+  bf16* xs = scratch.get(0, A * H);
+  bf16* hs = scratch.get(1, A * 2 * I);
+  bf16* act = scratch.get(2, A * I);
+  bf16* ys = scratch.get(3, A * H);
   const bf16* hidden_p = hidden.data_ptr<bf16>();
-  for (int64_t slot = 0; slot < A; ++slot) std::copy_n(hidden_p + token_of[slot] * H, H, xsp + slot * H);
-  const auto* xs_u16 = reinterpret_cast<const uint16_t*>(xsp);
-  experts_linear(xs_u16, H, gu_all, 2 * I, start, count, E, hs.data_ptr<bf16>());
+  for (int64_t slot = 0; slot < A; ++slot) std::copy_n(hidden_p + token_of[slot] * H, H, xs + slot * H);
+  experts_linear(reinterpret_cast<const uint16_t*>(xs), H, gu_all, 2 * I, start, count, E, hs);
   // Phase 2: silu(gate) * up with torch's own vectorised kernels, so the roundings are the torch path's.
-  auto act = (at::silu(hs.narrow(1, 0, I)) * hs.narrow(1, I, I)).contiguous();
+  const auto options = hidden.options();
+  auto gate_up_rows = torch::from_blob(hs, {A, 2 * I}, options);
+  auto gate = gate_up_rows.narrow(1, 0, I);
+  at::silu_(gate);
+  auto act_rows = torch::from_blob(act, {A, I}, options);
+  at::mul_out(act_rows, gate, gate_up_rows.narrow(1, I, I));
   // Phase 3: down, then each row times its routing weight rounded to bf16 (as the torch path multiplies).
-  auto ys = torch::empty({A, H}, options);
-  const auto* act_u16 = reinterpret_cast<const uint16_t*>(act.data_ptr());
-  experts_linear(act_u16, I, down_all, H, start, count, E, ys.data_ptr<bf16>());
-  add_weighted_rows(ys.data_ptr<bf16>(), weight_of.data(), token_of, T, H, out.data_ptr<bf16>());
+  experts_linear(reinterpret_cast<const uint16_t*>(act), I, down_all, H, start, count, E, ys);
+  add_weighted_rows(ys, weight_of.data(), token_of, T, H, out.data_ptr<bf16>());
   return counts;
 }
 
