@@ -17,6 +17,7 @@ from afd.checkpoint import CheckpointReader
 from afd.devices import parse_device
 from afd.dtypes import resolve_dtype
 from afd.errors import ConfigError, RequestError
+from afd.host_memory import retain_freed_memory
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.sampling_params import SamplingParams
@@ -92,7 +93,9 @@ class AttentionEngine:
         dtype = resolve_dtype(config.dtype, spec.dtype)
         device = parse_device(config.device)
         model = AttentionHalfModel.load(model_dir, max_len, dtype=dtype, spec=spec, reader=reader, device=device)
-        return cls(model, transport, placement, config, max_len)
+        engine = cls(model, transport, placement, config, max_len)
+        retain_freed_memory(device)  # after the weights and the KV cache are allocated (afd.host_memory says why)
+        return engine
 
     @property
     def placement(self) -> ExpertPlacement | None:

@@ -283,13 +283,15 @@ def run(
     placement, transport = local_ffn_pool(
         model_dir, ffn_shards, "bfloat16", device=ffn_device or device, attention_device=device
     )
-    engine = AttentionEngine.load(model_dir, transport, placement, config)
+    # The reference loads first: the engine's load changes the process's heap thresholds (afd.host_memory), and
+    # transformers' weights then land where they would in a process of its own; both sides' activations share them.
     reference: Any = None
     try:
         reference = reference_model(model_dir, torch.bfloat16).to(compute)
         skipped: dict[str, Any] = {}
     except ReferenceUnavailable as exc:
         skipped = {"transformers_skipped": str(exc)}
+    engine = AttentionEngine.load(model_dir, transport, placement, config)
     results = []
     for batch in batches:
         prompts = _prompts(batch, prompt_len, spec.vocab_size)
@@ -380,11 +382,13 @@ def _start_peer(
 
 
 def _kernels_context() -> dict[str, Any]:
+    from afd import host_memory
     from afd.kernels import native, tuning
 
     return {
         "native_kernels": native.describe(),
         "linear_forms": tuning.choices(),
+        "host_malloc": host_memory.describe(),
     }
 
 

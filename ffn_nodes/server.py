@@ -36,6 +36,7 @@ from afd.devices import parse_device
 from afd.dtypes import COMPUTE_DTYPES, resolve_dtype
 from afd.errors import AfdError, ConfigError, PeerError
 from afd.ffn_messages import FfnRequest
+from afd.host_memory import retain_freed_memory
 from afd.model_spec import ModelSpec
 from afd.placement import ExpertPlacement
 from afd.transport.backends import ChannelAcceptor, ChannelRequest, channel_acceptors
@@ -309,6 +310,7 @@ class FfnNodeServer:
         last report, and computes for frames still addressed under it, is reported under this shard's local
         id of the same global expert (Batcher.take_load).
         """
+        retain_freed_memory(self.config.compute_device)  # once its first weights are loaded (see afd.host_memory)
         if self.shard is not None and self.shard.placement.version != shard.placement.version:
             if self.previous_shard is not None:
                 self.batcher.retire(self.previous_shard)
