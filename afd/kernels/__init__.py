@@ -1,8 +1,8 @@
 """Kernels by operation, one interface each, with the implementation chosen per device and shape.
 
 - `linear(x, weight, bias)`: every projection of both halves (attention, gates, experts, LM head).
-- `routed_experts_swiglu(...)`: the FFN node's routed experts for a small batch (the decode step), or
-  None where no fused implementation serves and the caller's torch path runs.
+- `routed_experts_swiglu(...)`: the FFN node's routed experts in one call (every batch with AVX512-BF16 or AMX,
+  decode batches with AVX2), or None where no fused implementation serves and the caller's torch path runs.
 - `paged_decode_attention(...)`: attention of one new token per sequence read straight from the paged KV
   cache (no gather of the context), or None for the torch path (gather + scaled_dot_product_attention).
 - `rms_norm(x, weight, eps)`: RMSNorm in one native call for bf16 on CPU (torch decomposes it into eight

@@ -12,6 +12,9 @@
 // from a few rows on, the dot products, not the memory, bound a decode step's experts and LM head, and a
 // tile multiply does 16x16x32 products where an AVX512-BF16 instruction does 16x2.
 //
+// In the fused experts, an expert with enough tokens (prefill) runs its two projections through torch's own
+// matmul (oneDNN) instead, where the CPU has no AMX: compute-bound there, its blocked kernels are the faster ones.
+//
 // Rounding follows the reference models: products accumulate in fp32 and are rounded to bf16 once per
 // linear; the SwiGLU rounds after each op as the torch code does (gate/up, silu, product, down, weight).
 
