@@ -42,7 +42,8 @@ SPLIT_PARTS = 2
 # With AVX512-BF16 dot products (and on AMX tiles) the fused native expert kernel serves every batch: prefill too,
 # where it beats torch's padded bmm (on a 2-vCPU AMD EPYC, avx512_bf16, one layer of the `afd bench engine`
 # checkpoint at 128 / 256 / 1024 / 2048 tokens: 6.1 / 7.7 / 32.3 / 67.8 ms against 12.4 / 11.8 / 44.0 / 80.7, medians
-# of 7 alternating calls; on an AMX Xeon a 32 x 32-token prefill took 287 ms against 333). With AVX2 only it serves
+# of 7 alternating calls, before the busy experts took torch's matmul inside it: 20-21 ms at 1024 tokens since; on
+# an AMX Xeon a 32 x 32-token prefill took 287 ms against 333). With AVX2 only it serves
 # decode batches up to this many tokens: at 1024 tokens it took 190 ms against the bmm's 44.
 FUSED_EXPERTS_MAX_TOKENS = 64
 

@@ -660,13 +660,13 @@ namespace {
 // to the kernel): on the AMD EPYC a 1024-token MoE layer took 35-44 ms with fresh buffers, 20-21 ms reusing them.
 class ScratchRows {
  public:
-  // Buffer `which` (0-3), at least `elements` bf16 long, 64-byte aligned; its contents are left as they were.
+  // Buffer `which` (0-3), at least `elements` bf16 long, 64-byte aligned, holding whatever an earlier call left.
   bf16* get(int which, int64_t elements) {
     Buffer& buffer = buffers_[which];
     if (buffer.capacity < elements) {
-      const int64_t capacity = std::max<int64_t>(elements, 1) * static_cast<int64_t>(sizeof(bf16));
-      buffer.data.reset(static_cast<bf16*>(std::aligned_alloc(64, (capacity + 63) / 64 * 64)));
-      TORCH_CHECK(buffer.data, "out of memory for ", capacity, " bytes of expert scratch rows");
+      const int64_t bytes = std::max<int64_t>(elements, 1) * static_cast<int64_t>(sizeof(bf16));
+      buffer.data.reset(static_cast<bf16*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
+      TORCH_CHECK(buffer.data, "out of memory for ", bytes, " bytes of expert scratch rows");
       buffer.capacity = elements;
     }
     return buffer.data.get();
