@@ -6,15 +6,17 @@ every linear form (afd.kernels.tuning.LINEAR_FORMS: the native kernel where it b
 weight-stationary torch forms), alternating them over the repeats, and for the routed experts of one MoE
 layer the fused native kernel against the torch path (ffn_nodes.experts, "looped" and "padded").
 Prints a table and one JSON line per case, with min / median / max GB/s per form and the ratio of each
-median to the baseline (`F.linear`, or the looped torch experts) measured in the same run.
+median to the baseline (`F.linear`, or the looped torch experts) measured in the same run. `--experts-tokens 256
+1024` adds prefill-sized expert batches (compute-bound there: compare the forms' ratios, not GB/s to the probe).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from rich.console import Console
@@ -99,11 +101,14 @@ def measure_experts(
     return results
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__)
+    parser.add_argument("--experts-tokens", type=int, nargs="+", default=[1, 8, 32], help="tokens per expert batch")
+    args = parser.parse_args(argv)
     rows = []
     for shape in ((1536, 1024), (1024, 512), (32000, 1024)):
         rows += measure_linear(*shape)
-    rows += measure_experts()
+    rows += measure_experts(tokens=tuple(args.experts_tokens))
     table = Table(title="bf16 weight streaming (GB/s of weights read, median \\[min-max]), weights rotating 256 MiB")
     for column in ("case", "rows", "form", "GB/s", "vs baseline"):
         table.add_column(column)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,6 @@ print(applied, mapped, kept, host_memory.describe())
 
 
 def _probe(device: str, **env: str) -> list[str]:
-    import os
-
     result = subprocess.run(
         [sys.executable, "-c", PROBE, device],
         cwd=REPO,

@@ -71,15 +71,16 @@ bool detect_amx() {
 
 const bool kAmx = detect_amx();
 
+// An integer setting from the environment, at least `floor`; `fallback` where unset or empty.
+int64_t env_rows(const char* name, int64_t fallback, int64_t floor) {
+  const char* value = std::getenv(name);
+  return value && *value ? std::max<int64_t>(floor, std::atoll(value)) : fallback;
+}
+
 // Input rows from which a linear runs on the AMX tiles (AFD_NATIVE_AMX_MIN_ROWS overrides). Below it the
 // AVX512 dot products keep up with memory and skip the tile round trip. The choice depends on the row count
 // only, so the fused experts and a per-expert linear of the same rows round identically.
-int64_t amx_min_rows() {
-  const char* value = std::getenv("AFD_NATIVE_AMX_MIN_ROWS");
-  return value && *value ? std::max<int64_t>(1, std::atoll(value)) : 4;
-}
-
-const int64_t kAmxMinRows = amx_min_rows();
+const int64_t kAmxMinRows = env_rows("AFD_NATIVE_AMX_MIN_ROWS", 4, 1);
 
 // Tokens from which one expert's projection goes to torch's matmul (oneDNN) instead of the vector tiles, where
 // the tiles are not AMX (AFD_NATIVE_LIBRARY_MIN_ROWS overrides; 0: never). From a few dozen rows on the product is
@@ -88,12 +89,7 @@ const int64_t kAmxMinRows = amx_min_rows();
 // processes per setting, alternating: 1024 tokens 20.4-21.1 ms (from 32 rows) against 26.5-28.9 (tiles only);
 // 512 tokens 12.9-13.3 against 14.1-14.6; 256 tokens (about 32 rows per expert) 8.6 against 8.4-8.7, where from
 // 16 rows it took 9.1-9.5.
-int64_t library_min_rows() {
-  const char* value = std::getenv("AFD_NATIVE_LIBRARY_MIN_ROWS");
-  return value && *value ? std::max<int64_t>(0, std::atoll(value)) : 32;
-}
-
-const int64_t kLibraryMinRows = library_min_rows();
+const int64_t kLibraryMinRows = env_rows("AFD_NATIVE_LIBRARY_MIN_ROWS", 32, 0);
 
 // The four horizontal sums of a, b, c, d as one vector [sum(a), sum(b), sum(c), sum(d)]: a transpose-and-add tree
 // of ~10 instructions for all four, where four _mm512_reduce_add_ps cost ~10 each.
