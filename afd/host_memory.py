@@ -3,13 +3,13 @@
 Why: a CPU prefill step allocates and frees tens of MB of activations per layer (projections, attention,
 norms). glibc's malloc serves a block above its mmap threshold (128 KiB at start, then whatever was freed last,
 at most 32 MiB) with a fresh mmap, and gives the top of the heap back to the kernel once more than twice that
-threshold is free there, so each step faulted its pages in again. On a 2-vCPU AMD EPYC (avx512_bf16) a 32 x
-32-token prefill of the `afd bench engine` checkpoint took 324-470 ms (median 434) with glibc's defaults and
-287-346 ms (median 296) with the thresholds below, decode unchanged (29.4-35.0 against 28.9-31.4 ms per step at
-batch 32): three alternating processes of five runs each. Applied once the weights are in memory: set at process
-start (the same values through MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), which loads the weights under 32
-MiB onto the heap too, decode at batch 32 took 31.9-46.6 ms per step against 30.2-33.5 in the same hour (which
-allocation slowed it was not measured).
+threshold is free there, so each step faulted its pages in again. On a 2-vCPU AMD EPYC (avx512_bf16),
+`python -m benchmarks.engine_ab --base-env AFD_HOST_MALLOC=default --ffn-shards 1 --batch 8 32` gave the 32 x
+32-token prefill step of the `afd bench engine` checkpoint 268 ms (median) with the thresholds below against 305
+with glibc's defaults (8 x 32 tokens: 105 against 98, within the spread), decode 1.04x at batch 32.
+Applied once the weights are in memory: set at process start (the same values through MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_), which loads the weights under 32 MiB onto the heap too, decode at batch 32 took 31.9-46.6
+ms per step against 30.2-33.5 in the same hour (an ad-hoc timing; which allocation slowed it was not measured).
 
 `AFD_HOST_MALLOC=default` leaves glibc's own thresholds. Elsewhere than glibc (musl, macOS) this does nothing.
 """
@@ -36,8 +36,8 @@ _applied = False
 
 
 def retain_freed_memory(device: torch.device | str = "cpu") -> bool:
-    """Set the thresholds above for this process where `device` is the CPU and the C library is glibc (once;
-    later calls return the first one's result). Returns whether they are in effect."""
+    """Set the thresholds above for this process where `device` is the CPU and the C library is glibc; calls after
+    the first that set them change nothing. Returns whether they are in effect."""
     global _applied
     if torch.device(device).type != "cpu" or os.environ.get(ENV, "").strip().lower() == "default":
         return _applied
