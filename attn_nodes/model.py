@@ -7,6 +7,7 @@ post-attention norm and gate top-k; the FFN nodes' partial sums are added by the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from afd.checkpoint import CheckpointReader
-from afd.kernels import linear
+from afd.kernels import linear, packed_linear
 from afd.model_spec import ModelSpec, MoeSpec
 from afd.tensor_names import TensorNames
 from attn_nodes.attention import GqaAttention, MlaAttention, rms_norm
@@ -59,6 +60,13 @@ class AttentionHalfModel:
         self.dtype = embed.dtype
         self.device = embed.device
         """Where every weight, the KV cache and each step's tensors live (the node's --device)."""
+        packed_linear.allow(self._projection_weights())  # they live as long as the model: the tuner may pack them
+
+    def _projection_weights(self) -> Iterator[torch.Tensor]:
+        """The LM head and every attention projection matrix (the weights `linear` multiplies each step)."""
+        yield self.lm_head
+        for layer in self.layers:
+            yield from (value for value in vars(layer.attention).values() if isinstance(value, torch.Tensor))
 
     @classmethod
     def load(

@@ -3,8 +3,9 @@
 Decode reads every weight once per step, so what matters is GB/s of weights read. The weight sets rotate
 through 256 MiB so that the last-level cache cannot hold them. For each shape and row count it measures
 every linear form (afd.kernels.tuning.LINEAR_FORMS: the native kernel where it built, `F.linear`, the
-weight-stationary torch forms), alternating them over the repeats, and for the routed experts of one MoE
-layer the fused native kernel against the torch path (ffn_nodes.experts, "looped" and "padded").
+weight-stationary torch forms, oneDNN on the packed weight where torch has it), alternating them over the
+repeats, and for the routed experts of one MoE layer the fused native kernel against the torch path
+(ffn_nodes.experts, "looped" and "padded").
 Prints a table and one JSON line per case, with min / median / max GB/s per form and the ratio of each
 median to the baseline (`F.linear`, or the looped torch experts) measured in the same run. `--experts-tokens 256
 1024` adds prefill-sized expert batches (compute-bound there: compare the forms' ratios, not GB/s to the probe).
@@ -22,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from afd.kernels import linear_form
+from afd.kernels import linear_form, packed_linear
 from afd.kernels.tuning import candidates
 from ffn_nodes.experts import StackedExperts
 
@@ -64,6 +65,7 @@ def measure_linear(out_features: int, in_features: int, row_counts: tuple[int, .
     count = max(2, ROTATION_BYTES // nbytes)
     base = torch.randn(out_features, in_features).to(torch.bfloat16)
     weights = [base] + [base.clone() for _ in range(count - 1)]
+    packed_linear.allow(weights)  # as the model's own weights are
     results = []
     for rows in row_counts:
         x = torch.randn(rows, in_features).to(torch.bfloat16)

@@ -19,8 +19,9 @@ Intel Xeon with AMX, torch's weight-stationary forms (`torch.mv`, `w @ x.T`, the
 in one `bmm`) streamed bf16 weights at 16-28 GB/s against 11-15 GB/s for `F.linear`; on an AMD EPYC
 (avx512_bf16, no AMX) `F.linear` read 48.6 GB/s against 27.7 GB/s for `torch.mv` on a 1536x1024 matrix.
 So on CPU with bf16 and up to 64 rows, the form is measured at first use for each weight shape and
-power-of-two row count (afd.kernels.tuning), among torch's two forms and the native kernels
-(afd.kernels.native, C++ built on this machine) where they built. Other devices and dtypes take
+power-of-two row count (afd.kernels.tuning), among torch's two forms, the native kernels
+(afd.kernels.native, C++ built on this machine) where they built, and oneDNN on a weight packed once
+(afd.kernels.packed_linear; at a few dozen rows, where the product is compute-bound). Other devices and dtypes take
 `F.linear` and torch's own choice inside it. All forms compute the same products with fp32
 accumulation; they differ only in the order of the fp32 sums.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from afd.kernels import native
+from afd.kernels import native, packed_linear
 from afd.kernels.tuning import LINEAR_FORMS, choose_linear_form
 
 # Above this many rows the product is compute-bound and the library's own choice is as good.
@@ -85,6 +86,8 @@ def linear_form(name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
         return _stationary(x, weight)
     if name == "library":
         return F.linear(x, weight)
+    if name == "packed":
+        return packed_linear.linear(x, weight)
     raise ValueError(f"unknown linear form {name!r}; expected one of {LINEAR_FORMS}")
 
 
@@ -92,7 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`x: [rows, in]` @ `weight: [out, in]`.T (+ `bias: [out]`) -> `[rows, out]`, contiguous, x's dtype."""
     if not _tuned(x, weight):
         return F.linear(x, weight, bias)
-    form = choose_linear_form(x.shape[0], weight.shape[0], weight.shape[1], linear_form)
+    form = choose_linear_form(x.shape[0], weight.shape[0], weight.shape[1], linear_form, packed_linear.packable(weight))
     out = linear_form(form, x, weight)
     return out if bias is None else out + bias
 

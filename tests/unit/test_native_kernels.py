@@ -217,7 +217,7 @@ def test_disabled_native_kernels_fall_back_to_torch() -> None:
 
 def test_the_tuner_keeps_the_fastest_form_and_measures_each_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
     tuning.reset()
-    monkeypatch.setattr(tuning, "candidates", lambda: ("native", "library", "stationary"))
+    monkeypatch.setattr(tuning, "candidates", lambda packable=True: ("native", "library", "stationary"))
     monkeypatch.setattr(tuning, "ROTATION_BYTES", 1 << 16)
     delays = {"native": 2e-4, "library": 0.0, "stationary": 1e-4}
     calls: list[str] = []
