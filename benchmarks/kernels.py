@@ -8,7 +8,8 @@ repeats, and for the routed experts of one MoE layer the fused native kernel aga
 (ffn_nodes.experts, "looped" and "padded").
 Prints a table and one JSON line per case, with min / median / max GB/s per form and the ratio of each
 median to the baseline (`F.linear`, or the looped torch experts) measured in the same run. `--experts-tokens 256
-1024` adds prefill-sized expert batches (compute-bound there: compare the forms' ratios, not GB/s to the probe).
+1024` adds prefill-sized expert batches (compute-bound there: compare the forms' ratios, not GB/s to the probe);
+`--linear-rows 8 32` the linears at decode batches of 8 and 32 rows.
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ def measure_experts(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__)
     parser.add_argument("--experts-tokens", type=int, nargs="+", default=[1, 8, 32], help="tokens per expert batch")
+    parser.add_argument("--linear-rows", type=int, nargs="+", default=[1, 4, 16], help="input rows of the linears")
     args = parser.parse_args(argv)
+    if min(args.linear_rows + args.experts_tokens) < 1:
+        parser.error("--linear-rows and --experts-tokens take counts of at least 1")
     rows = []
     for shape in ((1536, 1024), (1024, 512), (32000, 1024)):
-        rows += measure_linear(*shape)
+        rows += measure_linear(*shape, row_counts=tuple(args.linear_rows))
     rows += measure_experts(tokens=tuple(args.experts_tokens))
     table = Table(title="bf16 weight streaming (GB/s of weights read, median \\[min-max]), weights rotating 256 MiB")
     for column in ("case", "rows", "form", "GB/s", "vs baseline"):
