@@ -1,13 +1,14 @@
 """oneDNN's prepacked bf16 linear: a weight reordered once into the library's blocked layout, then multiplied.
 
-Why: `F.linear` on a CPU hands oneDNN a plain row-major weight, and oneDNN reorders it into its blocked layout
-on every call. With a few dozen input rows the product is compute-bound and that reorder is a large part of
-the call; with the weight packed once it is gone. On a 2-vCPU AMD EPYC (avx512_bf16, no AMX), medians of 9
-rounds of 20 calls on weights rotated past the caches (an ad-hoc loop; `python -m benchmarks.kernels` times
-the forms on any machine): the 32000 x 1024 LM head at 32 rows took 3.0 ms packed against 4.1 through the
-native tiles and 5.7 through `F.linear`; a 1536 x 1024 projection at 32 rows 0.16 against 0.20 ms; at 1-8 rows
-the native tiles stay ahead on the projections. Which form serves a shape is measured per machine
-(afd.kernels.tuning); this is one of the candidates, the call the inductor backend makes for packed linears.
+Why: `F.linear` on a CPU hands oneDNN a plain row-major weight, and oneDNN reorders it into its blocked layout on
+every call. With a few dozen input rows the product is compute-bound and that reorder is a large part of the call;
+with the weight packed once it is gone. On a 2-vCPU AMD EPYC (avx512_bf16, no AMX), medians of 9 rounds of 10-20 calls
+on weights rotated past the caches (ad-hoc loops; `python -m benchmarks.kernels` times the forms on any machine):
+the 32000 x 1024 LM head at 32 rows took 3.0 ms packed against 4.1 through the native tiles and 5.7 through
+`F.linear`; a 1536 x 1024 projection at 32 rows 0.16 against 0.20 ms; at 1-4 rows the native tiles were ahead on
+the projections (0.042 against 0.054 ms at 1 row), at 8 rows the two within 5 %. Which form serves a shape is
+measured per machine (afd.kernels.tuning); this is one of the candidates, the call the inductor backend makes for
+packed linears.
 
 Only weights that their owner declared long-lived (`allow`: the attention half's projections and LM head at
 load) are packed: a weight made per call (a per-expert slice of a stacked expert tensor) would be packed anew

@@ -9,7 +9,7 @@ process's life and listed by `choices()` (the benchmarks print them).
 
 `AFD_KERNEL_TUNING=off` skips the measurement and takes the fixed preference: the native kernels where
 they built, else torch's `F.linear`. The packed form (afd.kernels.packed_linear) is a candidate only for weights
-it may pack, so a view of a stacked weight gets its own choice among the others.
+it may pack, so a weight it may not (an expert's slice) gets its own choice among the others.
 """
 
 from __future__ import annotations
@@ -98,10 +98,10 @@ def _measure(key: tuple[int, int, int, bool], forms: tuple[str, ...], run: Linea
 
 
 def choices() -> dict[str, str]:
-    """The forms chosen so far in this process, keyed "rows x out x in" (with " view" for weights that may not be
-    packed)."""
+    """The forms chosen so far in this process, keyed "rows x out x in" (with " unpacked" for weights that may not
+    be packed)."""
     with _lock:
-        return {f"{r}x{o}x{i}{'' if p else ' view'}": form for (r, o, i, p), form in sorted(_choices.items())}
+        return {f"{r}x{o}x{i}{'' if p else ' unpacked'}": form for (r, o, i, p), form in sorted(_choices.items())}
 
 
 def reset() -> None:

@@ -81,7 +81,7 @@ def test_the_engine_linear_tunes_allowed_and_other_weights_apart(monkeypatch: py
         packed_linear.allow([kept])
         kernels.linear(x, w[0])
         kernels.linear(x, kept)
-        assert set(tuning.choices()) == {"4x16x32 view", "4x16x32"}
+        assert set(tuning.choices()) == {"4x16x32 unpacked", "4x16x32"}
     finally:
         tuning.reset()
 
