@@ -18,12 +18,15 @@ size again in memory, made only for shapes where the tuner picks the form. `AFD_
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
 from collections.abc import Iterable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DISABLE_ENV = "AFD_PACKED_LINEAR"
 """off (or 0 / false / no): the tuner never offers the packed form."""
@@ -57,7 +60,8 @@ def _probe() -> bool:
         weight = torch.ones(16, 32, dtype=torch.bfloat16)
         x = torch.ones(2, 32, dtype=torch.bfloat16)
         out = _multiply(x, torch.ops.mkldnn._reorder_linear_weight(weight, 2))
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError) as exc:  # an older or oneDNN-less torch: the other forms serve
+        log.info("packed linear form unavailable in torch %s: %s", torch.__version__, exc)
         return False
     return out.shape == (2, 16) and bool((out == 32).all())
 
