@@ -14,7 +14,8 @@ def test_every_candidate_form_is_measured_against_f_linear(monkeypatch: pytest.M
     (row,) = bench_kernels.measure_linear(64, 128, row_counts=(32,))
     assert set(row["gb_s"]) == set(tuning.candidates()) and row["rows"] == 32
     assert ("packed" in row["gb_s"]) == packed_linear.available()
-    assert row["ratio_vs_baseline"]["library"] == 1.0 and all(r["min"] > 0 for r in row["gb_s"].values())
+    assert row["ratio_vs_baseline"]["library"] == 1.0
+    assert all(r["min"] <= r["median"] <= r["max"] for r in row["gb_s"].values())  # rates, not their size: timing
 
 
 @pytest.mark.parametrize("flag", ["--linear-rows", "--experts-tokens"])
