@@ -72,8 +72,14 @@ def _prebuilt(directory: Path) -> ModuleType | None:
         return None
 
 
+def switched_off(env: str) -> bool:
+    """Whether the on/off setting `env` says off (0 / false / no / off); unset or anything else is on. The one
+    reader of the kernels' switches (AFD_NATIVE_KERNELS, AFD_KERNEL_TUNING, AFD_PACKED_LINEAR)."""
+    return os.environ.get(env, "on").strip().lower() in ("0", "false", "no", "off")
+
+
 def disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return switched_off(DISABLE_ENV)
 
 
 def _build(verbose: bool) -> ModuleType:

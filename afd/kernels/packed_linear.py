@@ -19,12 +19,13 @@ size again in memory, made only for shapes where the tuner picks the form. `AFD_
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Iterable
 
 import torch
+
+from afd.kernels import native
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def available() -> bool:
 
 
 def _probe() -> bool:
-    if os.environ.get(DISABLE_ENV, "on").strip().lower() in ("0", "off", "false", "no"):
+    if native.switched_off(DISABLE_ENV):
         return False
     if not torch.backends.mkldnn.is_available():
         return False

@@ -14,7 +14,6 @@ it may pack, so a weight it may not (an expert's slice) gets its own choice amon
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ def rows_bucket(rows: int) -> int:
 
 
 def tuning_enabled() -> bool:
-    return os.environ.get(TUNING_ENV, "on").strip().lower() not in ("0", "off", "false", "no")
+    return not native.switched_off(TUNING_ENV)
 
 
 def candidates(packable: bool = True) -> tuple[str, ...]:
